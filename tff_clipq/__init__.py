@@ -1,0 +1,1 @@
+"""tff_clipq: clipped uniform quantization for communication-efficient federated learning on TFF."""

@@ -1,0 +1,1 @@
+"""TFF aggregation factories that send clipped, quantized, bit-packed client values."""

@@ -1,0 +1,1 @@
+"""Federated datasets: offline-capable loaders, client partitioners, tf.data preprocessing."""

@@ -1,0 +1,1 @@
+"""Experiment program logic: configuration, training loop, checkpoints, outputs."""

@@ -1,0 +1,1 @@
+"""Models, quantization-aware training and learning-process builders."""

@@ -1,0 +1,1 @@
+"""Pure-TensorFlow clipped uniform quantization: thresholds, quantizers, bit packing (no TFF)."""
