@@ -1,0 +1,178 @@
+"""Symmetric clipped uniform quantizer: clip to [-s, s], 2^B levels, integer codes.
+
+The quantizer has `2**bits` levels `-s + k * step` for `k = 0 .. 2**bits - 1`, with
+`step = 2 s / (2**bits - 1)`: the outermost levels sit exactly at +-s. A value is first clipped
+to [-s, s] and then rounded to a neighbouring level, either to the nearest one (deterministic)
+or stochastically with probabilities that make the result unbiased inside [-s, s]:
+`E[dequantize(quantize(x))] = clip(x, -s, s)`.
+
+The level set is symmetric around zero, so the quantization error of `x` equals that of `|x|`;
+the threshold search in `thresholds.py` relies on this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import tensorflow as tf
+
+ROUNDING_MODES = ('nearest', 'stochastic')
+MIN_BITS = 1
+MAX_BITS = 16
+
+SeedLike = Union[tf.Tensor, Sequence[int], None]
+
+
+def validate_bits(bits: int) -> int:
+  """Returns `bits` as an int, or raises ValueError if it is not an integer in [1, 16]."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(
+        f'`bits` must be an integer in [{MIN_BITS}, {MAX_BITS}]. Found {bits!r}.'
+    )
+  return bits
+
+
+def validate_rounding(rounding: str) -> str:
+  """Returns `rounding`, or raises ValueError if it is not a known rounding mode."""
+  if rounding not in ROUNDING_MODES:
+    raise ValueError(f'`rounding` must be one of {ROUNDING_MODES}. Found {rounding!r}.')
+  return rounding
+
+
+def validate_float_tensor(x: tf.Tensor, name: str = 'x') -> tf.Tensor:
+  """Converts `x` to a tensor and checks it has a floating dtype (raises TypeError otherwise)."""
+  x = tf.convert_to_tensor(x)
+  if not x.dtype.is_floating:
+    raise TypeError(f'`{name}` must be a floating-point tensor. Found dtype {x.dtype.name}.')
+  return x
+
+
+def compute_dtype(dtype: tf.DType) -> tf.DType:
+  """Float64 inputs are processed in float64; every other float dtype in float32."""
+  return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def num_levels(bits: int) -> int:
+  return 2**bits
+
+
+def quantization_step(threshold: tf.Tensor, bits: int) -> tf.Tensor:
+  """Distance between adjacent levels: 2 s / (2^B - 1)."""
+  return 2.0 * threshold / float(num_levels(bits) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+  """Integer codes of a quantized tensor, with what is needed to dequantize them.
+
+  Attributes:
+    codes: int32 tensor of the original shape, values in [0, 2**bits - 1].
+    threshold: the clipping threshold s (scalar, or a vector over the last axis for
+      per-channel quantization), in the compute dtype.
+    bits: bits per code.
+    dtype: dtype of the original tensor; `dequantize` returns this dtype.
+  """
+
+  codes: tf.Tensor
+  threshold: tf.Tensor
+  bits: int
+  dtype: tf.DType
+
+
+def validate_threshold(threshold: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+  """Checks that `threshold` is a scalar, or a vector matching the last axis of `x`."""
+  threshold = tf.cast(tf.convert_to_tensor(threshold), compute_dtype(x.dtype))
+  if threshold.shape.rank == 0:
+    return threshold
+  if (
+      threshold.shape.rank == 1
+      and x.shape.rank is not None
+      and x.shape.rank >= 1
+      and threshold.shape[0] is not None
+      and threshold.shape[0] == x.shape[-1]
+  ):
+    return threshold
+  raise ValueError(
+      '`threshold` must be a scalar (per tensor) or a vector of length x.shape[-1] '
+      f'(per channel). Found threshold shape {threshold.shape} for x shape {x.shape}.'
+  )
+
+
+def _uniform_noise(shape: tf.TensorShape, dtype: tf.DType, seed: SeedLike) -> tf.Tensor:
+  if seed is None:
+    return tf.random.uniform(shape, dtype=dtype)
+  seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+  if seed.shape != [2]:
+    raise ValueError(f'`seed` must have shape [2] (a stateless RNG seed). Found {seed.shape}.')
+  return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+
+
+def quantize(
+    x: tf.Tensor,
+    bits: int,
+    threshold: tf.Tensor,
+    rounding: str = 'nearest',
+    seed: SeedLike = None,
+) -> QuantizedTensor:
+  """Clips `x` to [-threshold, threshold] and maps it to integer codes in [0, 2**bits - 1].
+
+  Args:
+    x: floating-point tensor.
+    bits: bits per code, 1..16.
+    threshold: clipping threshold s >= 0: a scalar, or a vector over the last axis of `x`.
+      A zero threshold maps everything to zero.
+    rounding: 'nearest' (deterministic) or 'stochastic' (unbiased inside [-s, s]).
+    seed: optional stateless RNG seed, shape [2], for reproducible stochastic rounding.
+
+  Returns:
+    A `QuantizedTensor`. NaN entries are encoded as the level closest to zero.
+  """
+  x = validate_float_tensor(x)
+  bits = validate_bits(bits)
+  rounding = validate_rounding(rounding)
+  dtype = compute_dtype(x.dtype)
+  threshold = validate_threshold(threshold, x)
+  values = tf.cast(x, dtype)
+  values = tf.where(tf.math.is_nan(values), tf.zeros_like(values), values)
+  step = quantization_step(threshold, bits)
+  clipped = tf.clip_by_value(values, -threshold, threshold)
+  scaled = tf.math.divide_no_nan(clipped + threshold, step)
+  if rounding == 'nearest':
+    rounded = tf.floor(scaled + 0.5)
+  else:
+    rounded = tf.floor(scaled + _uniform_noise(tf.shape(scaled), dtype, seed))
+  codes = tf.cast(tf.clip_by_value(rounded, 0.0, float(num_levels(bits) - 1)), tf.int32)
+  return QuantizedTensor(codes=codes, threshold=threshold, bits=bits, dtype=x.dtype)
+
+
+def dequantize(quantized: QuantizedTensor) -> tf.Tensor:
+  """Maps codes back to levels -s + code * step, in the original dtype and shape."""
+  if not isinstance(quantized, QuantizedTensor):
+    raise TypeError(f'`quantized` must be a QuantizedTensor. Found {type(quantized).__name__}.')
+  if not quantized.codes.dtype.is_integer:
+    raise TypeError(f'codes must be an integer tensor. Found {quantized.codes.dtype.name}.')
+  return dequantize_codes(
+      quantized.codes, quantized.threshold, quantized.bits, quantized.dtype
+  )
+
+
+def dequantize_codes(
+    codes: tf.Tensor, threshold: tf.Tensor, bits: int, dtype: tf.DType
+) -> tf.Tensor:
+  """`dequantize` on raw parts: levels -s + code * 2s/(2^B - 1) in `dtype`."""
+  work_dtype = compute_dtype(dtype)
+  threshold = tf.cast(threshold, work_dtype)
+  levels = tf.cast(codes, work_dtype) * quantization_step(threshold, bits) - threshold
+  return tf.cast(levels, dtype)
+
+
+def fake_quantize(
+    x: tf.Tensor,
+    bits: int,
+    threshold: tf.Tensor,
+    rounding: str = 'nearest',
+    seed: Optional[tf.Tensor] = None,
+) -> tf.Tensor:
+  """dequantize(quantize(x)): the value the receiver reconstructs, in x's dtype."""
+  return dequantize(quantize(x, bits, threshold, rounding, seed))

@@ -1,0 +1,267 @@
+"""Clipping thresholds for the symmetric B-bit uniform quantizer of `quantizer.py`.
+
+The mean squared error of clipping at s and quantizing with step 2s/(2^B - 1) is modelled as
+
+    J(s) = c * s^2 * P(|x| <= s) + E[(|x| - s)^2 1{|x| > s}],
+
+where c * s^2 is the rounding-noise variance inside the range. For *this* quantizer,
+step^2 / 12 (nearest rounding) gives c = 1 / (3 (2^B - 1)^2), and step^2 / 6 (stochastic rounding,
+whose noise variance is step^2 p (1 - p), on average twice that of nearest rounding) gives
+c = 2 / (3 (2^B - 1)^2). Setting dJ/ds = 0 (OCTAV, Sakr et al. 2022) gives the fixed point
+
+    s = E[|x| 1{|x| > s}] / (c P(|x| <= s) + P(|x| > s)).
+
+The clipped-quantization paper (Bozorgasl & Chen 2024) uses c = 4^-B / 3, which belongs to a
+step of 2s / 2^B and ignores the rounding mode; it is kept as `noise_model='paper'` for comparison.
+
+The noise model is an approximation (it is poor at 1-2 bits and ignores the density term of
+dJ/ds). `optimal_clipping_threshold` therefore refines the fixed point on the *exact* empirical
+MSE of the quantizer actually used (`expected_quantization_mse`), by golden-section search, and
+never returns a threshold whose exact MSE is worse than the fixed point's or than max |x|'s.
+
+All functions accept a tensor of any shape; with `per_channel=True` one threshold is computed for
+each slice along the last axis (a Keras kernel's output channels). Non-finite entries are ignored
+in the statistics; a tensor with no nonzero finite entry gets threshold 0.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import tensorflow as tf
+
+from tff_clipq.quantization import quantizer
+
+NOISE_MODELS = ('matched', 'paper')
+CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs')
+_GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
+
+
+def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = 'matched') -> float:
+  """c in `rounding-noise variance = c * s^2` for the given quantizer and rounding mode."""
+  bits = quantizer.validate_bits(bits)
+  rounding = quantizer.validate_rounding(rounding)
+  if noise_model == 'paper':
+    return 4.0**-bits / 3.0
+  if noise_model != 'matched':
+    raise ValueError(f'`noise_model` must be one of {NOISE_MODELS}. Found {noise_model!r}.')
+  rounding_factor = 1.0 if rounding == 'nearest' else 2.0
+  return rounding_factor / (3.0 * (quantizer.num_levels(bits) - 1) ** 2)
+
+
+def _grouped_magnitudes(x: tf.Tensor, per_channel: bool) -> tuple[tf.Tensor, tf.Tensor]:
+  """Returns (|x|, finite mask) as [groups, n] in the compute dtype; non-finite |x| set to 0."""
+  x = quantizer.validate_float_tensor(x)
+  dtype = quantizer.compute_dtype(x.dtype)
+  values = tf.cast(x, dtype)
+  if per_channel:
+    if x.shape.rank is None or x.shape.rank < 1:
+      raise ValueError(f'per-channel thresholds need a tensor of rank >= 1. Found shape {x.shape}.')
+    grouped = tf.transpose(tf.reshape(values, [-1, tf.shape(values)[-1]]))
+  else:
+    grouped = tf.reshape(values, [1, -1])
+  finite = tf.math.is_finite(grouped)
+  magnitudes = tf.where(finite, tf.abs(grouped), tf.zeros_like(grouped))
+  return magnitudes, tf.cast(finite, dtype)
+
+
+def _ungroup(thresholds: tf.Tensor, per_channel: bool) -> tf.Tensor:
+  return thresholds if per_channel else tf.squeeze(thresholds, axis=0)
+
+
+def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
+  """The conventional, unclipped range: max |x| over finite entries."""
+  magnitudes, _ = _grouped_magnitudes(x, per_channel)
+  return _ungroup(tf.reduce_max(magnitudes, axis=-1), per_channel)
+
+
+def _fixed_point_iteration(
+    magnitudes: tf.Tensor,
+    finite: tf.Tensor,
+    coefficient: float,
+    max_iterations: int,
+    tolerance: float,
+) -> tf.Tensor:
+  """Iterates s <- E[|x| 1{|x|>s}] / (c P(|x|<=s) + P(|x|>s)) per group; returns [groups]."""
+  count = tf.maximum(tf.reduce_sum(finite, axis=-1), 1.0)
+  start = tf.reduce_sum(magnitudes, axis=-1) / count  # E|x|: positive unless all zero.
+
+  def update(threshold: tf.Tensor) -> tf.Tensor:
+    above = tf.cast(magnitudes > threshold[:, None], magnitudes.dtype) * finite
+    fraction_above = tf.reduce_sum(above, axis=-1) / count
+    fraction_inside = tf.reduce_sum(finite, axis=-1) / count - fraction_above
+    clipped_mass = tf.reduce_sum(magnitudes * above, axis=-1) / count
+    return tf.math.divide_no_nan(clipped_mass, coefficient * fraction_inside + fraction_above)
+
+  def not_converged(iteration, threshold, previous):
+    change = tf.abs(threshold - previous)
+    return tf.logical_and(
+        iteration < max_iterations,
+        tf.reduce_any(change > tolerance * tf.maximum(threshold, 1e-30)),
+    )
+
+  def body(iteration, threshold, unused_previous):
+    return iteration + 1, update(threshold), threshold
+
+  _, threshold, _ = tf.while_loop(
+      not_converged, body, (tf.constant(0), update(start), start)
+  )
+  return threshold
+
+
+def _exact_mse(
+    magnitudes: tf.Tensor, finite: tf.Tensor, threshold: tf.Tensor, bits: int, rounding: str
+) -> tf.Tensor:
+  """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold` [groups]."""
+  threshold = threshold[:, None]
+  step = quantizer.quantization_step(threshold, bits)
+  position = tf.math.divide_no_nan(tf.minimum(magnitudes, threshold) + threshold, step)
+  fraction = position - tf.floor(position)
+  if rounding == 'nearest':
+    distance = tf.minimum(fraction, 1.0 - fraction)
+    rounding_error = tf.square(step * distance)
+  else:
+    rounding_error = tf.square(step) * fraction * (1.0 - fraction)
+  clipping_error = tf.square(tf.nn.relu(magnitudes - threshold))
+  per_entry = (clipping_error + rounding_error) * finite
+  count = tf.maximum(tf.reduce_sum(finite, axis=-1), 1.0)
+  return tf.reduce_sum(per_entry, axis=-1) / count
+
+
+def expected_quantization_mse(
+    x: tf.Tensor,
+    threshold: tf.Tensor,
+    bits: int,
+    rounding: str = 'nearest',
+    per_channel: bool = False,
+) -> tf.Tensor:
+  """Exact mean squared error of quantize/dequantize at `threshold` (expected, if stochastic).
+
+  For nearest rounding this is the MSE the quantizer produces; for stochastic rounding it is its
+  expectation over the rounding noise (variance step^2 p (1 - p) at fractional position p).
+  """
+  bits = quantizer.validate_bits(bits)
+  rounding = quantizer.validate_rounding(rounding)
+  magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  threshold = tf.cast(threshold, magnitudes.dtype)
+  threshold = tf.broadcast_to(tf.reshape(threshold, [-1]), [tf.shape(magnitudes)[0]])
+  return _ungroup(_exact_mse(magnitudes, finite, threshold, bits, rounding), per_channel)
+
+
+def _golden_section_refinement(
+    magnitudes: tf.Tensor,
+    finite: tf.Tensor,
+    lower: tf.Tensor,
+    upper: tf.Tensor,
+    bits: int,
+    rounding: str,
+    iterations: int,
+) -> tf.Tensor:
+  """Golden-section search of the exact MSE on [lower, upper] per group; returns the midpoint."""
+
+  def mse(threshold):
+    return _exact_mse(magnitudes, finite, threshold, bits, rounding)
+
+  def body(unused_iteration, low, high):
+    width = high - low
+    left = high - _GOLDEN_RATIO_CONJUGATE * width
+    right = low + _GOLDEN_RATIO_CONJUGATE * width
+    keep_left = mse(left) <= mse(right)
+    return (
+        unused_iteration + 1,
+        tf.where(keep_left, low, left),
+        tf.where(keep_left, right, high),
+    )
+
+  _, low, high = tf.while_loop(
+      lambda iteration, *_: iteration < iterations, body, (tf.constant(0), lower, upper)
+  )
+  return 0.5 * (low + high)
+
+
+def octav_threshold(
+    x: tf.Tensor,
+    bits: int,
+    rounding: str = 'nearest',
+    noise_model: str = 'matched',
+    per_channel: bool = False,
+    max_iterations: int = 100,
+    tolerance: float = 1e-5,
+) -> tf.Tensor:
+  """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
+  coefficient = noise_coefficient(bits, rounding, noise_model)
+  magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  threshold = _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance)
+  threshold = tf.minimum(threshold, tf.reduce_max(magnitudes, axis=-1))
+  return _ungroup(threshold, per_channel)
+
+
+def optimal_clipping_threshold(
+    x: tf.Tensor,
+    bits: int,
+    rounding: str = 'nearest',
+    per_channel: bool = False,
+    max_iterations: int = 100,
+    tolerance: float = 1e-5,
+    refinement_iterations: int = 24,
+) -> tf.Tensor:
+  """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
+
+  The OCTAV fixed point with the noise term of this quantizer and rounding mode, refined by
+  golden-section search of the exact MSE on [s/2, min(2s, max|x|)]. The result is the best of
+  {fixed point, refined point, max|x|} by exact MSE. Scalar per tensor, or [channels] if
+  `per_channel`.
+  """
+  bits = quantizer.validate_bits(bits)
+  rounding = quantizer.validate_rounding(rounding)
+  coefficient = noise_coefficient(bits, rounding)
+  magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  largest = tf.reduce_max(magnitudes, axis=-1)
+  fixed_point = tf.minimum(
+      _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance), largest
+  )
+  refined = _golden_section_refinement(
+      magnitudes,
+      finite,
+      0.5 * fixed_point,
+      tf.minimum(2.0 * fixed_point, largest),
+      bits,
+      rounding,
+      refinement_iterations,
+  )
+  candidates = tf.stack([fixed_point, refined, largest], axis=0)  # [3, groups]
+  errors = tf.stack(
+      [_exact_mse(magnitudes, finite, candidate, bits, rounding) for candidate in tf.unstack(candidates)],
+      axis=0,
+  )
+  best = tf.argmin(errors, axis=0)
+  threshold = tf.gather(tf.transpose(candidates), best, batch_dims=1)
+  return _ungroup(threshold, per_channel)
+
+
+def clipping_threshold(
+    x: tf.Tensor,
+    bits: int,
+    method: Union[str, float] = 'octav',
+    rounding: str = 'nearest',
+    per_channel: bool = False,
+) -> tf.Tensor:
+  """Threshold by `method`: 'octav' (MSE-optimal), 'octav_paper' (the paper's noise model,
+  no refinement), 'max_abs' (no clipping) or a fixed positive number."""
+  if isinstance(method, (int, float)) and not isinstance(method, bool):
+    if not method > 0:
+      raise ValueError(f'A fixed clipping threshold must be > 0. Found {method!r}.')
+    x = quantizer.validate_float_tensor(x)
+    fixed = tf.constant(float(method), quantizer.compute_dtype(x.dtype))
+    if per_channel:
+      return tf.fill(tf.shape(x)[-1:], fixed)
+    return fixed
+  if method == 'octav':
+    return optimal_clipping_threshold(x, bits, rounding, per_channel)
+  if method == 'octav_paper':
+    return octav_threshold(x, bits, rounding, noise_model='paper', per_channel=per_channel)
+  if method == 'max_abs':
+    return max_abs_threshold(x, per_channel)
+  raise ValueError(
+      f'`clipping` must be one of {CLIPPING_METHODS} or a positive number. Found {method!r}.'
+  )
