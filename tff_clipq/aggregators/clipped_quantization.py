@@ -1,0 +1,501 @@
+"""Mean of client values sent as clipped, uniformly quantized, bit-packed tensors.
+
+Each client clips every large tensor of its value at a threshold (MSE-optimal by default),
+quantizes it to B bits with nearest or stochastic rounding and packs the codes into int32 words.
+What crosses from clients to server is exactly that payload: per quantized tensor the packed
+codes and the float32 threshold, plus what the weighting needs (the per-tensor quantization
+errors e_i for inverse-error weighting, the example count for FedAvg weighting, nothing for
+uniform weighting) and one bool saying whether the client's value was finite. Bits on the wire
+are read from the TFF type of that payload, not estimated.
+
+The server decodes each payload inside `tff.federated_aggregate`'s accumulate step, so per-client
+float values never cross the wire, and forms per tensor the weighted mean
+sum_i w_i x_i / sum_i w_i with
+
+  * 'inverse_error': w_i = 1 / max(e_i, min_error) (Bozorgasl & Chen 2024): clients never reveal
+    their example counts;
+  * 'example_count': w_i = the client's weight (FedAvg);
+  * 'uniform': w_i = 1.
+
+Tensors smaller than `min_size_to_quantize` (biases) stay float32; they are weighted by the
+example count ('example_count') or uniformly (otherwise, since their error is zero), multiplied
+by the weight at the client and summed by `inner_agg_factory` (default `tff.aggregators.SumFactory`),
+the way `tff.aggregators.MeanFactory` composes with its inner sum factories.
+
+A client whose value holds NaN or Inf is rejected at the client (its payload is zeroed and
+flagged); a payload that fails the server's checks (non-finite or negative threshold, error or
+weight, non-zero padding bits) is rejected at decode. Both are counted in the measurements. A round
+in which every client is rejected yields zeros, like `MeanFactory(no_nan_division=True)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Optional, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_clipq.quantization import payload as payload_lib
+
+WEIGHTINGS = ('inverse_error', 'example_count', 'uniform')
+UNWEIGHTED_WEIGHTINGS = ('inverse_error', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationSettings:
+  """Validated settings shared by the weighted and unweighted factories."""
+
+  bits: payload_lib.BitsSpec
+  clipping: Union[str, float]
+  rounding: str
+  weighting: str
+  min_size_to_quantize: int
+  per_channel: bool
+  min_error: float
+  seed: int
+
+  def plan_for(self, value_type: tff.types.Type) -> payload_lib.EncodingPlan:
+    shapes = [tuple(t.shape) for t in _flat_tensor_types(value_type)]
+    return payload_lib.make_plan(
+        shapes, self.bits, self.min_size_to_quantize, self.clipping, self.rounding, self.per_channel
+    )
+
+
+def _flat_tensor_types(value_type: tff.types.Type) -> list[tff.types.TensorType]:
+  if isinstance(value_type, tff.types.TensorType):
+    return [value_type]
+  return list(tff.structure.flatten(value_type))
+
+
+def _check_value_type(value_type: tff.types.Type) -> None:
+  if not isinstance(value_type, (tff.types.TensorType, tff.types.StructType)):
+    raise TypeError(
+        f'Expected `value_type` to be a tff.TensorType or tff.StructType. Found {value_type}.'
+    )
+  for tensor_type in _flat_tensor_types(value_type):
+    if not isinstance(tensor_type, tff.types.TensorType) or tensor_type.dtype != np.float32:
+      raise TypeError(
+          f'Expected `value_type` to hold only float32 tensors. Found {tensor_type} in {value_type}.'
+      )
+    if not tff.types.is_shape_fully_defined(tensor_type.shape):
+      raise TypeError(f'Expected fully defined tensor shapes. Found {tensor_type} in {value_type}.')
+
+
+def _bits_of_type(type_spec: tff.types.Type) -> int:
+  """Bits needed to transmit a value of `type_spec` (bool counts 8 bits, as TF stores it)."""
+  total = 0
+  for tensor_type in _flat_tensor_types(type_spec):
+    elements = tff.types.num_elements_in_shape(tensor_type.shape)
+    total += elements * np.dtype(tensor_type.dtype).itemsize * 8
+  return total
+
+
+def _validate_settings(
+    bits, clipping, rounding, weighting, allowed_weightings, min_size_to_quantize, per_channel,
+    min_error, seed,
+) -> QuantizationSettings:
+  if weighting not in allowed_weightings:
+    raise ValueError(f'`weighting` must be one of {allowed_weightings}. Found {weighting!r}.')
+  if not isinstance(per_channel, bool):
+    raise TypeError(f'`per_channel` must be a bool. Found {per_channel!r}.')
+  if not (isinstance(min_error, (int, float)) and min_error > 0):
+    raise ValueError(f'`min_error` must be a positive number. Found {min_error!r}.')
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f'`seed` must be an int. Found {seed!r}.')
+  return QuantizationSettings(
+      bits=payload_lib.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
+      clipping=clipping,
+      rounding=rounding,
+      weighting=weighting,
+      min_size_to_quantize=min_size_to_quantize,
+      per_channel=per_channel,
+      min_error=float(min_error),
+      seed=seed,
+  )
+
+
+def _build_process(
+    settings: QuantizationSettings,
+    inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
+    value_type: tff.types.Type,
+    weight_type: Optional[tff.types.Type],
+) -> tff.templates.AggregationProcess:
+  """Builds the aggregation process; `weight_type` is None for the unweighted variant."""
+  _check_value_type(value_type)
+  plan = settings.plan_for(value_type)
+  value_specs = tff.types.type_to_tf_tensor_specs(value_type)
+  num_quantized = len(plan.quantized)
+  weighting = settings.weighting
+  float_types = [tff.TensorType(np.float32, plan.tensors[i].shape) for i in plan.float_indices]
+  inner_process = inner_agg_factory.create(tff.StructWithPythonType(float_types, list)) if float_types else None
+
+  client_inputs = [value_type, tff.TensorType(np.int64)]
+  if weight_type is not None:
+    client_inputs.append(weight_type)
+
+  def encode(value, round_seed, client_weight):
+    tensors = tf.nest.flatten(value)
+    seed = payload_lib.client_seed(round_seed, tensors)
+    quantized, floats, statistics, accepted = payload_lib.encode_tensors(plan, tensors, seed)
+    wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
+    float_weight = tf.cast(accepted, tf.float32)
+    if weighting == 'inverse_error':
+      wire['errors'] = statistics['quantization_mse']
+    elif weighting == 'example_count':
+      weight = tf.cast(client_weight, tf.float32)
+      weight_ok = tf.logical_and(tf.math.is_finite(weight), weight >= 0.0)
+      wire['accepted'] = tf.logical_and(accepted, weight_ok)
+      wire['weight'] = tf.where(wire['accepted'], weight, 0.0)
+      float_weight = wire['weight']
+    telemetry = collections.OrderedDict(
+        quantization_mse=statistics['quantization_mse'],
+        normalized_mse=statistics['normalized_mse'],
+        clipped_fraction=statistics['clipped_fraction'],
+    )
+    weighted_floats = [f * float_weight for f in floats]
+    return collections.OrderedDict(
+        wire=wire,
+        telemetry=telemetry,
+        float_weight=float_weight,
+        weighted_floats=weighted_floats,
+    )
+
+  if weight_type is None:
+    encode_fn = tff.tensorflow.computation(
+        lambda value, round_seed: encode(value, round_seed, None), *client_inputs
+    )
+  else:
+    encode_fn = tff.tensorflow.computation(encode, *client_inputs)
+  encoded_type = encode_fn.type_signature.result
+  wire_type = encoded_type['wire']
+  client_upload_bits = _bits_of_type(wire_type) + sum(
+      32 * plan.tensors[i].num_elements for i in plan.float_indices
+  )
+  telemetry_bits = _bits_of_type(encoded_type['telemetry'])
+
+  def client_weights(wire, telemetry_valid):
+    """Per-quantized-tensor weight of one client's payload, zero unless valid."""
+    if weighting == 'inverse_error':
+      weights = 1.0 / tf.maximum(wire['errors'], settings.min_error)
+    elif weighting == 'example_count':
+      weights = tf.fill([num_quantized], wire['weight'])
+    else:
+      weights = tf.ones([num_quantized])
+    return weights * tf.cast(telemetry_valid, tf.float32)
+
+  def well_formed(wire):
+    checks = [payload_lib.payload_is_well_formed(plan, wire['quantized'])]
+    if weighting == 'inverse_error':
+      checks.append(tf.reduce_all(tf.math.is_finite(wire['errors'])))
+      checks.append(tf.reduce_all(wire['errors'] >= 0.0))
+    if weighting == 'example_count':
+      checks.append(tf.logical_and(tf.math.is_finite(wire['weight']), wire['weight'] >= 0.0))
+    return tf.reduce_all(tf.stack(checks))
+
+  aggregate_input_type = tff.to_type(
+      collections.OrderedDict(
+          wire=wire_type, telemetry=encoded_type['telemetry'], float_weight=encoded_type['float_weight']
+      )
+  )
+
+  @tff.tensorflow.computation
+  def zero_fn():
+    vector = tf.zeros([num_quantized])
+    return collections.OrderedDict(
+        weighted_sum=[tf.zeros(t.shape) for t in plan.quantized],
+        weight_sum=vector,
+        weight_min=tf.fill([num_quantized], np.float32(np.inf)),
+        weight_max=vector,
+        float_weight_sum=tf.constant(0.0),
+        accepted=tf.constant(0),
+        rejected_nonfinite=tf.constant(0),
+        rejected_malformed=tf.constant(0),
+        quantization_mse=vector,
+        normalized_mse=vector,
+        clipped_fraction=vector,
+        clipping_threshold=vector,
+    )
+
+  accumulator_type = zero_fn.type_signature.result
+
+  @tff.tensorflow.computation(accumulator_type, aggregate_input_type)
+  def accumulate_fn(accumulator, client):
+    wire, telemetry = client['wire'], client['telemetry']
+    accepted = wire['accepted']
+    valid = tf.logical_and(accepted, well_formed(wire))
+    malformed = tf.logical_and(accepted, tf.logical_not(valid))
+    weights = client_weights(wire, valid)
+    decoded = payload_lib.decode_quantized(plan, wire['quantized'])
+    valid_float = tf.cast(valid, tf.float32)
+    count_weight = weights if num_quantized else tf.zeros([0])
+    thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
+    new_min = tf.where(valid, tf.minimum(accumulator['weight_min'], count_weight), accumulator['weight_min'])
+    new_max = tf.where(valid, tf.maximum(accumulator['weight_max'], count_weight), accumulator['weight_max'])
+    return collections.OrderedDict(
+        weighted_sum=[
+            total + weights[i] * tf.where(valid, value, tf.zeros_like(value))
+            for i, (total, value) in enumerate(zip(accumulator['weighted_sum'], decoded))
+        ],
+        weight_sum=accumulator['weight_sum'] + weights,
+        weight_min=new_min,
+        weight_max=new_max,
+        float_weight_sum=accumulator['float_weight_sum'] + client['float_weight'],
+        accepted=accumulator['accepted'] + tf.cast(valid, tf.int32),
+        rejected_nonfinite=accumulator['rejected_nonfinite'] + tf.cast(tf.logical_not(accepted), tf.int32),
+        rejected_malformed=accumulator['rejected_malformed'] + tf.cast(malformed, tf.int32),
+        quantization_mse=accumulator['quantization_mse'] + valid_float * telemetry['quantization_mse'],
+        normalized_mse=accumulator['normalized_mse'] + valid_float * telemetry['normalized_mse'],
+        clipped_fraction=accumulator['clipped_fraction'] + valid_float * telemetry['clipped_fraction'],
+        clipping_threshold=accumulator['clipping_threshold']
+        + valid_float * (tf.stack(thresholds) if thresholds else tf.zeros([0])),
+    )
+
+  @tff.tensorflow.computation(accumulator_type, accumulator_type)
+  def merge_fn(a, b):
+    merged = collections.OrderedDict(
+        (key, tf.nest.map_structure(tf.add, a[key], b[key])) for key in a
+    )
+    merged['weight_min'] = tf.minimum(a['weight_min'], b['weight_min'])
+    merged['weight_max'] = tf.maximum(a['weight_max'], b['weight_max'])
+    return merged
+
+  @tff.tensorflow.computation(accumulator_type)
+  def report_fn(accumulator):
+    return accumulator
+
+  quantized_sizes = np.array([t.num_elements for t in plan.quantized], np.float32)
+
+  float_sum_type = inner_process.next.type_signature.result.result.member if inner_process else None
+
+  @tff.tensorflow.computation(accumulator_type, float_sum_type or tff.to_type(()))
+  def finalize_fn(accumulator, float_sums):
+    means = [
+        tf.math.divide_no_nan(total, accumulator['weight_sum'][i])
+        for i, total in enumerate(accumulator['weighted_sum'])
+    ]
+    float_means = [
+        tf.math.divide_no_nan(total, accumulator['float_weight_sum'])
+        for total in (tf.nest.flatten(float_sums) if float_sums is not None else [])
+    ]
+    ordered = [None] * len(plan.tensors)
+    for index, mean in zip(plan.quantized_indices, means):
+      ordered[index] = mean
+    for index, mean in zip(plan.float_indices, float_means):
+      ordered[index] = mean
+    result = tf.nest.pack_sequence_as(value_specs, ordered)
+
+    accepted = tf.cast(accumulator['accepted'], tf.float32)
+    participants = accumulator['accepted'] + accumulator['rejected_nonfinite'] + accumulator['rejected_malformed']
+    per_tensor_mean = lambda key: tf.math.divide_no_nan(accumulator[key], accepted)
+    coordinate_weights = quantized_sizes / max(float(quantized_sizes.sum()), 1.0)
+    summary = lambda values: tf.reduce_sum(values * coordinate_weights)
+    spread = tf.where(
+        accumulator['weight_max'] > 0.0,
+        tf.math.divide_no_nan(accumulator['weight_max'], accumulator['weight_min']),
+        tf.zeros_like(accumulator['weight_max']),
+    )
+    measurements = collections.OrderedDict(
+        bits_per_coordinate=tf.constant(client_upload_bits / plan.num_coordinates, tf.float32),
+        client_upload_bits=tf.constant(client_upload_bits, tf.int64),
+        round_upload_bits=tf.cast(participants, tf.int64) * client_upload_bits,
+        compression_ratio=tf.constant(32.0 * plan.num_coordinates / client_upload_bits, tf.float32),
+        telemetry_bits_per_client=tf.constant(telemetry_bits, tf.int64),
+        accepted_clients=accumulator['accepted'],
+        rejected_nonfinite_clients=accumulator['rejected_nonfinite'],
+        rejected_malformed_clients=accumulator['rejected_malformed'],
+        quantization_mse=summary(per_tensor_mean('quantization_mse')),
+        normalized_mse=summary(per_tensor_mean('normalized_mse')),
+        clipped_fraction=summary(per_tensor_mean('clipped_fraction')),
+        weight_max_over_min=tf.reduce_max(tf.concat([spread, [0.0]], axis=0)),
+        per_tensor=collections.OrderedDict(
+            bits=tf.constant([t.bits for t in plan.quantized] or np.zeros([0]), tf.int32),
+            clipping_threshold=per_tensor_mean('clipping_threshold'),
+            quantization_mse=per_tensor_mean('quantization_mse'),
+            normalized_mse=per_tensor_mean('normalized_mse'),
+            clipped_fraction=per_tensor_mean('clipped_fraction'),
+            weight_max_over_min=spread,
+        ),
+    )
+    return result, measurements
+
+  @tff.tensorflow.computation
+  def initial_seed():
+    return tf.constant(settings.seed, tf.int64)
+
+  @tff.federated_computation
+  def init_fn():
+    state = collections.OrderedDict(round_seed=tff.federated_eval(initial_seed, tff.SERVER))
+    if inner_process is not None:
+      state['float_tensors'] = inner_process.initialize()
+    return tff.federated_zip(state)
+
+  @tff.tensorflow.computation(np.int64)
+  def next_seed(seed):
+    return seed + 1
+
+  state_type = init_fn.type_signature.result
+
+  def next_body(state, value, weight):
+    round_seed = tff.federated_broadcast(state['round_seed'])
+    encode_args = (value, round_seed) if weight is None else (value, round_seed, weight)
+    encoded = tff.federated_map(encode_fn, encode_args)
+    to_aggregate = tff.federated_zip(
+        collections.OrderedDict(
+            wire=encoded['wire'], telemetry=encoded['telemetry'], float_weight=encoded['float_weight']
+        )
+    )
+    accumulated = tff.federated_aggregate(to_aggregate, zero_fn(), accumulate_fn, merge_fn, report_fn)
+    new_state = collections.OrderedDict(round_seed=tff.federated_map(next_seed, state['round_seed']))
+    if inner_process is not None:
+      inner_output = inner_process.next(state['float_tensors'], encoded['weighted_floats'])
+      new_state['float_tensors'] = inner_output.state
+      float_sums, float_measurements = inner_output.result, inner_output.measurements
+    else:
+      float_sums = float_measurements = tff.federated_value((), tff.SERVER)
+    result, measurements = tff.federated_map(finalize_fn, (accumulated, float_sums))
+    measurements = tff.federated_zip(
+        collections.OrderedDict(quantized=measurements, float_tensors=float_measurements)
+    )
+    return tff.templates.MeasuredProcessOutput(
+        state=tff.federated_zip(new_state), result=result, measurements=measurements
+    )
+
+  value_at_clients = tff.FederatedType(value_type, tff.CLIENTS)
+  if weight_type is None:
+
+    @tff.federated_computation(state_type, value_at_clients)
+    def next_fn(state, value):
+      return next_body(state, value, None)
+
+  else:
+
+    @tff.federated_computation(state_type, value_at_clients, tff.FederatedType(weight_type, tff.CLIENTS))
+    def next_fn(state, value, weight):
+      return next_body(state, value, weight)
+
+  return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory):
+  """Weighted mean over clipped, B-bit quantized client values (see the module docstring).
+
+  With 'inverse_error' or 'uniform' weighting the client weights handed to `next` are never
+  used, so they never leave the clients; only 'example_count' sends them.
+  """
+
+  def __init__(
+      self,
+      bits: Union[payload_lib.BitsSpec, str] = 4,
+      clipping: Union[str, float] = 'octav',
+      rounding: str = 'stochastic',
+      weighting: str = 'inverse_error',
+      min_size_to_quantize: int = 128,
+      per_channel: bool = False,
+      min_error: float = 1e-12,
+      seed: int = 0,
+      inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+  ):
+    """Initializes the factory.
+
+    Args:
+      bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
+        value order (a sequence or a string like '4-2-2-4').
+      clipping: 'octav' (MSE-optimal for this quantizer and rounding), 'octav_paper' (the
+        paper's noise model), 'max_abs' (no clipping), or a fixed positive threshold.
+      rounding: 'nearest' or 'stochastic'.
+      weighting: 'inverse_error', 'example_count' or 'uniform'.
+      min_size_to_quantize: tensors with fewer elements are sent in float32.
+      per_channel: one threshold per slice of each tensor's last axis.
+      min_error: floor on e_i in w_i = 1 / e_i, so an exact (zero-error) client gets a large,
+        finite weight.
+      seed: first round's seed for stochastic rounding (advanced every round).
+      inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
+    """
+    self._settings = _validate_settings(
+        bits, clipping, rounding, weighting, WEIGHTINGS, min_size_to_quantize, per_channel,
+        min_error, seed,
+    )
+    self._inner_agg_factory = _check_inner(inner_agg_factory)
+
+  @property
+  def settings(self) -> QuantizationSettings:
+    return self._settings
+
+  def create(
+      self, value_type: tff.types.Type, weight_type: tff.types.Type
+  ) -> tff.templates.AggregationProcess:
+    if not isinstance(weight_type, tff.types.TensorType) or weight_type.shape != ():
+      raise TypeError(f'Expected a scalar `weight_type`. Found {weight_type}.')
+    return _build_process(self._settings, self._inner_agg_factory, value_type, weight_type)
+
+
+class UnweightedClippedQuantizationMeanFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Unweighted counterpart of `ClippedQuantizationMeanFactory` ('inverse_error' or 'uniform')."""
+
+  def __init__(
+      self,
+      bits: Union[payload_lib.BitsSpec, str] = 4,
+      clipping: Union[str, float] = 'octav',
+      rounding: str = 'stochastic',
+      weighting: str = 'inverse_error',
+      min_size_to_quantize: int = 128,
+      per_channel: bool = False,
+      min_error: float = 1e-12,
+      seed: int = 0,
+      inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+  ):
+    """Same arguments as `ClippedQuantizationMeanFactory`, without 'example_count'."""
+    self._settings = _validate_settings(
+        bits, clipping, rounding, weighting, UNWEIGHTED_WEIGHTINGS, min_size_to_quantize,
+        per_channel, min_error, seed,
+    )
+    self._inner_agg_factory = _check_inner(inner_agg_factory)
+
+  @property
+  def settings(self) -> QuantizationSettings:
+    return self._settings
+
+  def create(self, value_type: tff.types.Type) -> tff.templates.AggregationProcess:
+    return _build_process(self._settings, self._inner_agg_factory, value_type, None)
+
+
+def _check_inner(
+    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory],
+) -> tff.aggregators.UnweightedAggregationFactory:
+  if inner_agg_factory is None:
+    return tff.aggregators.SumFactory()
+  if not isinstance(inner_agg_factory, tff.aggregators.UnweightedAggregationFactory):
+    raise TypeError(
+        '`inner_agg_factory` must be a tff.aggregators.UnweightedAggregationFactory. '
+        f'Found {type(inner_agg_factory).__name__}.'
+    )
+  return inner_agg_factory
+
+
+def clipped_quantization_mean(
+    bits: Union[payload_lib.BitsSpec, str] = 4,
+    clipping: Union[str, float] = 'octav',
+    rounding: str = 'stochastic',
+    weighting: str = 'inverse_error',
+    **kwargs,
+) -> ClippedQuantizationMeanFactory:
+  """The weighted factory, for `tff.learning.algorithms.build_weighted_fed_avg(model_aggregator=...)`.
+
+  Further keyword arguments (min_size_to_quantize, per_channel, min_error, seed,
+  inner_agg_factory) are those of `ClippedQuantizationMeanFactory`.
+  """
+  return ClippedQuantizationMeanFactory(bits, clipping, rounding, weighting, **kwargs)
+
+
+def unweighted_clipped_quantization_mean(
+    bits: Union[payload_lib.BitsSpec, str] = 4,
+    clipping: Union[str, float] = 'octav',
+    rounding: str = 'stochastic',
+    weighting: str = 'inverse_error',
+    **kwargs,
+) -> UnweightedClippedQuantizationMeanFactory:
+  """The unweighted factory, for `tff.learning.algorithms.build_unweighted_fed_avg`."""
+  return UnweightedClippedQuantizationMeanFactory(bits, clipping, rounding, weighting, **kwargs)
