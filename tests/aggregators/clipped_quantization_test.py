@@ -1,0 +1,237 @@
+"""Tests of the clipped-quantization mean aggregators against plain numpy references."""
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_clipq import aggregators
+from tff_clipq import quantization
+from tff_clipq.quantization import payload
+
+MATRIX = tff.TensorType(np.float32, [12, 10])
+BIAS = tff.TensorType(np.float32, [10])
+VALUE_TYPE = tff.StructWithPythonType([MATRIX, BIAS], list)
+WEIGHT_TYPE = tff.TensorType(np.float32)
+
+
+def _client_values(num_clients: int, seed: int = 0) -> list[list[np.ndarray]]:
+  rng = np.random.default_rng(seed)
+  return [
+      [
+          (rng.standard_normal([12, 10]) * (1 + i)).astype(np.float32),
+          rng.standard_normal([10]).astype(np.float32),
+      ]
+      for i in range(num_clients)
+  ]
+
+
+def _numpy_nearest_reconstruction(x: np.ndarray, bits: int) -> np.ndarray:
+  """Independent numpy quantizer at the library's threshold, nearest rounding."""
+  threshold = float(quantization.optimal_clipping_threshold(tf.constant(x), bits, 'nearest'))
+  step = 2 * threshold / (2**bits - 1)
+  codes = np.floor((np.clip(x, -threshold, threshold) + threshold) / step + 0.5)
+  return codes * step - threshold
+
+
+class ClippedQuantizationMeanTest(tf.test.TestCase):
+
+  def _run(self, factory, values, weights=None):
+    if weights is None:
+      process = factory.create(VALUE_TYPE)
+      return process.next(process.initialize(), values)
+    process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
+    return process.next(process.initialize(), values, weights)
+
+  def test_wire_type_is_the_packed_payload(self):
+    factory = aggregators.clipped_quantization_mean(
+        bits=3, rounding='nearest', weighting='uniform', min_size_to_quantize=100
+    )
+    process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
+    output = process.next(process.initialize(), _client_values(2), [1.0, 1.0])
+    measured = output.measurements['quantized']
+    # 120 codes x 3 bits -> 12 int32 words, one float32 threshold, one bool; bias in float32.
+    expected_bits = 12 * 32 + 32 + 8 + 10 * 32
+    self.assertEqual(measured['client_upload_bits'], expected_bits)
+    self.assertEqual(measured['round_upload_bits'], 2 * expected_bits)
+    self.assertAllClose(measured['bits_per_coordinate'], expected_bits / 130)
+    self.assertAllClose(measured['compression_ratio'], 32 * 130 / expected_bits)
+    self.assertAllEqual(measured['per_tensor']['bits'], [3])
+
+  def test_inverse_error_mean_matches_numpy_reference(self):
+    values = _client_values(3)
+    factory = aggregators.clipped_quantization_mean(
+        bits=2, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+    )
+    output = self._run(factory, values, [5.0, 1.0, 1.0])
+    reconstructions = [_numpy_nearest_reconstruction(v[0], 2) for v in values]
+    errors = [np.mean((r - v[0]) ** 2) for r, v in zip(reconstructions, values)]
+    weights = 1.0 / np.array(errors)
+    expected = np.tensordot(weights, np.stack(reconstructions), axes=1) / weights.sum()
+    self.assertAllClose(output.result[0], expected, rtol=1e-4, atol=1e-4)
+    # Float bias: uniform weighting (its error is zero), example weights are never used.
+    self.assertAllClose(output.result[1], np.mean([v[1] for v in values], axis=0), atol=1e-6)
+    self.assertAllClose(
+        output.measurements['quantized']['weight_max_over_min'], weights.max() / weights.min(), rtol=1e-4
+    )
+    self.assertAllClose(
+        output.measurements['quantized']['quantization_mse'], np.mean(errors), rtol=1e-4
+    )
+
+  def test_example_count_and_uniform_weighting_match_numpy(self):
+    values = _client_values(3)
+    counts = np.array([1.0, 2.0, 7.0], np.float32)
+    reconstructions = np.stack([_numpy_nearest_reconstruction(v[0], 4) for v in values])
+    biases = np.stack([v[1] for v in values])
+    weighted = aggregators.clipped_quantization_mean(
+        bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100
+    )
+    output = self._run(weighted, values, list(counts))
+    self.assertAllClose(output.result[0], np.tensordot(counts, reconstructions, 1) / counts.sum(), atol=1e-4)
+    self.assertAllClose(output.result[1], np.tensordot(counts, biases, 1) / counts.sum(), atol=1e-4)
+    uniform = aggregators.unweighted_clipped_quantization_mean(
+        bits=4, rounding='nearest', weighting='uniform', min_size_to_quantize=100
+    )
+    output = self._run(uniform, values)
+    self.assertAllClose(output.result[0], reconstructions.mean(axis=0), atol=1e-4)
+
+  def test_per_tensor_bits_and_size_threshold(self):
+    factory = aggregators.unweighted_clipped_quantization_mean(
+        bits='3-5', rounding='nearest', weighting='uniform', min_size_to_quantize=0
+    )
+    output = self._run(factory, _client_values(2))
+    per_tensor = output.measurements['quantized']['per_tensor']
+    self.assertAllEqual(per_tensor['bits'], [3, 5])
+    words = -(-120 * 3 // 32) + -(-10 * 5 // 32)
+    self.assertEqual(
+        output.measurements['quantized']['client_upload_bits'], 32 * words + 2 * 32 + 8
+    )
+    with self.assertRaisesRegex(ValueError, 'expected 1 .* or 2'):
+      aggregators.unweighted_clipped_quantization_mean(bits='3-5-4', min_size_to_quantize=100).create(
+          VALUE_TYPE
+      )
+
+  def test_stochastic_rounding_is_reproducible_and_advances(self):
+    factory = aggregators.unweighted_clipped_quantization_mean(
+        bits=2, rounding='stochastic', weighting='uniform', seed=7, min_size_to_quantize=100
+    )
+    process = factory.create(VALUE_TYPE)
+    values = _client_values(2)
+    state = process.initialize()
+    first = process.next(state, values)
+    again = process.next(state, values)
+    second_round = process.next(first.state, values)
+    self.assertAllEqual(first.result[0], again.result[0])
+    self.assertNotAllEqual(first.result[0], second_round.result[0])
+    self.assertEqual(first.state['round_seed'], 8)
+
+  def test_nonfinite_client_is_rejected_and_counted(self):
+    values = _client_values(3)
+    poisoned = [v.copy() for v in values[2]]
+    poisoned[0][0, 0] = np.nan
+    factory = aggregators.unweighted_clipped_quantization_mean(
+        bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+    )
+    output = self._run(factory, values[:2] + [poisoned])
+    clean = self._run(factory, values[:2])
+    self.assertAllClose(output.result[0], clean.result[0])
+    self.assertAllClose(output.result[1], clean.result[1])
+    self.assertEqual(output.measurements['quantized']['rejected_nonfinite_clients'], 1)
+    self.assertEqual(output.measurements['quantized']['accepted_clients'], 2)
+
+  def test_all_clients_rejected_gives_zeros(self):
+    values = _client_values(2)
+    for client in values:
+      client[1][0] = np.inf
+    factory = aggregators.clipped_quantization_mean(
+        bits=4, weighting='example_count', min_size_to_quantize=100
+    )
+    output = self._run(factory, values, [1.0, 1.0])
+    self.assertAllEqual(output.result[0], np.zeros([12, 10]))
+    self.assertAllEqual(output.result[1], np.zeros([10]))
+    self.assertEqual(output.measurements['quantized']['accepted_clients'], 0)
+
+  def test_negative_example_weight_is_rejected(self):
+    factory = aggregators.clipped_quantization_mean(bits=4, weighting='example_count')
+    values = _client_values(2)
+    output = self._run(factory, values, [1.0, -3.0])
+    self.assertEqual(output.measurements['quantized']['rejected_nonfinite_clients'], 1)
+
+  def test_zero_error_client_gets_a_large_finite_weight(self):
+    values = _client_values(2)
+    values[1][0] = np.zeros([12, 10], np.float32)  # Quantized exactly: e_i = 0.
+    factory = aggregators.unweighted_clipped_quantization_mean(
+        bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+    )
+    output = self._run(factory, values)
+    self.assertTrue(np.all(np.isfinite(output.result[0])))
+    # The exact client dominates: the mean is (numerically) its value, zero.
+    self.assertAllClose(output.result[0], np.zeros([12, 10]), atol=1e-6)
+
+  def test_malformed_payload_is_detected(self):
+    plan = payload.make_plan([(5,)], bits=3)
+    codes = quantization.pack_codes(tf.constant([1, 2, 3, 4, 5]), 3)
+    good = [collections.OrderedDict(codes=codes, threshold=tf.constant(1.0))]
+    self.assertTrue(payload.payload_is_well_formed(plan, good))
+    padding_set = [collections.OrderedDict(codes=codes | (1 << 30), threshold=tf.constant(1.0))]
+    self.assertFalse(payload.payload_is_well_formed(plan, padding_set))
+    for threshold in (np.nan, -1.0, np.inf):
+      bad = [collections.OrderedDict(codes=codes, threshold=tf.constant(threshold))]
+      self.assertFalse(payload.payload_is_well_formed(plan, bad))
+
+  def test_composes_with_weighted_and_unweighted_fed_avg(self):
+    def model_fn():
+      keras_model = tf.keras.Sequential(
+          [tf.keras.layers.Input([4]), tf.keras.layers.Dense(3, kernel_initializer='zeros')]
+      )
+      return tff.learning.models.from_keras_model(
+          keras_model,
+          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+          input_spec=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None], tf.int32)),
+      )
+
+    rng = np.random.default_rng(1)
+    datasets = [
+        tf.data.Dataset.from_tensor_slices(
+            (rng.standard_normal([8, 4]).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32))
+        ).batch(4)
+        for _ in range(3)
+    ]
+    optimizer = tff.learning.optimizers.build_sgdm(learning_rate=0.5)
+    builders = [
+        (tff.learning.algorithms.build_weighted_fed_avg, aggregators.clipped_quantization_mean(bits=2, min_size_to_quantize=0)),
+        (tff.learning.algorithms.build_unweighted_fed_avg, aggregators.unweighted_clipped_quantization_mean(bits=2, min_size_to_quantize=0)),
+    ]
+    for builder, factory in builders:
+      process = builder(model_fn, client_optimizer_fn=optimizer, model_aggregator=factory)
+      state = process.initialize()
+      output = process.next(state, datasets)
+      measurements = output.metrics['distributor'], output.metrics['aggregator']
+      self.assertEqual(measurements[1]['quantized']['accepted_clients'], 3)
+      kernel = process.get_model_weights(output.state).trainable[0]
+      self.assertGreater(np.abs(kernel).sum(), 0.0)
+
+  def test_bad_arguments_raise_clear_errors(self):
+    with self.assertRaisesRegex(ValueError, '`weighting`'):
+      aggregators.clipped_quantization_mean(weighting='median')
+    with self.assertRaisesRegex(ValueError, '`weighting`'):
+      aggregators.unweighted_clipped_quantization_mean(weighting='example_count')
+    with self.assertRaisesRegex(ValueError, '`bits`'):
+      aggregators.clipped_quantization_mean(bits=17)
+    with self.assertRaisesRegex(ValueError, '`bits`'):
+      aggregators.clipped_quantization_mean(bits='4-x')
+    with self.assertRaisesRegex(ValueError, '`clipping`'):
+      aggregators.clipped_quantization_mean(clipping='percentile')
+    with self.assertRaisesRegex(ValueError, '`min_size_to_quantize`'):
+      aggregators.clipped_quantization_mean(min_size_to_quantize=-1)
+    with self.assertRaisesRegex(TypeError, '`inner_agg_factory`'):
+      aggregators.clipped_quantization_mean(inner_agg_factory=tff.aggregators.MeanFactory())
+    with self.assertRaisesRegex(TypeError, 'float32'):
+      aggregators.unweighted_clipped_quantization_mean().create(tff.TensorType(np.int32, [3]))
+    with self.assertRaisesRegex(TypeError, 'scalar `weight_type`'):
+      aggregators.clipped_quantization_mean().create(VALUE_TYPE, tff.TensorType(np.float32, [2]))
+
+
+if __name__ == '__main__':
+  tf.test.main()
