@@ -53,6 +53,14 @@ def compute_dtype(dtype: tf.DType) -> tf.DType:
   return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def as_compute_tensor(value: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+  """`value` (tensor, array or Python number) as a `dtype` tensor.
+
+  Python floats convert straight to `dtype` (`tf.cast(1.3, tf.float64)` rounds to float32 first).
+  """
+  return tf.cast(tf.convert_to_tensor(value, dtype_hint=dtype), dtype)
+
+
 def num_levels(bits: int) -> int:
   return 2**bits
 
@@ -82,7 +90,7 @@ class QuantizedTensor:
 
 def validate_threshold(threshold: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
   """Checks that `threshold` is a scalar, or a vector matching the last axis of `x`."""
-  threshold = tf.cast(tf.convert_to_tensor(threshold), compute_dtype(x.dtype))
+  threshold = as_compute_tensor(threshold, compute_dtype(x.dtype))
   if threshold.shape.rank == 0:
     return threshold
   if (
@@ -135,9 +143,11 @@ def quantize(
   threshold = validate_threshold(threshold, x)
   values = tf.cast(x, dtype)
   values = tf.where(tf.math.is_nan(values), tf.zeros_like(values), values)
-  step = quantization_step(threshold, bits)
   clipped = tf.clip_by_value(values, -threshold, threshold)
-  scaled = tf.math.divide_no_nan(clipped + threshold, step)
+  # (clipped / s + 1) * (2^B - 1) / 2 is exactly 0 at -s and exactly 2^B - 1 at +s, so clipped
+  # values always get the outermost codes (dividing by the step could land just below them).
+  half_max_code = 0.5 * float(num_levels(bits) - 1)
+  scaled = (tf.math.divide_no_nan(clipped, threshold) + 1.0) * half_max_code
   if rounding == 'nearest':
     rounded = tf.floor(scaled + 0.5)
   else:
@@ -161,9 +171,18 @@ def dequantize_codes(
     codes: tf.Tensor, threshold: tf.Tensor, bits: int, dtype: tf.DType
 ) -> tf.Tensor:
   """`dequantize` on raw parts: levels -s + code * 2s/(2^B - 1) in `dtype`."""
+  bits = validate_bits(bits)
   work_dtype = compute_dtype(dtype)
-  threshold = tf.cast(threshold, work_dtype)
-  levels = tf.cast(codes, work_dtype) * quantization_step(threshold, bits) - threshold
+  threshold = as_compute_tensor(threshold, work_dtype)
+  step = quantization_step(threshold, bits)
+  codes = tf.cast(codes, work_dtype)
+  max_code = float(num_levels(bits) - 1)
+  # Each level is measured from the nearer end (2^B - 1 is odd, so no code is in the middle):
+  # codes 0 and 2^B - 1 give exactly -s and +s and the level set is exactly symmetric, however
+  # the graph optimizer evaluates the step (it may turn the division into a reciprocal multiply).
+  levels = tf.where(
+      2.0 * codes > max_code, threshold - (max_code - codes) * step, codes * step - threshold
+  )
   return tf.cast(levels, dtype)
 
 

@@ -69,10 +69,25 @@ def _ungroup(thresholds: tf.Tensor, per_channel: bool) -> tf.Tensor:
   return thresholds if per_channel else tf.squeeze(thresholds, axis=0)
 
 
+def _largest_magnitude(magnitudes: tf.Tensor) -> tf.Tensor:
+  """max |x| per group [groups]; 0 for an empty group (whose reduce_max would be -inf)."""
+  return tf.maximum(tf.reduce_max(magnitudes, axis=-1), 0.0)
+
+
+def _normalized_magnitudes(magnitudes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(|x| / max|x|, max|x|) per group.
+
+  The threshold search runs on values in [0, 1] and its result is scaled back, so squared errors
+  neither underflow (tiny tensors) nor overflow (huge ones) and thresholds scale with the data.
+  """
+  scale = _largest_magnitude(magnitudes)
+  return tf.math.divide_no_nan(magnitudes, scale[:, None]), scale
+
+
 def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
   """The conventional, unclipped range: max |x| over finite entries."""
   magnitudes, _ = _grouped_magnitudes(x, per_channel)
-  return _ungroup(tf.reduce_max(magnitudes, axis=-1), per_channel)
+  return _ungroup(_largest_magnitude(magnitudes), per_channel)
 
 
 def _fixed_point_iteration(
@@ -82,12 +97,16 @@ def _fixed_point_iteration(
     max_iterations: int,
     tolerance: float,
 ) -> tf.Tensor:
-  """Iterates s <- E[|x| 1{|x|>s}] / (c P(|x|<=s) + P(|x|>s)) per group; returns [groups]."""
+  """Iterates s <- E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group; returns [groups].
+
+  Entries equal to s count as clipped (the derivative from below): with a strict `>` a tensor
+  whose nonzero magnitudes are all equal (constant, or +-c) oscillates between |c| and 0.
+  """
   count = tf.maximum(tf.reduce_sum(finite, axis=-1), 1.0)
   start = tf.reduce_sum(magnitudes, axis=-1) / count  # E|x|: positive unless all zero.
 
   def update(threshold: tf.Tensor) -> tf.Tensor:
-    above = tf.cast(magnitudes > threshold[:, None], magnitudes.dtype) * finite
+    above = tf.cast(magnitudes >= threshold[:, None], magnitudes.dtype) * finite
     fraction_above = tf.reduce_sum(above, axis=-1) / count
     fraction_inside = tf.reduce_sum(finite, axis=-1) / count - fraction_above
     clipped_mass = tf.reduce_sum(magnitudes * above, axis=-1) / count
@@ -115,7 +134,10 @@ def _exact_mse(
   """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold` [groups]."""
   threshold = threshold[:, None]
   step = quantizer.quantization_step(threshold, bits)
-  position = tf.math.divide_no_nan(tf.minimum(magnitudes, threshold) + threshold, step)
+  # As in `quantizer.quantize`: exactly 2^B - 1 for clipped entries (no spurious rounding error).
+  half_max_code = 0.5 * float(quantizer.num_levels(bits) - 1)
+  relative = tf.math.divide_no_nan(tf.minimum(magnitudes, threshold), threshold)
+  position = (relative + 1.0) * half_max_code
   fraction = position - tf.floor(position)
   if rounding == 'nearest':
     distance = tf.minimum(fraction, 1.0 - fraction)
@@ -143,7 +165,7 @@ def expected_quantization_mse(
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
   magnitudes, finite = _grouped_magnitudes(x, per_channel)
-  threshold = tf.cast(threshold, magnitudes.dtype)
+  threshold = quantizer.as_compute_tensor(threshold, magnitudes.dtype)
   threshold = tf.broadcast_to(tf.reshape(threshold, [-1]), [tf.shape(magnitudes)[0]])
   return _ungroup(_exact_mse(magnitudes, finite, threshold, bits, rounding), per_channel)
 
@@ -191,9 +213,10 @@ def octav_threshold(
   """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
   coefficient = noise_coefficient(bits, rounding, noise_model)
   magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  magnitudes, scale = _normalized_magnitudes(magnitudes)
   threshold = _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance)
-  threshold = tf.minimum(threshold, tf.reduce_max(magnitudes, axis=-1))
-  return _ungroup(threshold, per_channel)
+  threshold = tf.minimum(threshold, _largest_magnitude(magnitudes))
+  return _ungroup(threshold * scale, per_channel)
 
 
 def optimal_clipping_threshold(
@@ -216,7 +239,8 @@ def optimal_clipping_threshold(
   rounding = quantizer.validate_rounding(rounding)
   coefficient = noise_coefficient(bits, rounding)
   magnitudes, finite = _grouped_magnitudes(x, per_channel)
-  largest = tf.reduce_max(magnitudes, axis=-1)
+  magnitudes, scale = _normalized_magnitudes(magnitudes)
+  largest = _largest_magnitude(magnitudes)
   fixed_point = tf.minimum(
       _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance), largest
   )
@@ -236,7 +260,7 @@ def optimal_clipping_threshold(
   )
   best = tf.argmin(errors, axis=0)
   threshold = tf.gather(tf.transpose(candidates), best, batch_dims=1)
-  return _ungroup(threshold, per_channel)
+  return _ungroup(threshold * scale, per_channel)
 
 
 def clipping_threshold(

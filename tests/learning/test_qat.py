@@ -1,0 +1,238 @@
+"""Tests for `tff_clipq.learning.qat`: quantized forward pass, straight-through gradients, variables."""
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from tff_clipq import quantization
+from tff_clipq.learning import models
+from tff_clipq.learning import qat
+
+
+def _dense_model(units=(3,), input_size: int = 4, seed: int = 0) -> tf.keras.Model:
+  """Dense layers d1, d2, ... with heavy-tailed random weights (so that clipping matters)."""
+  rng = np.random.default_rng(seed)
+  layers = [tf.keras.layers.Dense(n, name=f'd{i + 1}') for i, n in enumerate(units)]
+  model = tf.keras.Sequential([tf.keras.Input([input_size]), *layers])
+  model.set_weights([rng.standard_t(3, size=w.shape).astype(np.float32) for w in model.weights])
+  return model
+
+
+def _quantized(weights, bits, clipping='octav'):
+  threshold = quantization.clipping_threshold(weights, bits, clipping)
+  return quantization.fake_quantize(weights, bits, threshold)
+
+
+def _squared_error(outputs):
+  return tf.reduce_sum(tf.square(outputs - 1.0))
+
+
+class QatConfigTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_defaults_and_sequence_bits(self):
+    config = qat.QatConfig(bits=[4, 2])
+    self.assertEqual(config.bits, (4, 2))
+    self.assertEqual((config.clipping, config.rounding, config.min_size_to_quantize),
+                     ('octav', 'nearest', 0))
+    self.assertEqual(config.bits_per_tensor(2), (4, 2))
+    self.assertEqual(qat.QatConfig(bits=3).bits_per_tensor(4), (3, 3, 3, 3))
+
+  @parameterized.named_parameters(
+      ('zero_bits', dict(bits=0), '`bits` must be an integer in \\[1, 16\\]. Found 0'),
+      ('too_many_bits', dict(bits=(4, 17)), 'Found 17'),
+      ('bool_bits', dict(bits=True), 'Found True'),
+      ('empty_bits', dict(bits=()), 'non-empty'),
+      ('clipping', dict(bits=4, clipping='mse'), "`clipping` must be one of .* Found 'mse'"),
+      ('negative_clipping', dict(bits=4, clipping=-1.0), 'Found -1.0'),
+      ('rounding', dict(bits=4, rounding='up'), "`rounding` must be one of .* Found 'up'"),
+      ('min_size', dict(bits=4, min_size_to_quantize=-1), '`min_size_to_quantize` .* Found -1'),
+  )
+  def test_invalid_values_raise(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      qat.QatConfig(**kwargs)
+
+  def test_wrong_number_of_bits_raises_with_expected_length(self):
+    with self.assertRaisesRegex(ValueError, 'expected 8, found 4'):
+      qat.apply_qat(models.create_keras_model('cnn', seed=0), qat.QatConfig(bits=(4, 2, 2, 4)))
+
+
+class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters('octav', 'octav_paper', 'max_abs', 0.5)
+  def test_dense_output_uses_quantized_kernel(self, clipping):
+    model = _dense_model()
+    kernel, bias = model.get_weights()
+    # The 3-element bias stays float; the 12-element kernel is quantized to 3 bits.
+    config = qat.QatConfig(bits=3, clipping=clipping, min_size_to_quantize=4)
+    qat_model = qat.apply_qat(model, config)
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    expected = x @ _quantized(kernel, 3, clipping).numpy() + bias
+    self.assertAllClose(qat_model(x), expected, rtol=1e-5, atol=1e-5)
+    self.assertAllClose(qat_model(x, training=True), expected, rtol=1e-5, atol=1e-5)
+    self.assertNotAllClose(qat_model(x), model(x), atol=1e-2)
+
+  def test_octav_clips_the_kernel(self):
+    model = _dense_model(units=(50,), input_size=40)
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=2, min_size_to_quantize=100))
+    kernel = model.get_layer('d1').kernel
+    effective_kernel = qat_model.get_layer('quant_d1')(tf.eye(40)) - model.get_layer('d1').bias
+    threshold = quantization.optimal_clipping_threshold(kernel, 2)
+    self.assertLess(threshold, 0.5 * tf.reduce_max(tf.abs(kernel)))  # t(3) weights: clipped.
+    self.assertAllClose(tf.reduce_max(tf.abs(effective_kernel)), threshold, rtol=1e-5)
+    self.assertLen(np.unique(np.round(effective_kernel.numpy(), 5)), 4)
+
+  def test_bits_apply_to_tensors_in_order(self):
+    model = _dense_model(units=(6, 5), input_size=8)
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=(2, 8, 3, 16)))
+    eye = tf.eye(8)
+    d1 = qat_model.get_layer('quant_d1')
+    d1_bias = _quantized(model.get_layer('d1').bias, 8)
+    self.assertAllClose(d1(eye) - d1_bias, _quantized(model.get_layer('d1').kernel, 2), atol=1e-5)
+    d2 = qat_model.get_layer('quant_d2')
+    d2_bias = _quantized(model.get_layer('d2').bias, 16)
+    self.assertAllClose(d2(tf.eye(6)) - d2_bias, _quantized(model.get_layer('d2').kernel, 3),
+                        atol=1e-5)
+
+  def test_stochastic_rounding_stays_on_the_quantizer_levels(self):
+    model = _dense_model(units=(30,), input_size=20)
+    bias = model.get_layer('d1').bias
+    qat_model = qat.apply_qat(
+        model, qat.QatConfig(bits=2, rounding='stochastic', min_size_to_quantize=100)
+    )
+    kernel = model.get_layer('d1').kernel
+    threshold = quantization.optimal_clipping_threshold(kernel, 2, 'stochastic')
+    levels = -threshold + np.arange(4) * 2.0 * threshold / 3.0
+    draws = [qat_model(tf.eye(20)) - bias for _ in range(2)]
+    for draw in draws:
+      distance_to_levels = np.min(np.abs(draw.numpy()[..., None] - levels), axis=-1)
+      self.assertAllClose(distance_to_levels, np.zeros_like(distance_to_levels), atol=1e-5)
+    self.assertNotAllClose(draws[0], draws[1])
+
+  def test_only_weighted_layers_are_wrapped_and_activations_are_not_quantized(self):
+    model = models.create_keras_model('cnn', seed=0)
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=4, min_size_to_quantize=200))
+    # conv1 (144 + 16 elements) stays float entirely; every other weighted layer is wrapped.
+    self.assertEqual(
+        [(layer.name, type(layer).__name__) for layer in qat_model.layers],
+        [('conv1', 'Conv2D'), ('pool1', 'MaxPooling2D'), ('quant_conv2', 'QuantizeWrapperV2'),
+         ('pool2', 'MaxPooling2D'), ('flatten', 'Flatten'), ('quant_dense1', 'QuantizeWrapperV2'),
+         ('quant_logits', 'QuantizeWrapperV2')],
+    )
+    for name in ('quant_conv2', 'quant_dense1', 'quant_logits'):
+      config = qat_model.get_layer(name).quantize_config
+      self.assertEqual(config.weight_names, ('kernel',))  # Biases are below 200 elements.
+      self.assertEqual(config.get_activations_and_quantizers(None), [])
+      self.assertEqual(config.get_output_quantizers(None), [])
+
+  def test_nothing_to_quantize_gives_a_float_copy(self):
+    model = _dense_model()
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=2, min_size_to_quantize=1000))
+    x = tf.ones([2, 4])
+    self.assertAllEqual(qat_model(x), model(x))
+    self.assertNotIn(qat_model.trainable_variables[0].ref(),
+                     [v.ref() for v in model.trainable_variables])
+
+
+class GradientTest(tf.test.TestCase):
+
+  def test_gradient_is_straight_through(self):
+    model = _dense_model(units=(3,), input_size=4)
+    kernel, bias = model.get_weights()
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=(2, 2)))
+    x = tf.constant(np.random.default_rng(2).normal(size=(6, 4)), tf.float32)
+
+    with tf.GradientTape() as tape:
+      loss = _squared_error(qat_model(x, training=True))
+    qat_gradients = tape.gradient(loss, qat_model.trainable_variables)
+
+    # The plain model at the quantized weights: STE gradients must equal its gradients.
+    at_quantized = _dense_model(units=(3,), input_size=4)
+    at_quantized.set_weights([_quantized(kernel, 2).numpy(), _quantized(bias, 2).numpy()])
+    with tf.GradientTape() as tape:
+      loss = _squared_error(at_quantized(x))
+    expected = tape.gradient(loss, at_quantized.trainable_variables)
+    with tf.GradientTape() as tape:
+      loss = _squared_error(model(x))
+    at_float = tape.gradient(loss, model.trainable_variables)
+
+    for qat_gradient, expected_gradient, float_gradient in zip(qat_gradients, expected, at_float):
+      self.assertIsNotNone(qat_gradient)
+      self.assertAllClose(qat_gradient, expected_gradient, rtol=1e-5, atol=1e-5)
+      self.assertNotAllClose(qat_gradient, float_gradient, atol=1e-2)
+
+  def test_qat_training_reduces_loss(self):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(256, 4, 4, 1)).astype(np.float32)
+    y = (x[:, :2].sum(axis=(1, 2, 3)) > x[:, 2:].sum(axis=(1, 2, 3))).astype(np.int32)
+    model = models.create_keras_model('mlp', (4, 4, 1), num_classes=2, seed=0)
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=3))
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = tf.keras.optimizers.SGD(0.1)
+
+    @tf.function
+    def train_step():
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y, qat_model(x, training=True))
+      optimizer.apply_gradients(
+          zip(tape.gradient(loss, qat_model.trainable_variables), qat_model.trainable_variables)
+      )
+      return loss
+
+    initial_loss = loss_fn(y, qat_model(x)).numpy()
+    for _ in range(40):
+      train_step()
+    final_loss = loss_fn(y, qat_model(x)).numpy()
+    self.assertLess(final_loss, 0.5 * initial_loss)
+
+
+class VariablesTest(tf.test.TestCase):
+
+  def test_qat_model_has_the_plain_trainable_variables(self):
+    model = models.create_keras_model('cnn', seed=0)
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=models.bits_per_tensor(model, (4, 2, 2, 4))))
+    self.assertEqual(models.trainable_tensor_names(qat_model), models.trainable_tensor_names(model))
+    self.assertEqual([v.shape for v in qat_model.trainable_variables],
+                     [v.shape for v in model.trainable_variables])
+    for qat_variable, variable in zip(qat_model.trainable_variables, model.trainable_variables):
+      self.assertAllEqual(qat_variable, variable)
+    self.assertEqual(
+        [(v.name, v.dtype, v.shape) for v in qat_model.non_trainable_variables],
+        [(f'quant_{layer}/optimizer_step:0', tf.int32, ())
+         for layer in ('conv1', 'conv2', 'dense1', 'logits')],
+    )
+
+  def test_qat_model_owns_its_variables(self):
+    model = _dense_model()
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=4))
+    before = model.get_weights()
+    for variable in qat_model.trainable_variables:
+      variable.assign_add(tf.ones_like(variable))
+    for weight, expected in zip(model.get_weights(), before):
+      self.assertAllEqual(weight, expected)
+
+  def test_quantizer_creates_no_variables(self):
+    quantizer = qat.ClippedUniformWeightQuantizer(4)
+    self.assertEqual(quantizer.build(tf.TensorShape([3, 3]), 'kernel', None), {})
+    self.assertEqual(qat.ClippedUniformWeightQuantizer.from_config(quantizer.get_config()).bits, 4)
+
+  def test_unsupported_layer_raises(self):
+    model = tf.keras.Sequential([
+        tf.keras.Input([4]), tf.keras.layers.LayerNormalization(name='norm'),
+        tf.keras.layers.Dense(2),
+    ])
+    with self.assertRaisesRegex(ValueError, "Found layer 'norm' of type LayerNormalization"):
+      qat.apply_qat(model, qat.QatConfig(bits=4))
+
+  def test_wrapping_twice_raises(self):
+    qat_model = qat.apply_qat(_dense_model(), qat.QatConfig(bits=4))
+    with self.assertRaisesRegex(ValueError, 'already wrapped'):
+      qat.apply_qat(qat_model, qat.QatConfig(bits=4))
+
+  def test_config_must_be_a_qat_config(self):
+    with self.assertRaisesRegex(TypeError, 'Found dict'):
+      qat.apply_qat(_dense_model(), {'bits': 4})
+
+
+if __name__ == '__main__':
+  tf.test.main()

@@ -1,0 +1,78 @@
+"""Smoke tests for `benchmarks/quantizer_quality.py`: the pieces whose claims the report relies on."""
+
+import gzip
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+_PATH = os.path.join(
+    os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'quantizer_quality.py'
+)
+
+
+def _load_benchmark():
+  spec = importlib.util.spec_from_file_location('quantizer_quality_benchmark', _PATH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while it executes.
+  spec.loader.exec_module(module)
+  return module
+
+
+benchmark = _load_benchmark()
+
+
+class QuantizerQualityBenchmarkTest(tf.test.TestCase):
+
+  def test_tff_encoder_is_min_max_with_two_to_the_bits_levels(self):
+    # What the report says about TFF's convention: levels min + k (max - min) / (2^B - 1).
+    x = tf.constant(np.random.default_rng(0).uniform(-1.0, 3.0, 1000), tf.float32)
+    for bits in (1, 2, 4):
+      decoded = benchmark.tff_encode_decode(x, bits, stochastic=False).numpy()
+      low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+      levels = low + np.arange(2**bits) * (high - low) / (2**bits - 1)
+      self.assertAllClose(np.unique(decoded), levels, rtol=1e-5, atol=1e-5)
+      nearest = levels[np.argmin(np.abs(x.numpy()[:, None] - levels), axis=1)]
+      self.assertAllClose(decoded, nearest, atol=1e-5)
+    stochastic = benchmark.tff_encode_decode(x, 2, stochastic=True).numpy()
+    self.assertAllClose(np.mean(stochastic), np.mean(x.numpy()), atol=0.05)
+
+  def test_nmse_table_rows(self):
+    tensors = benchmark.synthetic_tensors(512, seed=0)
+    table = benchmark.nmse_table(tensors[:1], benchmark.methods(tff_repeats=1))
+    rows = table['gaussian']
+    self.assertLen(rows, 8)
+    for by_bits in rows.values():
+      self.assertEqual(sorted(by_bits), list(benchmark.BITS))
+      self.assertTrue(all(np.isfinite(v) and v >= 0 for v in by_bits.values()))
+    self.assertLess(rows['ours: octav, nearest'][2], rows['max_abs, nearest'][2])
+
+  def test_paper_cnn_kernel_shapes(self):
+    mnist = benchmark.paper_cnn((28, 28, 1))
+    self.assertEqual(mnist.get_layer('dense1').kernel.shape, (400, 100))
+    self.assertEqual(mnist.get_layer('conv2').kernel.shape, (3, 3, 16, 16))
+    digits = benchmark.paper_cnn((8, 8, 1))
+    self.assertEqual(digits.get_layer('dense1').kernel.shape, (64, 100))
+
+  def test_read_idx_gz(self):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = os.path.join(self.get_temp_dir(), 'images-idx3-ubyte.gz')
+    header = bytes([0, 0, 8, 3]) + b''.join(d.to_bytes(4, 'big') for d in images.shape)
+    with gzip.open(path, 'wb') as f:
+      f.write(header + images.tobytes())
+    self.assertAllEqual(benchmark.read_idx_gz(path), images)
+
+  def test_write_atomically_leaves_only_the_target(self):
+    directory = os.path.join(self.get_temp_dir(), 'results')
+    path = os.path.join(directory, 'report.md')
+    benchmark.write_atomically(path, 'first')
+    benchmark.write_atomically(path, 'second')
+    with open(path) as f:
+      self.assertEqual(f.read(), 'second')
+    self.assertEqual(os.listdir(directory), ['report.md'])
+
+
+if __name__ == '__main__':
+  tf.test.main()

@@ -1,0 +1,350 @@
+"""Builds the federated learning process of a run: FedAvg with a chosen upload compression.
+
+The process is TFF's own composition (`tff.learning.templates.compose_learning_process`) of
+  * a broadcast distributor,
+  * TFF's FedAvg client work (local training, optionally quantization-aware), followed by a small
+    client-side step that turns its result into the run's payload,
+  * the model aggregator (float mean, TFF's built-in quantization, or ours),
+  * a finalizer applying the server optimizer.
+
+Two payloads:
+  * 'update': clients send their model delta (TFF's native FedAvg).
+  * 'weights': clients send their trained weights (the paper's setting: the model itself is
+    quantized). The server turns the aggregated weights back into a pseudo-gradient
+    `current - aggregated` for the server optimizer, so SGD with learning rate 1 sets the model to
+    the aggregate.
+
+TFF's client work zeroes a non-finite update and gives it weight 0. A weight-0 client must not
+enter an average that ignores example counts (uniform or inverse-error weighting would count its
+zeros at full weight, or at a huge weight since its error is zero), so for our aggregator it is
+re-marked non-finite, which the aggregator rejects and counts. In 'weights' payload mode, a round
+whose aggregate is exactly zero everywhere (no client accepted) leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_clipq import aggregators
+from tff_clipq.learning import models
+from tff_clipq.learning import qat as qat_lib
+from tff_clipq.quantization import packing
+from tff_clipq.quantization import payload as payload_lib
+
+AGGREGATORS = ('float', 'clipq', 'tff_encoded')
+PAYLOADS = ('update', 'weights')
+OPTIMIZERS = ('sgd', 'adam')
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregatorConfig:
+  """Which upload compression a run uses.
+
+  Attributes:
+    method: 'float' (float32 `tff.aggregators.MeanFactory`, FedAvg), 'clipq' (ours) or
+      'tff_encoded' (TFF's built-in min-max stochastic quantization,
+      `EncodedSumFactory.quantize_above_threshold`, inside a `MeanFactory`).
+    bits: one width, or one per model layer as 'a-b-c-d' (the paper's 4-2-2-4).
+    clipping, rounding, weighting, per_channel: as in `ClippedQuantizationMeanFactory`.
+    min_size_to_quantize: smaller tensors (biases) travel in float32, for every method.
+  """
+
+  method: str = 'clipq'
+  bits: Union[int, str] = 4
+  clipping: Union[str, float] = 'octav'
+  rounding: str = 'stochastic'
+  weighting: str = 'inverse_error'
+  min_size_to_quantize: int = 128
+  per_channel: bool = False
+
+  def __post_init__(self):
+    if self.method not in AGGREGATORS:
+      raise ValueError(f'`method` must be one of {AGGREGATORS}. Found {self.method!r}.')
+    bits = payload_lib.validate_encoding_settings(
+        self.bits, self.min_size_to_quantize, self.clipping, self.rounding
+    )
+    if self.method == 'tff_encoded' and isinstance(bits, tuple):
+      raise ValueError('`bits` per layer is only supported by the clipq aggregator.')
+    if self.weighting not in aggregators.WEIGHTINGS:
+      raise ValueError(f'`weighting` must be one of {aggregators.WEIGHTINGS}. Found {self.weighting!r}.')
+
+  @property
+  def label(self) -> str:
+    """Short name for tables and plots, e.g. 'clipq-4b-octav-stochastic-inverse_error'."""
+    if self.method == 'float':
+      return 'float32'
+    if self.method == 'tff_encoded':
+      return f'tff_minmax-{self.bits}b'
+    return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}'
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessConfig:
+  """Everything the learning process depends on (data and loop settings live elsewhere)."""
+
+  model: str = 'cnn'
+  input_shape: tuple[int, int, int] = (28, 28, 1)
+  num_classes: int = 10
+  aggregator: AggregatorConfig = AggregatorConfig()
+  payload: str = 'update'
+  qat: bool = True
+  client_optimizer: str = 'sgd'
+  client_learning_rate: float = 0.01
+  client_momentum: float = 0.9
+  server_optimizer: str = 'sgd'
+  server_learning_rate: float = 1.0
+  server_momentum: float = 0.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.model not in models.MODEL_NAMES:
+      raise ValueError(f'`model` must be one of {models.MODEL_NAMES}. Found {self.model!r}.')
+    if self.payload not in PAYLOADS:
+      raise ValueError(f'`payload` must be one of {PAYLOADS}. Found {self.payload!r}.')
+    for name in ('client_optimizer', 'server_optimizer'):
+      if getattr(self, name) not in OPTIMIZERS:
+        raise ValueError(f'`{name}` must be one of {OPTIMIZERS}. Found {getattr(self, name)!r}.')
+    for name in ('client_learning_rate', 'server_learning_rate'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'`{name}` must be > 0. Found {getattr(self, name)!r}.')
+    for name in ('client_momentum', 'server_momentum'):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f'`{name}` must be in [0, 1). Found {getattr(self, name)!r}.')
+
+  @property
+  def uses_qat(self) -> bool:
+    return self.qat and self.aggregator.method != 'float'
+
+
+def _optimizer(name: str, learning_rate: float, momentum: float) -> tff.learning.optimizers.Optimizer:
+  if name == 'adam':
+    return tff.learning.optimizers.build_adam(learning_rate=learning_rate)
+  return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate, momentum=momentum or None)
+
+
+def bits_per_tensor(config: ProcessConfig) -> Union[int, tuple[int, ...]]:
+  """The run's bit widths: one int, or one per trainable tensor (expanded from per-layer)."""
+  bits = payload_lib.parse_bits(config.aggregator.bits)
+  if isinstance(bits, int):
+    return bits
+  keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
+  return models.bits_per_tensor(keras_model, bits)
+
+
+def qat_config(config: ProcessConfig) -> Optional[qat_lib.QatConfig]:
+  """The clients' QAT settings, matching the aggregator's bits, clipping and size threshold."""
+  if not config.uses_qat:
+    return None
+  return qat_lib.QatConfig(
+      bits=bits_per_tensor(config),
+      clipping=config.aggregator.clipping,
+      rounding='nearest',
+      min_size_to_quantize=config.aggregator.min_size_to_quantize,
+  )
+
+
+def build_model_fn(config: ProcessConfig) -> Callable[[], tff.learning.models.VariableModel]:
+  return models.build_tff_model_fn(
+      config.model, config.input_shape, config.num_classes, config.seed, qat_config(config)
+  )
+
+
+def build_model_aggregator(config: ProcessConfig) -> tff.aggregators.WeightedAggregationFactory:
+  """The weighted aggregation factory for the trainable tensors of the model."""
+  agg = config.aggregator
+  if agg.method == 'float':
+    return tff.aggregators.MeanFactory(no_nan_division=True)
+  if agg.method == 'tff_encoded':
+    # quantize_above_threshold quantizes tensors with more than `threshold` elements.
+    encoded = tff.aggregators.EncodedSumFactory.quantize_above_threshold(
+        quantization_bits=int(agg.bits), threshold=max(agg.min_size_to_quantize - 1, 0)
+    )
+    return tff.aggregators.MeanFactory(value_sum_factory=encoded, no_nan_division=True)
+  return aggregators.clipped_quantization_mean(
+      bits=bits_per_tensor(config),
+      clipping=agg.clipping,
+      rounding=agg.rounding,
+      weighting=agg.weighting,
+      min_size_to_quantize=agg.min_size_to_quantize,
+      per_channel=agg.per_channel,
+      seed=config.seed,
+  )
+
+
+def upload_bits_per_client(config: ProcessConfig) -> int:
+  """Bits one client uploads per round for the model, by the format each method sends.
+
+  For 'clipq' this equals the aggregator's `client_upload_bits` measurement (read from the TFF
+  type of its payload). 'float' sends float32 tensors plus its float32 weight; 'tff_encoded'
+  sends, per quantized tensor, the bit-packed codes and its float32 min and max, plus the weight.
+  """
+  keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
+  shapes = [tuple(v.shape) for v in keras_model.trainable_variables]
+  agg = config.aggregator
+  plan = payload_lib.make_plan(
+      shapes,
+      bits_per_tensor(config) if agg.method == 'clipq' else int(payload_lib.parse_bits(agg.bits)),
+      agg.min_size_to_quantize,
+      agg.clipping,
+      agg.rounding,
+      agg.per_channel,
+  )
+  float_bits = 32 * sum(t.num_elements for t in plan.tensors if t.bits is None)
+  if agg.method == 'float':
+    return 32 * plan.num_coordinates + 32
+  if agg.method == 'tff_encoded':
+    return float_bits + 32 + sum(32 * t.packed_words + 64 for t in plan.quantized)
+  thresholds = sum(
+      32 * (t.shape[-1] if agg.per_channel else 1) for t in plan.quantized
+  )
+  weighting_bits = {
+      'inverse_error': 32 * len(plan.quantized),
+      'example_count': 32,
+      'uniform': 0,
+  }[agg.weighting]
+  accepted_flag_bits = 8
+  codes = sum(packing.WORD_BITS * t.packed_words for t in plan.quantized)
+  return codes + thresholds + weighting_bits + accepted_flag_bits + float_bits
+
+
+def _payload_client_work(
+    inner: tff.learning.templates.ClientWorkProcess,
+    weights_type: tff.types.Type,
+    payload: str,
+    mark_rejected_as_nan: bool,
+) -> tff.learning.templates.ClientWorkProcess:
+  """Wraps FedAvg client work so that its result is the run's payload (see module docstring)."""
+  result_type = inner.next.type_signature.result.result.member
+
+  @tff.tensorflow.computation(result_type, weights_type)
+  def to_payload(client_result, initial_weights):
+    update = client_result.update
+    if payload == 'weights':
+      update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, update)
+    rejected = tf.equal(client_result.update_weight, 0.0)
+    if mark_rejected_as_nan:
+      update = tf.nest.map_structure(
+          lambda t: tf.where(rejected, tf.fill(tf.shape(t), np.float32(np.nan)), t), update
+      )
+    else:
+      update = tf.nest.map_structure(lambda t: tf.where(rejected, tf.zeros_like(t), t), update)
+    return tff.learning.templates.ClientResult(update=update, update_weight=client_result.update_weight)
+
+  @tff.federated_computation(
+      inner.next.type_signature.parameter[0],
+      inner.next.type_signature.parameter[1],
+      inner.next.type_signature.parameter[2],
+  )
+  def next_fn(state, weights, data):
+    output = inner.next(state, weights, data)
+    client_result = tff.federated_map(to_payload, (output.result, weights))
+    return tff.templates.MeasuredProcessOutput(output.state, client_result, output.measurements)
+
+  return tff.learning.templates.ClientWorkProcess(
+      inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
+  )
+
+
+def _weights_payload_finalizer(
+    inner: tff.learning.templates.FinalizerProcess, weights_type: tff.types.Type
+) -> tff.learning.templates.FinalizerProcess:
+  """Turns aggregated weights into the pseudo-gradient `current - aggregated` for `inner`."""
+  trainable_type = weights_type.trainable
+
+  @tff.tensorflow.computation(weights_type, trainable_type)
+  def pseudo_gradient(current, aggregated):
+    any_accepted = tf.reduce_any([tf.reduce_any(tf.not_equal(t, 0.0)) for t in tf.nest.flatten(aggregated)])
+    return tf.nest.map_structure(
+        lambda w, a: tf.where(any_accepted, w - a, tf.zeros_like(w)), current.trainable, aggregated
+    )
+
+  @tff.federated_computation(
+      inner.next.type_signature.parameter[0],
+      inner.next.type_signature.parameter[1],
+      inner.next.type_signature.parameter[2],
+  )
+  def next_fn(state, weights, aggregated):
+    update = tff.federated_map(pseudo_gradient, (weights, aggregated))
+    return inner.next(state, weights, update)
+
+  return tff.learning.templates.FinalizerProcess(
+      inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
+  )
+
+
+def build_learning_process(config: ProcessConfig) -> tff.learning.templates.LearningProcess:
+  """The run's `tff.learning.templates.LearningProcess` (see the module docstring)."""
+  model_fn = build_model_fn(config)
+  with tf.Graph().as_default():
+    weights_type = tff.learning.models.weights_type_from_model(model_fn)
+
+  @tff.tensorflow.computation
+  def initial_model_weights_fn():
+    return tff.learning.models.ModelWeights.from_model(model_fn())
+
+  client_weighting = (
+      tff.learning.ClientWeighting.NUM_EXAMPLES
+      if config.aggregator.method != 'clipq' or config.aggregator.weighting == 'example_count'
+      else tff.learning.ClientWeighting.UNIFORM
+  )
+  client_work = tff.learning.templates.build_model_delta_client_work(
+      model_fn,
+      _optimizer(config.client_optimizer, config.client_learning_rate, config.client_momentum),
+      client_weighting=client_weighting,
+  )
+  client_work = _payload_client_work(
+      client_work, weights_type, config.payload, mark_rejected_as_nan=config.aggregator.method == 'clipq'
+  )
+  aggregator = build_model_aggregator(config).create(
+      weights_type.trainable, tff.TensorType(np.float32)
+  )
+  finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+      _optimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum),
+      weights_type,
+  )
+  if config.payload == 'weights':
+    finalizer = _weights_payload_finalizer(finalizer, weights_type)
+  return tff.learning.templates.compose_learning_process(
+      initial_model_weights_fn,
+      tff.learning.templates.build_broadcast_process(weights_type),
+      client_work,
+      aggregator,
+      finalizer,
+  )
+
+
+def build_evaluation_model(config: ProcessConfig) -> tf.keras.Model:
+  """A plain (float) Keras model of the run's architecture, compiled for centralized evaluation."""
+  keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
+  keras_model.compile(
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
+  )
+  return keras_model
+
+
+def assign_trainable_weights(
+    process: tff.learning.templates.LearningProcess, state, keras_model: tf.keras.Model
+) -> None:
+  """Copies the global model's trainable weights (same order as TFF's) into `keras_model`."""
+  trainable = process.get_model_weights(state).trainable
+  for variable, value in zip(keras_model.trainable_variables, trainable):
+    variable.assign(value)
+
+
+def evaluate(
+    process: tff.learning.templates.LearningProcess,
+    state,
+    keras_model: tf.keras.Model,
+    test_data: tf.data.Dataset,
+) -> collections.OrderedDict:
+  """Centralized held-out loss and accuracy of the global model."""
+  assign_trainable_weights(process, state, keras_model)
+  loss, accuracy = keras_model.evaluate(test_data, verbose=0)
+  return collections.OrderedDict(loss=float(loss), accuracy=float(accuracy))

@@ -1,0 +1,337 @@
+"""Quantization-aware training (QAT): forward passes through clipped, quantized weights.
+
+In the paper's QAT, clients train a model whose forward pass uses each weight tensor `w`
+clipped at its MSE-optimal threshold and quantized to the run's bit width,
+
+    w_q = fake_quantize(w, bits, clipping_threshold(stop_gradient(w), bits)),
+
+while the gradient reaches the float weights unchanged (straight-through estimator):
+`w + stop_gradient(w_q - w)` equals `w_q` in value and has derivative 1 with respect to `w`.
+The threshold is recomputed from the current weights at every forward pass and is treated as a
+constant by the gradient. Weights are quantized in inference as well as in training, so
+evaluating a QAT model measures the quantized model; the plain model with the same weights
+measures the float one. Activations are not quantized.
+
+This is built on tensorflow-model-optimization's QAT machinery: a `Quantizer`
+(`ClippedUniformWeightQuantizer`), a `QuantizeConfig` (`ClippedWeightQuantizeConfig`) for the
+kernels and biases of Conv2D/Dense layers, and `quantize_annotate_layer` + `quantize_apply`.
+`quantize_apply` is given its own `QuantizeScheme` (`WeightOnlyQuantizeScheme`): tfmot's default
+8-bit scheme would also insert an input `QuantizeLayer` and quantize the outputs of the
+unannotated layers feeding annotated ones (e.g. Flatten), i.e. 8-bit activation quantization with
+extra min/max variables, which the paper does not do.
+
+Variables. TFF's federated averaging aggregates `model.trainable_variables`, and per-tensor bit
+widths are listed in that order, so a QAT model must expose exactly the trainable variables of the
+plain model. tfmot's `QuantizeWrapperV2` keeps the wrapped layer's trainable weights in their
+original order, and `ClippedUniformWeightQuantizer` creates no variables, so the trainable
+variables of the QAT model match the plain model's in number, shapes and order (tested). The only
+addition is one non-trainable int32 scalar `optimizer_step` per wrapped layer (tfmot's wrapper
+creates it unconditionally; nothing here reads it). TFF keeps non-trainable variables in the
+server's model weights and does not average them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
+
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from tff_clipq import quantization
+from tff_clipq.quantization import quantizer as quantizer_lib
+
+ClippingMethod = Union[str, float]
+
+QUANTIZABLE_LAYER_TYPES = (tf.keras.layers.Conv2D, tf.keras.layers.Dense)
+_QUANTIZABLE_WEIGHT_NAMES = ('kernel', 'bias')
+
+
+def _validate_clipping(clipping: Any) -> ClippingMethod:
+  is_number = isinstance(clipping, (int, float)) and not isinstance(clipping, bool)
+  if (is_number and clipping > 0) or clipping in quantization.CLIPPING_METHODS:
+    return clipping
+  raise ValueError(
+      f'`clipping` must be one of {quantization.CLIPPING_METHODS} or a positive number. '
+      f'Found {clipping!r}.'
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class QatConfig:
+  """How a client's forward pass quantizes the model's weights.
+
+  Attributes:
+    bits: bits per weight; one int for every tensor, or a sequence with one entry per trainable
+      tensor in `model.trainable_variables` order (kernel and bias of each layer, see
+      `tff_clipq.learning.models.trainable_tensor_names`), the same list an aggregator gets.
+      `tff_clipq.learning.models.bits_per_tensor` expands per-layer widths such as 4-2-2-4.
+      Entries of tensors that stay float (see `min_size_to_quantize`) are ignored.
+    clipping: threshold method, as in `tff_clipq.quantization.clipping_threshold`: 'octav'
+      (MSE-optimal), 'octav_paper', 'max_abs' (no clipping) or a fixed positive threshold.
+    rounding: forward-pass rounding, 'nearest' or 'stochastic' (fresh noise at every step).
+    min_size_to_quantize: tensors with fewer elements stay float, matching the aggregator's
+      size threshold.
+  """
+
+  bits: Union[int, tuple[int, ...]]
+  clipping: ClippingMethod = 'octav'
+  rounding: str = 'nearest'
+  min_size_to_quantize: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.bits, Sequence) and not isinstance(self.bits, str):
+      if not self.bits:
+        raise ValueError('`bits` must be an int or a non-empty sequence of ints. Found ().')
+      object.__setattr__(self, 'bits', tuple(self.bits))
+      for bits in self.bits:
+        quantizer_lib.validate_bits(bits)
+    else:
+      quantizer_lib.validate_bits(self.bits)
+    _validate_clipping(self.clipping)
+    quantizer_lib.validate_rounding(self.rounding)
+    size = self.min_size_to_quantize
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+      raise ValueError(
+          f'`min_size_to_quantize` must be a non-negative integer. Found {size!r}.'
+      )
+
+  def bits_per_tensor(self, num_tensors: int) -> tuple[int, ...]:
+    """`bits` as one entry per tensor; raises ValueError if a sequence has the wrong length."""
+    if isinstance(self.bits, int):
+      return (self.bits,) * num_tensors
+    if len(self.bits) != num_tensors:
+      raise ValueError(
+          f'`bits` must have one entry per trainable tensor of the model: expected {num_tensors}, '
+          f'found {len(self.bits)}: {self.bits!r}.'
+      )
+    return self.bits
+
+
+@tf.autograph.experimental.do_not_convert
+def straight_through_fake_quantize(
+    weights: tf.Tensor,
+    bits: int,
+    clipping: ClippingMethod = 'octav',
+    rounding: str = 'nearest',
+) -> tf.Tensor:
+  """Clipped, quantized `weights` in the forward pass; identity in the backward pass.
+
+  Not converted by AutoGraph (Keras converts layer calls): the quantization code has no
+  tensor-dependent Python control flow, and converting it made every model trace take seconds.
+  """
+  constant_weights = tf.stop_gradient(weights)
+  threshold = quantization.clipping_threshold(constant_weights, bits, clipping, rounding)
+  quantized = quantization.fake_quantize(constant_weights, bits, threshold, rounding)
+  return weights + tf.stop_gradient(quantized - weights)
+
+
+class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+  """tfmot `Quantizer` applying `straight_through_fake_quantize`; it creates no variables."""
+
+  def __init__(self, bits: int, clipping: ClippingMethod = 'octav', rounding: str = 'nearest'):
+    self.bits = quantizer_lib.validate_bits(bits)
+    self.clipping = _validate_clipping(clipping)
+    self.rounding = quantizer_lib.validate_rounding(rounding)
+
+  def build(self, tensor_shape, name, layer) -> dict[str, tf.Variable]:
+    del tensor_shape, name, layer  # The threshold is recomputed from the weights at each call.
+    return {}
+
+  def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
+    del training, weights, kwargs  # Same quantization in training and inference.
+    return straight_through_fake_quantize(inputs, self.bits, self.clipping, self.rounding)
+
+  def get_config(self) -> dict[str, Any]:
+    return {'bits': self.bits, 'clipping': self.clipping, 'rounding': self.rounding}
+
+
+class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+  """Quantizes the named weights of a Conv2D/Dense layer, each at its own bit width.
+
+  `weight_names` are layer attributes ('kernel', 'bias'); weights not named stay float.
+  Activations and outputs are not quantized.
+  """
+
+  def __init__(
+      self,
+      weight_names: Sequence[str],
+      bits: Sequence[int],
+      clipping: ClippingMethod = 'octav',
+      rounding: str = 'nearest',
+  ):
+    self.weight_names = tuple(weight_names)
+    self.bits = tuple(bits)
+    if len(self.weight_names) != len(self.bits):
+      raise ValueError(
+          f'`weight_names` and `bits` must have equal lengths. Found {self.weight_names!r} and '
+          f'{self.bits!r}.'
+      )
+    self.clipping = clipping
+    self.rounding = rounding
+
+  def get_weights_and_quantizers(self, layer):
+    return [
+        (getattr(layer, name), ClippedUniformWeightQuantizer(bits, self.clipping, self.rounding))
+        for name, bits in zip(self.weight_names, self.bits)
+    ]
+
+  def get_activations_and_quantizers(self, layer):
+    return []
+
+  def set_quantize_weights(self, layer, quantize_weights):
+    for name, quantized in zip(self.weight_names, quantize_weights):
+      setattr(layer, name, quantized)
+
+  def set_quantize_activations(self, layer, quantize_activations):
+    pass
+
+  def get_output_quantizers(self, layer):
+    return []
+
+  def get_config(self) -> dict[str, Any]:
+    return {
+        'weight_names': list(self.weight_names),
+        'bits': list(self.bits),
+        'clipping': self.clipping,
+        'rounding': self.rounding,
+    }
+
+
+class _IdentityLayoutTransform(tfmot.quantization.keras.QuantizeLayoutTransform):
+  """Leaves the model's layout alone (no layer fusion, no inserted input quantizer)."""
+
+  def apply(self, model, layer_quantize_map):
+    return model, layer_quantize_map
+
+
+class _EmptyQuantizeRegistry(tfmot.quantization.keras.QuantizeRegistry):
+  """Supplies no default configs, so unannotated layers get no output quantization."""
+
+  def get_quantize_config(self, layer):
+    return None
+
+  def supports(self, layer) -> bool:
+    return False
+
+
+class WeightOnlyQuantizeScheme(tfmot.quantization.keras.QuantizeScheme):
+  """`quantize_apply` scheme that wraps only the annotated layers, with their own configs."""
+
+  def get_layout_transformer(self):
+    return _IdentityLayoutTransform()
+
+  def get_quantize_registry(self):
+    return _EmptyQuantizeRegistry()
+
+
+_CUSTOM_OBJECTS = {
+    'ClippedUniformWeightQuantizer': ClippedUniformWeightQuantizer,
+    'ClippedWeightQuantizeConfig': ClippedWeightQuantizeConfig,
+}
+
+
+def trainable_variables_by_layer(
+    keras_model: tf.keras.Model,
+) -> list[tuple[tf.keras.layers.Layer, list[tf.Variable]]]:
+  """(layer, its trainable variables) for each layer that has some, in model order.
+
+  A wrapper layer (e.g. tfmot's `QuantizeWrapperV2`) is reported as the layer it wraps. Raises
+  ValueError unless concatenating the lists gives `keras_model.trainable_variables` exactly, since
+  per-tensor bit widths are assigned in that order.
+  """
+  grouped = [
+      (layer.layer if isinstance(layer, tf.keras.layers.Wrapper) else layer,
+       list(layer.trainable_variables))
+      for layer in keras_model.layers
+      if layer.trainable_variables
+  ]
+  flattened = [variable.ref() for _, variables in grouped for variable in variables]
+  if flattened != [variable.ref() for variable in keras_model.trainable_variables]:
+    raise ValueError(
+        f'The trainable variables of model {keras_model.name!r} are not ordered layer by layer, '
+        'so per-tensor bit widths cannot be assigned to them.'
+    )
+  return grouped
+
+
+def _weight_attribute(layer: tf.keras.layers.Layer, variable: tf.Variable) -> str:
+  for name in _QUANTIZABLE_WEIGHT_NAMES:
+    if getattr(layer, name, None) is variable:
+      return name
+  raise ValueError(f'Layer {layer.name!r} has a trainable variable {variable.name!r} that is '
+                   f'none of {_QUANTIZABLE_WEIGHT_NAMES}.')
+
+
+def _quantize_configs(
+    keras_model: tf.keras.Model, config: QatConfig
+) -> dict[str, ClippedWeightQuantizeConfig]:
+  """Quantize config per layer name, for the layers with at least one tensor to quantize."""
+  grouped = trainable_variables_by_layer(keras_model)
+  bits = iter(config.bits_per_tensor(sum(len(variables) for _, variables in grouped)))
+  configs = {}
+  for layer, variables in grouped:
+    if not isinstance(layer, QUANTIZABLE_LAYER_TYPES):
+      raise ValueError(
+          f'QAT supports trainable weights only in {[t.__name__ for t in QUANTIZABLE_LAYER_TYPES]}'
+          f' layers. Found layer {layer.name!r} of type {type(layer).__name__}.'
+      )
+    names, widths = [], []
+    for variable in variables:
+      width = next(bits)
+      if variable.shape.num_elements() >= config.min_size_to_quantize:
+        names.append(_weight_attribute(layer, variable))
+        widths.append(width)
+    if names:
+      configs[layer.name] = ClippedWeightQuantizeConfig(
+          names, widths, config.clipping, config.rounding
+      )
+  return configs
+
+
+@contextlib.contextmanager
+def _constant_learning_phase() -> Iterator[None]:
+  """Fixes Keras' learning phase to a Python constant while the QAT model is constructed.
+
+  tfmot's wrapper picks the training or inference quantizer with `smart_cond` on the learning
+  phase. Under TFF, models are built in graph mode, where the learning phase is a placeholder, so
+  every wrapped weight would get a `tf.cond` holding two traced copies of the threshold search
+  (plus the intermediates cond_v2 keeps for gradients): about 6x the ops and several seconds more
+  per model construction. `ClippedUniformWeightQuantizer` ignores the flag, so a constant is
+  exact. Keras calls made later with an explicit `training=` are not affected.
+  """
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message='`tf.keras.backend.learning_phase_scope` is deprecated')
+    with tf.keras.backend.learning_phase_scope(0):
+      yield
+
+
+def apply_qat(keras_model: tf.keras.Model, config: QatConfig) -> tf.keras.Model:
+  """A copy of `keras_model` whose forward pass quantizes weights as `config` says.
+
+  The copy starts from `keras_model`'s current weights but owns its variables; its trainable
+  variables have the same shapes and order as `keras_model`'s. `keras_model` must be a built,
+  uncompiled Sequential or functional model whose trainable weights are kernels and biases of
+  Conv2D and Dense layers.
+  """
+  if not isinstance(config, QatConfig):
+    raise TypeError(f'`config` must be a QatConfig. Found {type(config).__name__}.')
+  if any(isinstance(layer, tfmot.quantization.keras.QuantizeWrapper) for layer in keras_model.layers):
+    raise ValueError(f'Model {keras_model.name!r} is already wrapped for quantization.')
+  configs = _quantize_configs(keras_model, config)
+  if not configs:  # Every tensor stays float; quantize_apply refuses a model with nothing to do.
+    model_copy = tf.keras.models.clone_model(keras_model)
+    model_copy.set_weights(keras_model.get_weights())
+    return model_copy
+
+  def annotate(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+    if layer.name not in configs:
+      return layer
+    return tfmot.quantization.keras.quantize_annotate_layer(layer, configs[layer.name])
+
+  with _constant_learning_phase(), tfmot.quantization.keras.quantize_scope(_CUSTOM_OBJECTS):
+    annotated = tf.keras.models.clone_model(keras_model, clone_function=annotate)
+    return tfmot.quantization.keras.quantize_apply(annotated, WeightOnlyQuantizeScheme())
