@@ -1,5 +1,17 @@
-"""Pytest setup shared by all tests: absl flags parsed (tf.test helpers need them)."""
+"""Pytest setup shared by all tests.
 
-from absl import flags
+absl flags are marked parsed (tf.test helpers need them), and TFF computations run in the
+project's leak-free local execution context, which owns its worker_binary process and stops it
+at exit, instead of TFF's default one, which can outlive the test run.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+from tff_clipq import runtime  # pylint: disable=g-import-not-at-top
 
 flags.FLAGS.mark_as_parsed()
+runtime.set_local_execution_context()

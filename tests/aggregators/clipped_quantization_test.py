@@ -152,11 +152,18 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     self.assertAllEqual(output.result[1], np.zeros([10]))
     self.assertEqual(output.measurements['quantized']['accepted_clients'], 0)
 
-  def test_negative_example_weight_is_rejected(self):
-    factory = aggregators.clipped_quantization_mean(bits=4, weighting='example_count')
-    values = _client_values(2)
-    output = self._run(factory, values, [1.0, -3.0])
-    self.assertEqual(output.measurements['quantized']['rejected_nonfinite_clients'], 1)
+  def test_non_positive_weight_rejects_the_client_in_every_weighting(self):
+    values = _client_values(3)
+    for weighting in aggregators.WEIGHTINGS:
+      factory = aggregators.clipped_quantization_mean(
+          bits=4, weighting=weighting, rounding='nearest', min_size_to_quantize=100
+      )
+      # Weight 0 is TFF's marker of a client whose update was non-finite (and zeroed).
+      output = self._run(factory, values, [1.0, 0.0, -3.0])
+      alone = self._run(factory, values[:1], [1.0])
+      self.assertEqual(output.measurements['quantized']['rejected_nonfinite_clients'], 2)
+      self.assertAllClose(output.result[0], alone.result[0])
+      self.assertAllClose(output.result[1], alone.result[1])
 
   def test_zero_error_client_gets_a_large_finite_weight(self):
     values = _client_values(2)

@@ -22,8 +22,11 @@ example count ('example_count') or uniformly (otherwise, since their error is ze
 by the weight at the client and summed by `inner_agg_factory` (default `tff.aggregators.SumFactory`),
 the way `tff.aggregators.MeanFactory` composes with its inner sum factories.
 
-A client whose value holds NaN or Inf is rejected at the client (its payload is zeroed and
-flagged); a payload that fails the server's checks (non-finite or negative threshold, error or
+A client whose value holds NaN or Inf, or (weighted factory) whose weight is not positive, is
+rejected at the client: its payload is zeroed and flagged. Weight 0 is how TFF's FedAvg client
+work marks a client whose update was non-finite, so such clients never enter an average that
+ignores weights (with inverse-error weighting a zeroed update would even get a huge weight). A
+payload that fails the server's checks (non-finite or negative threshold, error or
 weight, non-zero padding bits) is rejected at decode. Both are counted in the measurements. A round
 in which every client is rejected yields zeros, like `MeanFactory(no_nan_division=True)`.
 """
@@ -140,15 +143,17 @@ def _build_process(
     tensors = tf.nest.flatten(value)
     seed = payload_lib.client_seed(round_seed, tensors)
     quantized, floats, statistics, accepted = payload_lib.encode_tensors(plan, tensors, seed)
+    if client_weight is not None:
+      # Weight 0 is how TFF's FedAvg client work marks a client whose update was non-finite
+      # (it zeroes the update): such a client must not enter an average that ignores weights.
+      weight = tf.cast(client_weight, tf.float32)
+      accepted = tf.logical_and(accepted, tf.logical_and(tf.math.is_finite(weight), weight > 0.0))
     wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
     float_weight = tf.cast(accepted, tf.float32)
     if weighting == 'inverse_error':
       wire['errors'] = statistics['quantization_mse']
     elif weighting == 'example_count':
-      weight = tf.cast(client_weight, tf.float32)
-      weight_ok = tf.logical_and(tf.math.is_finite(weight), weight >= 0.0)
-      wire['accepted'] = tf.logical_and(accepted, weight_ok)
-      wire['weight'] = tf.where(wire['accepted'], weight, 0.0)
+      wire['weight'] = tf.where(accepted, weight, 0.0)
       float_weight = wire['weight']
     telemetry = collections.OrderedDict(
         quantization_mse=statistics['quantization_mse'],
@@ -382,8 +387,9 @@ def _build_process(
 class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory):
   """Weighted mean over clipped, B-bit quantized client values (see the module docstring).
 
-  With 'inverse_error' or 'uniform' weighting the client weights handed to `next` are never
-  used, so they never leave the clients; only 'example_count' sends them.
+  With 'inverse_error' or 'uniform' weighting the client weights handed to `next` only decide,
+  at the client, whether it takes part (weight > 0); they never leave the clients. Only
+  'example_count' sends them.
   """
 
   def __init__(

@@ -14,11 +14,9 @@ Two payloads:
     `current - aggregated` for the server optimizer, so SGD with learning rate 1 sets the model to
     the aggregate.
 
-TFF's client work zeroes a non-finite update and gives it weight 0. A weight-0 client must not
-enter an average that ignores example counts (uniform or inverse-error weighting would count its
-zeros at full weight, or at a huge weight since its error is zero), so for our aggregator it is
-re-marked non-finite, which the aggregator rejects and counts. In 'weights' payload mode, a round
-whose aggregate is exactly zero everywhere (no client accepted) leaves the model unchanged.
+TFF's client work zeroes a non-finite update and gives it weight 0; every aggregator used here
+ignores weight-0 clients (ours rejects and counts them). In 'weights' payload mode, a round whose
+aggregate is exactly zero everywhere (no client accepted) leaves the model unchanged.
 """
 
 from __future__ import annotations
@@ -213,27 +211,17 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
   return codes + thresholds + weighting_bits + accepted_flag_bits + float_bits
 
 
-def _payload_client_work(
+def _weights_payload_client_work(
     inner: tff.learning.templates.ClientWorkProcess,
     weights_type: tff.types.Type,
-    payload: str,
-    mark_rejected_as_nan: bool,
 ) -> tff.learning.templates.ClientWorkProcess:
-  """Wraps FedAvg client work so that its result is the run's payload (see module docstring)."""
+  """Wraps FedAvg client work so that clients send trained weights instead of deltas."""
   result_type = inner.next.type_signature.result.result.member
 
   @tff.tensorflow.computation(result_type, weights_type)
   def to_payload(client_result, initial_weights):
-    update = client_result.update
-    if payload == 'weights':
-      update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, update)
-    rejected = tf.equal(client_result.update_weight, 0.0)
-    if mark_rejected_as_nan:
-      update = tf.nest.map_structure(
-          lambda t: tf.where(rejected, tf.fill(tf.shape(t), np.float32(np.nan)), t), update
-      )
-    else:
-      update = tf.nest.map_structure(lambda t: tf.where(rejected, tf.zeros_like(t), t), update)
+    # TFF's delta is initial - trained, so trained = initial - delta.
+    update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, client_result.update)
     return tff.learning.templates.ClientResult(update=update, update_weight=client_result.update_weight)
 
   @tff.federated_computation(
@@ -298,9 +286,8 @@ def build_learning_process(config: ProcessConfig) -> tff.learning.templates.Lear
       _optimizer(config.client_optimizer, config.client_learning_rate, config.client_momentum),
       client_weighting=client_weighting,
   )
-  client_work = _payload_client_work(
-      client_work, weights_type, config.payload, mark_rejected_as_nan=config.aggregator.method == 'clipq'
-  )
+  if config.payload == 'weights':
+    client_work = _weights_payload_client_work(client_work, weights_type)
   aggregator = build_model_aggregator(config).create(
       weights_type.trainable, tff.TensorType(np.float32)
   )
@@ -344,7 +331,11 @@ def evaluate(
     keras_model: tf.keras.Model,
     test_data: tf.data.Dataset,
 ) -> collections.OrderedDict:
-  """Centralized held-out loss and accuracy of the global model."""
+  """Centralized held-out loss and accuracy of the global model.
+
+  `test_data` is batched and yields OrderedDict(x=..., y=...), the clients' element structure.
+  """
   assign_trainable_weights(process, state, keras_model)
-  loss, accuracy = keras_model.evaluate(test_data, verbose=0)
+  features_and_labels = test_data.map(lambda batch: (batch['x'], batch['y']))
+  loss, accuracy = keras_model.evaluate(features_and_labels, verbose=0)
   return collections.OrderedDict(loss=float(loss), accuracy=float(accuracy))

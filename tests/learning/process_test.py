@@ -1,0 +1,102 @@
+"""Tests of the learning-process builder: payload modes, baselines, bit accounting, NaN clients."""
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+
+from tff_clipq.learning import process as process_lib
+
+INPUT_SHAPE = (8, 8, 1)
+
+
+def _client_dataset(seed: int, poisoned: bool = False) -> tf.data.Dataset:
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, 32).astype(np.int32)
+  images = rng.normal(0.0, 0.3, [32, *INPUT_SHAPE]).astype(np.float32)
+  images[:, :4] += labels[:, None, None, None] * 1.5  # Class 1 is brighter on the top half.
+  if poisoned:
+    images[:] = np.nan
+  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=images, y=labels)).batch(8)
+
+
+def _config(**overrides) -> process_lib.ProcessConfig:
+  aggregator = overrides.pop('aggregator', process_lib.AggregatorConfig(bits=2, min_size_to_quantize=0))
+  settings = dict(
+      model='logistic', input_shape=INPUT_SHAPE, num_classes=2, aggregator=aggregator,
+      client_learning_rate=0.1, client_momentum=0.0,
+  )
+  settings.update(overrides)
+  return process_lib.ProcessConfig(**settings)
+
+
+class LearningProcessTest(tf.test.TestCase):
+
+  def test_both_payloads_and_all_methods_learn(self):
+    datasets = [_client_dataset(i) for i in range(3)]
+    test_data = _client_dataset(99)
+    for payload in process_lib.PAYLOADS:
+      for method in process_lib.AGGREGATORS:
+        config = _config(
+            payload=payload, aggregator=process_lib.AggregatorConfig(method=method, bits=3, min_size_to_quantize=0)
+        )
+        process = process_lib.build_learning_process(config)
+        state = process.initialize()
+        for _ in range(4):
+          state = process.next(state, datasets).state
+        accuracy = process_lib.evaluate(
+            process, state, process_lib.build_evaluation_model(config), test_data
+        )['accuracy']
+        self.assertGreater(accuracy, 0.75, msg=f'{payload} {method}')
+
+  def test_upload_bits_match_the_aggregator_measurement(self):
+    for weighting in ('inverse_error', 'example_count', 'uniform'):
+      config = _config(
+          aggregator=process_lib.AggregatorConfig(bits=3, weighting=weighting, min_size_to_quantize=10)
+      )
+      process = process_lib.build_learning_process(config)
+      output = process.next(process.initialize(), [_client_dataset(0)])
+      measured = output.metrics['aggregator']['quantized']['client_upload_bits']
+      self.assertEqual(measured, process_lib.upload_bits_per_client(config))
+    float_config = _config(aggregator=process_lib.AggregatorConfig(method='float'))
+    self.assertEqual(process_lib.upload_bits_per_client(float_config), 32 * (64 * 2 + 2) + 32)
+
+  def test_nan_client_never_poisons_the_model(self):
+    clean = [_client_dataset(0), _client_dataset(1)]
+    for payload in process_lib.PAYLOADS:
+      config = _config(payload=payload)
+      process = process_lib.build_learning_process(config)
+      state = process.initialize()
+      with_nan = process.next(state, clean + [_client_dataset(2, poisoned=True)])
+      without = process.next(state, clean)
+      weights = process.get_model_weights(with_nan.state).trainable
+      self.assertTrue(all(np.all(np.isfinite(w)) for w in weights))
+      self.assertEqual(with_nan.metrics['aggregator']['quantized']['rejected_nonfinite_clients'], 1)
+      for a, b in zip(weights, process.get_model_weights(without.state).trainable):
+        self.assertAllClose(a, b, atol=1e-5)
+
+  def test_round_with_every_client_rejected_keeps_the_model(self):
+    for payload in process_lib.PAYLOADS:
+      process = process_lib.build_learning_process(_config(payload=payload))
+      state = process.initialize()
+      output = process.next(state, [_client_dataset(0, poisoned=True)])
+      for a, b in zip(
+          process.get_model_weights(output.state).trainable, process.get_model_weights(state).trainable
+      ):
+        self.assertAllEqual(a, b)
+
+  def test_invalid_settings_raise_naming_the_field(self):
+    with self.assertRaisesRegex(ValueError, '`method`'):
+      process_lib.AggregatorConfig(method='fp16')
+    with self.assertRaisesRegex(ValueError, '`bits`'):
+      process_lib.AggregatorConfig(bits=0)
+    with self.assertRaisesRegex(ValueError, '`payload`'):
+      _config(payload='gradients')
+    with self.assertRaisesRegex(ValueError, '`client_learning_rate`'):
+      _config(client_learning_rate=-0.1)
+    with self.assertRaisesRegex(ValueError, '`model`'):
+      process_lib.ProcessConfig(model='resnet')
+
+
+if __name__ == '__main__':
+  tf.test.main()
