@@ -219,6 +219,19 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
       kernel = process.get_model_weights(output.state).trainable[0]
       self.assertGreater(np.abs(kernel).sum(), 0.0)
 
+  def test_composes_inside_tff_robust_aggregators(self):
+    values = _client_values(3)
+    values[2] = [v * 1000.0 for v in values[2]]  # An outlier client, zeroed by its norm.
+    robust = tff.aggregators.zeroing_factory(
+        zeroing_norm=100.0,
+        inner_agg_factory=aggregators.clipped_quantization_mean(
+            bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100
+        ),
+    )
+    output = self._run(robust, values, [1.0, 1.0, 1.0])
+    self.assertEqual(output.measurements['zeroed_count'], 1)
+    self.assertLess(np.abs(output.result[0]).max(), 10.0)
+
   def test_bad_arguments_raise_clear_errors(self):
     with self.assertRaisesRegex(ValueError, '`weighting`'):
       aggregators.clipped_quantization_mean(weighting='median')
