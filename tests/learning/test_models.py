@@ -4,10 +4,10 @@ import collections
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_clipq import runtime
 from tff_clipq.learning import models
 from tff_clipq.learning import qat
 
@@ -17,14 +17,6 @@ CNN_TENSOR_NAMES = (
     'conv1/kernel', 'conv1/bias', 'conv2/kernel', 'conv2/bias',
     'dense1/kernel', 'dense1/bias', 'logits/kernel', 'logits/bias',
 )
-
-
-def setUpModule():
-  runtime.set_local_execution_context()
-
-
-def tearDownModule():
-  runtime.reset_execution_context()
 
 
 def _client_data(seed: int, input_shape=DIGITS_SHAPE, num_examples: int = 12) -> tf.data.Dataset:
@@ -241,6 +233,17 @@ class BuildTffModelFnTest(tf.test.TestCase):
     tf.nest.map_structure(lambda v, w: v.assign(w), keras_model.trainable_variables,
                           list(trained.trainable))
     self.assertAllEqual(keras_model.trainable_variables[0], trained.trainable[0])
+
+  @pytest.mark.slow
+  def test_one_fed_avg_round_with_qat_cnn(self):
+    # Every tensor of the paper's CNN quantized, at the paper's 4-2-2-4 bits per layer.
+    keras_model = models.create_keras_model('cnn', DIGITS_SHAPE, seed=0)
+    config = qat.QatConfig(bits=models.bits_per_tensor(keras_model, (4, 2, 2, 4)))
+    model_fn = models.build_tff_model_fn('cnn', DIGITS_SHAPE, seed=0, qat=config)
+    _, trained = self._run_one_round(model_fn, DIGITS_SHAPE)
+    self.assertEqual([w.shape for w in trained.trainable],
+                     [v.shape for v in keras_model.trainable_variables])
+    self.assertLen(trained.non_trainable, 4)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Tests for `tff_clipq.learning.qat`: quantized forward pass, straight-through gradients, variables."""
+"""Tests for `tff_clipq.learning.qat`: quantized forward pass, straight-through gradient."""
 
 from absl.testing import parameterized
 import numpy as np
@@ -190,7 +190,8 @@ class VariablesTest(tf.test.TestCase):
 
   def test_qat_model_has_the_plain_trainable_variables(self):
     model = models.create_keras_model('cnn', seed=0)
-    qat_model = qat.apply_qat(model, qat.QatConfig(bits=models.bits_per_tensor(model, (4, 2, 2, 4))))
+    bits = models.bits_per_tensor(model, (4, 2, 2, 4))
+    qat_model = qat.apply_qat(model, qat.QatConfig(bits=bits))
     self.assertEqual(models.trainable_tensor_names(qat_model), models.trainable_tensor_names(model))
     self.assertEqual([v.shape for v in qat_model.trainable_variables],
                      [v.shape for v in model.trainable_variables])

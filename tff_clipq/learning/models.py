@@ -72,7 +72,7 @@ class _SeededInitializers:
 
 
 def cnn_padding(input_shape: Sequence[int]) -> str:
-  """'valid' if both 3x3-conv/2x2-pool stages leave a non-empty map for `input_shape`, else 'same'."""
+  """'valid' if both conv/pool stages leave a non-empty map for `input_shape`, else 'same'."""
   height, width, _ = _validate_input_shape(input_shape)
 
   def valid_output_size(size: int) -> int:

@@ -15,10 +15,10 @@ measures the float one. Activations are not quantized.
 This is built on tensorflow-model-optimization's QAT machinery: a `Quantizer`
 (`ClippedUniformWeightQuantizer`), a `QuantizeConfig` (`ClippedWeightQuantizeConfig`) for the
 kernels and biases of Conv2D/Dense layers, and `quantize_annotate_layer` + `quantize_apply`.
-`quantize_apply` is given its own `QuantizeScheme` (`WeightOnlyQuantizeScheme`): tfmot's default
-8-bit scheme would also insert an input `QuantizeLayer` and quantize the outputs of the
-unannotated layers feeding annotated ones (e.g. Flatten), i.e. 8-bit activation quantization with
-extra min/max variables, which the paper does not do.
+`quantize_apply` is given its own `QuantizeScheme` (`WeightOnlyQuantizeScheme`): on the CNN, tfmot's
+default 8-bit scheme would also insert a `QuantizeLayer` that quantizes the input images to 8 bits
+(with min/max variables), and wrap the unannotated layers that feed annotated ones (pool1,
+flatten) in output-only quantize wrappers; the paper quantizes weights only.
 
 Variables. TFF's federated averaging aggregates `model.trainable_variables`, and per-tensor bit
 widths are listed in that order, so a QAT model must expose exactly the trainable variables of the
@@ -121,7 +121,7 @@ def straight_through_fake_quantize(
   """Clipped, quantized `weights` in the forward pass; identity in the backward pass.
 
   Not converted by AutoGraph (Keras converts layer calls): the quantization code has no
-  tensor-dependent Python control flow, and converting it made every model trace take seconds.
+  tensor-dependent Python control flow, and converting it slows every model construction.
   """
   constant_weights = tf.stop_gradient(weights)
   threshold = quantization.clipping_threshold(constant_weights, bits, clipping, rounding)
@@ -304,7 +304,7 @@ def _constant_learning_phase() -> Iterator[None]:
   exact. Keras calls made later with an explicit `training=` are not affected.
   """
   with warnings.catch_warnings():
-    warnings.filterwarnings('ignore', message='`tf.keras.backend.learning_phase_scope` is deprecated')
+    warnings.filterwarnings('ignore', message='.*learning_phase_scope` is deprecated')
     with tf.keras.backend.learning_phase_scope(0):
       yield
 
@@ -319,7 +319,8 @@ def apply_qat(keras_model: tf.keras.Model, config: QatConfig) -> tf.keras.Model:
   """
   if not isinstance(config, QatConfig):
     raise TypeError(f'`config` must be a QatConfig. Found {type(config).__name__}.')
-  if any(isinstance(layer, tfmot.quantization.keras.QuantizeWrapper) for layer in keras_model.layers):
+  wrapper_type = tfmot.quantization.keras.QuantizeWrapper
+  if any(isinstance(layer, wrapper_type) for layer in keras_model.layers):
     raise ValueError(f'Model {keras_model.name!r} is already wrapped for quantization.')
   configs = _quantize_configs(keras_model, config)
   if not configs:  # Every tensor stays float; quantize_apply refuses a model with nothing to do.
