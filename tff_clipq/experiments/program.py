@@ -1,0 +1,421 @@
+"""The federated training program: runs, checkpoints and reports one experiment or a sweep.
+
+`run_study(config)` runs every run of `config` (one, or one per `--sweep` entry) under one TFF
+execution context (local, `--workers`, or `--num_local_workers`) and writes, per run directory:
+
+* `config.json`: the run's settings (checked again by `--resume`);
+* `metrics.csv` and `tensorboard/`: one row / step per round, released through
+  `tff.program.CSVFileReleaseManager` and `tff.program.TensorBoardReleaseManager`;
+* `checkpoints/`: after every round, a `tff.program.FileProgramStateManager` version holding the
+  learning-process state, the round number and the metrics history;
+* `summary.json`: final and best accuracy, upload cost, wall time, settings and data statistics;
+
+and, at the top of `output_dir`, `study.json`, the comparison table (`comparison.md`,
+`comparison.csv`) and the plots.
+
+Reproducibility and resume. Everything random follows from `--seed` and the round number: the
+clients of round r are drawn by `np.random.default_rng([seed, r])`, each client's shuffle is seeded
+from (seed, r, position), the model initialization from the seed, and the clipq aggregator's
+stochastic rounding from its state and the client's data. Local training on CPU is deterministic
+(measured: bit-identical states across runs and fresh TFF workers, without
+`enable_op_determinism`), so a run resumed from its checkpoint after round k ends with the same
+metrics as an uninterrupted one. Metrics are released before the checkpoint is saved, and a
+release for round r first drops rows >= r from the CSV, so a round re-run after a crash replaces
+its row instead of duplicating it. Checkpoints, the CSV and the JSON/markdown/PNG outputs are each
+written to a temporary name and renamed. TensorBoard event files are append-only: a round re-run
+after a crash appears twice there, with identical values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+import tqdm
+
+from tff_clipq import data as data_lib
+from tff_clipq import runtime
+from tff_clipq.experiments import config as config_lib
+from tff_clipq.experiments import outputs
+from tff_clipq.learning import process as process_lib
+
+STUDY_JSON = 'study.json'
+CONFIG_JSON = 'config.json'
+METRICS_CSV = 'metrics.csv'
+TENSORBOARD_DIR = 'tensorboard'
+CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_PREFIX = 'program_state_'
+EVAL_BATCH_SIZE = 256
+# Leftovers of an interrupted atomic write by TFF's file managers ('<name>_temp1234').
+_TFF_TEMPORARY = re.compile(r'.*_temp\d+$')
+
+ConfigError = config_lib.ConfigError
+
+
+class _TensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
+  """TFF's TensorBoard release manager, flushing after every release.
+
+  TFF's writer flushes only every two minutes or when collected, so an interrupted run would lose
+  its last rounds and a reader would see nothing until the program exits.
+  """
+
+  async def release(self, value: Any, key: int) -> None:
+    await super().release(value, key)
+    self._summary_writer.flush()  # pylint: disable=protected-access  # Set by the base class.
+
+
+def sample_clients(
+    client_ids: Sequence[str], clients_per_round: int, seed: int, round_num: int
+) -> list[str]:
+  """The clients of round `round_num`: drawn without replacement, reproducibly from (seed, round)."""
+  rng = np.random.default_rng([seed, round_num])
+  return [client_ids[i] for i in rng.choice(len(client_ids), clients_per_round, replace=False)]
+
+
+def client_shuffle_seed(seed: int, round_num: int, position: int) -> int:
+  """Seed of the local shuffle of the `position`-th client sampled in round `round_num`."""
+  return int(np.random.SeedSequence([seed, round_num, position]).generate_state(1)[0])
+
+
+def build_data(config: config_lib.ExperimentConfig) -> data_lib.FederatedData:
+  """The run's federated data; raises ConfigError if too few clients hold examples."""
+  data = data_lib.build_federated_data(
+      config.dataset,
+      partition=config.partition,
+      num_clients=config.num_clients,
+      seed=config.seed,
+      data_dir=config.data_dir,
+      dirichlet_alpha=config.dirichlet_alpha,
+      shards_per_client=config.shards_per_client,
+      size_sigma=config.size_sigma,
+  )
+  if len(data.train.client_ids) < config.clients_per_round:
+    raise ConfigError(
+        f'--clients_per_round={config.clients_per_round} exceeds the {len(data.train.client_ids)} '
+        f'clients that received examples ({data.partition_description}). Lower it, or raise '
+        '--dirichlet_alpha / --num_clients.'
+    )
+  return data
+
+
+def run_experiment(config: config_lib.ExperimentConfig) -> dict[str, Any]:
+  """Runs one experiment (no `--sweep`) and returns its summary (see `run_study`)."""
+  if config.sweep:
+    raise ValueError('run_experiment runs one experiment; use run_study for a --sweep.')
+  (summary,) = run_study(config)
+  return summary
+
+
+def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
+  """Runs each run of `config` (see the module docstring) and returns their summaries.
+
+  Every run's output directory is checked (and `--overwrite` applied) before any training starts.
+
+  Raises:
+    ConfigError: `output_dir` already holds runs and neither `--resume` nor `--overwrite` was
+      given, or `--resume` found a run made with different settings.
+    data_lib.DataSourceError: The dataset cannot be loaded.
+    runtime.WorkerUnavailableError: A TFF worker died or could not be reached; the completed
+      rounds are checkpointed, and `--resume` continues from there.
+  """
+  runs = config.sweep_runs()
+  _prepare_output_dir(config, runs)
+  data_by_settings: dict[tuple[Any, ...], data_lib.FederatedData] = {}
+  summaries = []
+  with runtime.execution_context(
+      workers=config.workers or None, num_local_workers=config.num_local_workers
+  ):
+    for name, run_config in runs:
+      if run_config.data_settings not in data_by_settings:
+        data_by_settings[run_config.data_settings] = build_data(run_config)
+      summaries.append(_run(name, run_config, data_by_settings[run_config.data_settings]))
+  outputs.write_comparison(config.output_dir, summaries)
+  outputs.write_plots(config.output_dir, summaries)
+  return summaries
+
+
+def _config_dict(config: config_lib.ExperimentConfig) -> dict[str, Any]:
+  return json.loads(json.dumps(dataclasses.asdict(config)))  # Tuples as lists, as read back.
+
+
+def _checkpoint_versions(run_dir: str) -> list[int]:
+  manager = tff.program.FileProgramStateManager(os.path.join(run_dir, CHECKPOINT_DIR),
+                                                prefix=CHECKPOINT_PREFIX)
+  return asyncio.run(manager.get_versions()) or []
+
+
+def _prepare_output_dir(
+    config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
+) -> None:
+  """Checks `output_dir` against --resume/--overwrite and writes the settings files."""
+  root = config.output_dir
+  if os.path.isdir(root) and os.listdir(root):
+    if not os.path.exists(os.path.join(root, STUDY_JSON)):
+      raise ConfigError(
+          f'--output_dir={root} is not empty and has no {STUDY_JSON}, so it was not written by '
+          'this program; choose another --output_dir.'
+      )
+    if config.overwrite:
+      shutil.rmtree(root)
+    elif not config.resume:
+      raise ConfigError(
+          f'--output_dir={root} already holds runs. Pass --resume to continue them from their '
+          'checkpoints, --overwrite to delete them, or choose another --output_dir.'
+      )
+  for name, run_config in runs:
+    _check_resumable(name, run_config)
+  outputs.write_json(os.path.join(root, STUDY_JSON), _config_dict(config))
+  for _, run_config in runs:
+    path = os.path.join(run_config.output_dir, CONFIG_JSON)
+    outputs.write_json(path, _config_dict(run_config))
+
+
+def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None:
+  """Raises ConfigError unless a run already in `run_config.output_dir` can continue as configured."""
+  run_dir = run_config.output_dir
+  config_path = os.path.join(run_dir, CONFIG_JSON)
+  if not os.path.exists(config_path):
+    return
+  stored, current = outputs.read_json(config_path), _config_dict(run_config)
+  changed = [
+      f'--{key}={stored.get(key)!r} (now {value!r})'
+      for key, value in current.items()
+      if key not in config_lib.RESUMABLE_CHANGES and stored.get(key) != value
+  ]
+  run_label = f'run {name!r}'
+  if changed:
+    raise ConfigError(
+        f'--resume: {run_label} in {run_dir} was started with other settings: '
+        f'{", ".join(changed)}. Resume with the original flags, or use another --output_dir.'
+    )
+  versions = _checkpoint_versions(run_dir)
+  if versions and versions[-1] > run_config.rounds:
+    raise ConfigError(
+        f'--rounds={run_config.rounds} is below the {versions[-1]} rounds {run_label} in '
+        f'{run_dir} already completed.'
+    )
+
+
+def _remove_interrupted_writes(run_dir: str) -> None:
+  """Deletes temporaries that a crash during an atomic write by TFF's managers left behind."""
+  for directory in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
+    if os.path.isdir(directory):
+      for entry in os.listdir(directory):
+        if _TFF_TEMPORARY.match(entry):
+          path = os.path.join(directory, entry)
+          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+class _Checkpoints:
+  """Saves and restores (round, learning-process state, metrics history) after each round.
+
+  The state is stored as its flattened list of arrays and rebuilt with the structure of a fresh
+  `initialize()`, since the SavedModel format of `tff.program.FileProgramStateManager` keeps the
+  values but not TFF's structure classes; the history is one JSON string.
+  """
+
+  def __init__(self, run_dir: str, initial_state: Any):
+    self._manager = tff.program.FileProgramStateManager(
+        os.path.join(run_dir, CHECKPOINT_DIR), prefix=CHECKPOINT_PREFIX, keep_total=2,
+        keep_first=False,
+    )
+    self._initial_state = initial_state
+
+  def _program_state(self, round_num: int, state: Any, history: list[dict[str, Any]]):
+    return collections.OrderedDict(
+        round=np.int64(round_num),
+        state=[np.asarray(leaf) for leaf in tf.nest.flatten(state)],
+        history=json.dumps(history),
+    )
+
+  def save(self, round_num: int, state: Any, history: list[dict[str, Any]]) -> None:
+    asyncio.run(self._manager.save(self._program_state(round_num, state, history), round_num))
+
+  def load_latest(self) -> tuple[int, Any, list[dict[str, Any]]]:
+    """(round, state, history) of the latest checkpoint, or (0, initial state, []) if none."""
+    structure = self._program_state(0, self._initial_state, [])
+    saved, round_num = asyncio.run(self._manager.load_latest(structure))
+    if saved is None:
+      return 0, self._initial_state, []
+    leaves = [
+        np.asarray(value, dtype=np.asarray(template).dtype)
+        for value, template in zip(saved['state'], structure['state'])
+    ]
+    history = saved['history']
+    history = json.loads(history.decode() if isinstance(history, bytes) else history)
+    return round_num, tf.nest.pack_sequence_as(self._initial_state, leaves), history
+
+
+def _round_metrics(
+    output: tff.learning.templates.LearningProcessOutput,
+    method: str,
+    client_upload_bits: int,
+    num_coordinates: int,
+    clients_per_round: int,
+) -> dict[str, Any]:
+  """Training and upload metrics of one round, from the process output."""
+  train = output.metrics['client_work']['train']
+  metrics = dict(
+      train_accuracy=float(train['sparse_categorical_accuracy']),
+      train_loss=float(train['loss']),
+  )
+  if method == 'clipq':
+    quantized = output.metrics['aggregator']['quantized']
+    metrics.update(
+        round_upload_bits=int(quantized['round_upload_bits']),
+        bits_per_coordinate=float(quantized['bits_per_coordinate']),
+        compression_ratio=float(quantized['compression_ratio']),
+        quantization_mse=float(quantized['quantization_mse']),
+        normalized_mse=float(quantized['normalized_mse']),
+        clipped_fraction=float(quantized['clipped_fraction']),
+        accepted_clients=int(quantized['accepted_clients']),
+        rejected_clients=int(quantized['rejected_nonfinite_clients'])
+        + int(quantized['rejected_malformed_clients']),
+    )
+  else:
+    metrics.update(
+        round_upload_bits=client_upload_bits * clients_per_round,
+        bits_per_coordinate=client_upload_bits / num_coordinates,
+        compression_ratio=32.0 * num_coordinates / client_upload_bits,
+    )
+  return metrics
+
+
+def _data_statistics(data: data_lib.FederatedData) -> dict[str, Any]:
+  sizes = np.array(list(data.client_sizes.values()))
+  test_examples = int(data.test.cardinality())
+  return dict(
+      source=data.source,
+      partition=data.partition_description,
+      num_clients=len(data.train.client_ids),
+      empty_clients=list(data.empty_clients),
+      num_test_examples=test_examples if test_examples >= 0 else None,
+      samples_per_client=dict(min=int(sizes.min()), max=int(sizes.max()),
+                              mean=float(sizes.mean()), std=float(sizes.std())),
+      client_sizes={client: int(size) for client, size in data.client_sizes.items()},
+      label_histograms={
+          client: row.tolist() for client, row in zip(data.train.client_ids, data.label_histograms)
+      },
+  )
+
+
+def _summary(
+    name: str,
+    run_config: config_lib.ExperimentConfig,
+    process_config: process_lib.ProcessConfig,
+    data: data_lib.FederatedData,
+    history: list[dict[str, Any]],
+    client_upload_bits: int,
+    num_parameters: int,
+) -> dict[str, Any]:
+  evaluated = [row for row in history if row.get('test_accuracy') is not None]
+  best = max(evaluated, key=lambda row: row['test_accuracy'], default=None)
+  last = history[-1] if history else {}
+  return dict(
+      run=name,
+      method=process_config.aggregator.label,
+      rounds_completed=len(history),
+      final_test_accuracy=evaluated[-1]['test_accuracy'] if evaluated else None,
+      final_test_loss=evaluated[-1]['test_loss'] if evaluated else None,
+      best_test_accuracy=best['test_accuracy'] if best else None,
+      best_round=best['round'] if best else None,
+      final_train_accuracy=last.get('train_accuracy'),
+      total_upload_bits=last.get('cumulative_upload_bits', 0),
+      client_upload_bits=client_upload_bits,
+      bits_per_coordinate=last.get('bits_per_coordinate'),
+      compression_ratio=last.get('compression_ratio'),
+      wall_seconds=sum(row['round_seconds'] for row in history),
+      num_parameters=num_parameters,
+      config=_config_dict(run_config),
+      data=_data_statistics(data),
+      versions=dict(tensorflow=tf.__version__, tensorflow_federated=tff.__version__),
+      history=history,
+  )
+
+
+def _run(
+    name: str, run_config: config_lib.ExperimentConfig, data: data_lib.FederatedData
+) -> dict[str, Any]:
+  """Trains one run from its latest checkpoint (if any) to `rounds`; returns its summary."""
+  run_dir = run_config.output_dir
+  _remove_interrupted_writes(run_dir)
+  process_config = run_config.process_config(data.input_shape, data.num_classes)
+  process = process_lib.build_learning_process(process_config)
+  checkpoints = _Checkpoints(run_dir, process.initialize())
+  start_round, state, history = checkpoints.load_latest()
+
+  release_manager = tff.program.GroupingReleaseManager([
+      tff.program.CSVFileReleaseManager(
+          os.path.join(run_dir, METRICS_CSV), save_mode=tff.program.CSVSaveMode.WRITE,
+          key_fieldname='round',
+      ),
+      _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR)),
+  ])
+  evaluation_model = process_lib.build_evaluation_model(process_config)
+  num_parameters = int(sum(np.prod(v.shape) for v in evaluation_model.trainable_variables))
+  test_data = data.test.take(run_config.max_eval_examples) if run_config.max_eval_examples else data.test
+  test_batches = data_lib.preprocess_for_evaluation(test_data, EVAL_BATCH_SIZE)
+  client_upload_bits = process_lib.upload_bits_per_client(process_config)
+  cumulative_bits = history[-1]['cumulative_upload_bits'] if history else 0
+
+  progress = tqdm.tqdm(
+      total=run_config.rounds, initial=start_round, desc=name,
+      unit='round', file=sys.stderr, dynamic_ncols=True,
+  )
+  with progress:
+    for round_num in range(start_round + 1, run_config.rounds + 1):
+      started = time.monotonic()
+      client_ids = sample_clients(
+          data.train.client_ids, run_config.clients_per_round, run_config.seed, round_num
+      )
+      client_datasets = [
+          data_lib.preprocess_for_training(
+              data.train.create_tf_dataset_for_client(client_id),
+              run_config.batch_size,
+              run_config.local_epochs,
+              client_shuffle_seed(run_config.seed, round_num, position),
+          )
+          for position, client_id in enumerate(client_ids)
+      ]
+      output = process.next(state, client_datasets)
+      state = output.state
+      metrics = _round_metrics(output, run_config.aggregator, client_upload_bits, num_parameters,
+                               run_config.clients_per_round)
+      cumulative_bits += metrics['round_upload_bits']
+      metrics['cumulative_upload_bits'] = cumulative_bits
+      if round_num % run_config.eval_every == 0 or round_num == run_config.rounds:
+        test = process_lib.evaluate(process, state, evaluation_model, test_batches)
+        metrics.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
+      metrics['round_seconds'] = time.monotonic() - started
+      history.append(dict(round=round_num, **metrics))
+      # Release before checkpointing: a crash in between re-runs the round and replaces its row.
+      asyncio.run(release_manager.release(metrics, key=round_num))
+      checkpoints.save(round_num, state, history)
+      progress.set_postfix(_progress_fields(history), refresh=False)
+      progress.update()
+
+  summary = _summary(name, run_config, process_config, data, history, client_upload_bits,
+                     num_parameters)
+  outputs.write_json(os.path.join(run_dir, outputs.SUMMARY_JSON), summary)
+  return summary
+
+
+def _progress_fields(history: list[dict[str, Any]]) -> dict[str, str]:
+  accuracies = [row['test_accuracy'] for row in history if 'test_accuracy' in row]
+  fields = {'bits': f'{history[-1]["cumulative_upload_bits"]:.3g}'}
+  if accuracies:
+    fields['acc'] = f'{accuracies[-1]:.4f}'
+  return fields
+
