@@ -25,6 +25,7 @@ from tff_clipq.experiments import outputs
 from tff_clipq.experiments import program
 
 config_lib.define_flags()
+flags.adopt_module_key_flags(config_lib)  # --help lists them.
 
 FAILURE = 1
 USAGE_ERROR = 2

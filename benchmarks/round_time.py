@@ -222,6 +222,18 @@ class PeakMemory:
     return {name: max(peak - self._starts[name], 0) for name, peak in self._peaks.items()}
 
 
+def _cpu_seconds(pid: Optional[int]) -> float:
+  """User + system CPU seconds of `pid` (its threads included) so far; 0 if unknown."""
+  if pid is None:
+    return 0.0
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime
+  except (OSError, IndexError, ValueError):
+    return 0.0
+
+
 def _worker_pid() -> Optional[int]:
   pids = runtime.live_worker_pids()
   return pids[-1] if pids else None
@@ -434,6 +446,9 @@ class Measurement:
   # allocates, beyond what the process already held).
   rise_main_bytes: int = 0
   rise_worker_bytes: int = 0
+  # CPU seconds (user + system) per timed round of this process plus the worker: less sensitive
+  # than wall time to other jobs on a shared machine.
+  cpu_s: list[float] = dataclasses.field(default_factory=list)
 
   @property
   def median_s(self) -> float:
@@ -481,18 +496,22 @@ def run_benchmark(
       client_ids = round_data.client_ids(clients_per_round, round_index)
       shift = round_index % len(variant_names)
       for name in variant_names[shift:] + variant_names[:shift]:
-        with PeakMemory({'main': os.getpid(), 'worker': _worker_pid()}) as memory:
+        worker_pid = _worker_pid()
+        cpu_start = _cpu_seconds(os.getpid()) + _cpu_seconds(worker_pid)
+        with PeakMemory({'main': os.getpid(), 'worker': worker_pid}) as memory:
           seconds, data_seconds = timed_round(variants[name], round_data, client_ids)
+        cpu = _cpu_seconds(os.getpid()) + _cpu_seconds(worker_pid) - cpu_start
         memory_method = memory.method
         m = by_name[name]
         m.round_s.append(seconds)
+        m.cpu_s.append(cpu)
         m.data_s.append(data_seconds)
         m.peak_main_bytes = max(m.peak_main_bytes, memory.peaks.get('main', 0))
         m.rise_main_bytes = max(m.rise_main_bytes, memory.rises.get('main', 0))
         if variant_spec(name).method is not None:  # The floor runs without the worker.
           m.peak_worker_bytes = max(m.peak_worker_bytes, memory.peaks.get('worker', 0))
           m.rise_worker_bytes = max(m.rise_worker_bytes, memory.rises.get('worker', 0))
-        log(f'K={clients_per_round} round {round_index} {name}: {seconds:.2f} s')
+        log(f'K={clients_per_round} round {round_index} {name}: {seconds:.2f} s, CPU {cpu:.2f} s')
     measurements.extend(by_name.values())
   return build_s, measurements, memory_method
 

@@ -128,8 +128,7 @@ class RunExperimentsScriptTest(tf.test.TestCase):
                                TIMEOUT_S), 'no checkpoint of round 3')
     process.send_signal(signal.SIGKILL)
     process.wait(TIMEOUT_S)
-    completed = program._checkpoint_versions(output_dir)  # pylint: disable=protected-access
-    self.assertBetween(max(completed), 3, rounds - 1, self.output())
+    self.assertBetween(program.completed_rounds(output_dir), 3, rounds - 1, self.output())
 
     result = self.run_script(*flags, f'--output_dir={output_dir}', '--resume')
     self.assertEqual(result.returncode, 0, result.stderr)

@@ -13,6 +13,7 @@ import matplotlib.image
 import numpy as np
 import tensorflow as tf
 
+from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import program
@@ -132,6 +133,13 @@ class ResumeTest(tf.test.TestCase):
     summary = program.run_experiment(tiny_config(output_dir, rounds=1, overwrite=True))
     self.assertEqual(summary['rounds_completed'], 1)
 
+  def test_fewer_rounds_than_completed_fails(self):
+    output_dir = self.create_tempdir().full_path
+    program.run_experiment(tiny_config(output_dir, rounds=2))
+    self.assertEqual(program.completed_rounds(output_dir), 2)
+    with self.assertRaisesRegex(config_lib.ConfigError, '--rounds=1 is below the 2 rounds'):
+      program.run_experiment(tiny_config(output_dir, rounds=1, resume=True))
+
   def test_resume_with_other_settings_fails(self):
     output_dir = self.create_tempdir().full_path
     program.run_experiment(tiny_config(output_dir, rounds=1))
@@ -192,6 +200,15 @@ class LocalWorkersTest(tf.test.TestCase):
         self.assertEqual(local_row[key], remote_row[key])
       for key in ('train_loss', 'test_loss', 'test_accuracy', 'normalized_mse'):
         self.assertAllClose(local_row[key], remote_row[key], rtol=5e-3, atol=1e-3)
+
+  def test_runs_on_workers_given_by_address(self):
+    workers = runtime.start_local_workers(2)
+    for worker in workers:
+      self.addCleanup(worker.stop)
+    summary = program.run_experiment(tiny_config(
+        self.create_tempdir().full_path, rounds=1, workers=[w.address for w in workers]))
+    self.assertEqual(summary['history'][0]['accepted_clients'], 3)
+    self.assertTrue(all(worker.is_running() for worker in workers))  # Not owned by the run.
 
 
 if __name__ == '__main__':

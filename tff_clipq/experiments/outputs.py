@@ -44,7 +44,9 @@ def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
   """Yields a temporary file that replaces `path` when the block ends without an exception."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  fd, temp_path = tempfile.mkstemp(
+      dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp'
+  )
   try:
     with os.fdopen(fd, mode) as file:
       yield file
@@ -112,7 +114,9 @@ def write_comparison(directory: str, summaries: Sequence[dict[str, Any]]) -> Non
     writer = csv.writer(file)
     writer.writerow([key for key, _ in TABLE_COLUMNS])
     for summary in summaries:
-      writer.writerow(['' if summary.get(key) is None else summary[key] for key, _ in TABLE_COLUMNS])
+      writer.writerow(
+          ['' if summary.get(key) is None else summary[key] for key, _ in TABLE_COLUMNS]
+      )
 
 
 def _legend_labels(summaries: Sequence[dict[str, Any]]) -> list[str]:

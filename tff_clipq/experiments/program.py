@@ -79,7 +79,7 @@ class _TensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
 def sample_clients(
     client_ids: Sequence[str], clients_per_round: int, seed: int, round_num: int
 ) -> list[str]:
-  """The clients of round `round_num`: drawn without replacement, reproducibly from (seed, round)."""
+  """The clients of round `round_num`, drawn without replacement from (seed, round) alone."""
   rng = np.random.default_rng([seed, round_num])
   return [client_ids[i] for i in rng.choice(len(client_ids), clients_per_round, replace=False)]
 
@@ -132,14 +132,16 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
   """
   runs = config.sweep_runs()
   _prepare_output_dir(config, runs)
+  # Runs with the same data settings share the data (loaded once, before any training).
   data_by_settings: dict[tuple[Any, ...], data_lib.FederatedData] = {}
+  for _, run_config in runs:
+    if run_config.data_settings not in data_by_settings:
+      data_by_settings[run_config.data_settings] = build_data(run_config)
   summaries = []
   with runtime.execution_context(
       workers=config.workers or None, num_local_workers=config.num_local_workers
   ):
     for name, run_config in runs:
-      if run_config.data_settings not in data_by_settings:
-        data_by_settings[run_config.data_settings] = build_data(run_config)
       summaries.append(_run(name, run_config, data_by_settings[run_config.data_settings]))
   outputs.write_comparison(config.output_dir, summaries)
   outputs.write_plots(config.output_dir, summaries)
@@ -150,10 +152,11 @@ def _config_dict(config: config_lib.ExperimentConfig) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config)))  # Tuples as lists, as read back.
 
 
-def _checkpoint_versions(run_dir: str) -> list[int]:
+def completed_rounds(run_dir: str) -> int:
+  """The round of the latest checkpoint in `run_dir` (0 if none)."""
   manager = tff.program.FileProgramStateManager(os.path.join(run_dir, CHECKPOINT_DIR),
                                                 prefix=CHECKPOINT_PREFIX)
-  return asyncio.run(manager.get_versions()) or []
+  return max(asyncio.run(manager.get_versions()) or [0])
 
 
 def _prepare_output_dir(
@@ -183,7 +186,7 @@ def _prepare_output_dir(
 
 
 def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None:
-  """Raises ConfigError unless a run already in `run_config.output_dir` can continue as configured."""
+  """Raises ConfigError unless the run already in `run_config.output_dir` can continue as set."""
   run_dir = run_config.output_dir
   config_path = os.path.join(run_dir, CONFIG_JSON)
   if not os.path.exists(config_path):
@@ -200,10 +203,10 @@ def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None
         f'--resume: {run_label} in {run_dir} was started with other settings: '
         f'{", ".join(changed)}. Resume with the original flags, or use another --output_dir.'
     )
-  versions = _checkpoint_versions(run_dir)
-  if versions and versions[-1] > run_config.rounds:
+  completed = completed_rounds(run_dir)
+  if completed > run_config.rounds:
     raise ConfigError(
-        f'--rounds={run_config.rounds} is below the {versions[-1]} rounds {run_label} in '
+        f'--rounds={run_config.rounds} is below the {completed} rounds {run_label} in '
         f'{run_dir} already completed.'
     )
 
@@ -365,7 +368,9 @@ def _run(
   ])
   evaluation_model = process_lib.build_evaluation_model(process_config)
   num_parameters = int(sum(np.prod(v.shape) for v in evaluation_model.trainable_variables))
-  test_data = data.test.take(run_config.max_eval_examples) if run_config.max_eval_examples else data.test
+  test_data = data.test
+  if run_config.max_eval_examples:
+    test_data = test_data.take(run_config.max_eval_examples)
   test_batches = data_lib.preprocess_for_evaluation(test_data, EVAL_BATCH_SIZE)
   client_upload_bits = process_lib.upload_bits_per_client(process_config)
   cumulative_bits = history[-1]['cumulative_upload_bits'] if history else 0
