@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_clipq import aggregators
+from tff_clipq.aggregators import clipped_quantization
 from tff_clipq import quantization
 from tff_clipq.quantization import payload
 
@@ -33,6 +34,28 @@ def _numpy_nearest_reconstruction(x: np.ndarray, bits: int) -> np.ndarray:
   step = 2 * threshold / (2**bits - 1)
   codes = np.floor((np.clip(x, -threshold, threshold) + threshold) / step + 0.5)
   return codes * step - threshold
+
+
+def _encode_and_aggregate(factory):
+  """The factory's client encoding, and its server aggregation over hand-fed payloads."""
+  codec = clipped_quantization.build_codec(
+      factory.settings, tff.aggregators.SumFactory(), VALUE_TYPE, WEIGHT_TYPE
+  )
+
+  def aggregate(payloads):
+    accumulator = codec.zero_fn()
+    for payload_value in payloads:
+      accumulator = codec.accumulate_fn(
+          accumulator,
+          collections.OrderedDict(
+              wire=payload_value['wire'],
+              diagnostics=payload_value['diagnostics'],
+              float_weight=payload_value['float_weight'],
+          ),
+      )
+    return accumulator
+
+  return codec.encode_fn, aggregate
 
 
 class ClippedQuantizationMeanTest(tf.test.TestCase):
@@ -165,16 +188,43 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
       self.assertAllClose(output.result[0], alone.result[0])
       self.assertAllClose(output.result[1], alone.result[1])
 
-  def test_zero_error_client_gets_a_large_finite_weight(self):
-    values = _client_values(2)
-    values[1][0] = np.zeros([12, 10], np.float32)  # Quantized exactly: e_i = 0.
+  def test_zero_error_client_gets_the_weight_of_the_most_accurate_client(self):
+    values = _client_values(3)
+    values[2][0] = np.zeros([12, 10], np.float32)  # Quantized exactly: e_i = 0.
     factory = aggregators.unweighted_clipped_quantization_mean(
         bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
     )
     output = self._run(factory, values)
-    self.assertTrue(np.all(np.isfinite(output.result[0])))
-    # The exact client dominates: the mean is (numerically) its value, zero.
-    self.assertAllClose(output.result[0], np.zeros([12, 10]), atol=1e-6)
+    reconstructions = [_numpy_nearest_reconstruction(v[0], 4) for v in values[:2]]
+    weights = np.array([1.0 / np.mean((r - v[0]) ** 2) for r, v in zip(reconstructions, values)])
+    exact_weight = weights.max()
+    expected = np.tensordot(weights, np.stack(reconstructions), 1) / (weights.sum() + exact_weight)
+    self.assertAllClose(output.result[0], expected, rtol=1e-4, atol=1e-4)
+    # Alone in its round, an exact client gets weight 1: its value comes back unchanged.
+    alone = self._run(factory, values[2:])
+    self.assertAllEqual(alone.result[0], np.zeros([12, 10]))
+
+  def test_malformed_payload_never_reaches_the_mean(self):
+    """A NaN error, a huge threshold or a NaN weight rejects the payload at decode, not the mean."""
+    values = _client_values(3)
+    factory = aggregators.clipped_quantization_mean(
+        bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+    )
+    encode_fn, aggregate = _encode_and_aggregate(factory)
+    clean = [encode_fn(v, 0, 1.0) for v in values]
+    for corrupt in (
+        lambda p: p['wire'].__setitem__('errors', np.full_like(p['wire']['errors'], np.nan)),
+        lambda p: p['wire']['quantized'][0].__setitem__('threshold', np.float32(3e38)),
+        lambda p: p['wire']['quantized'][0].__setitem__('threshold', np.float32(-1.0)),
+    ):
+      payloads = [encode_fn(v, 0, 1.0) for v in values]
+      corrupt(payloads[2])
+      result = aggregate(payloads)
+      self.assertEqual(result['rejected_malformed'], 1)
+      self.assertEqual(result['accepted'], 2)
+      expected = aggregate(clean[:2])
+      self.assertAllClose(result['weighted_sum'][0], expected['weighted_sum'][0])
+      self.assertTrue(np.all(np.isfinite(result['weight_sum'])))
 
   def test_malformed_payload_is_detected(self):
     plan = payload.make_plan([(5,)], bits=3)

@@ -2,18 +2,22 @@
 
 Each client clips every large tensor of its value at a threshold (MSE-optimal by default),
 quantizes it to B bits with nearest or stochastic rounding and packs the codes into int32 words.
-What crosses from clients to server is exactly that payload: per quantized tensor the packed
-codes and the float32 threshold, plus what the weighting needs (the per-tensor quantization
-errors e_i for inverse-error weighting, the example count for FedAvg weighting, nothing for
-uniform weighting) and one bool saying whether the client's value was finite. Bits on the wire
-are read from the TFF type of that payload, not estimated.
+The upload payload is: per quantized tensor the packed codes and the float32 threshold, plus
+what the weighting needs (the per-tensor quantization errors e_i for inverse-error weighting, the
+example count for FedAvg weighting, nothing for uniform weighting), one bool saying whether the
+client takes part, and the small float32 tensors. Bits on the wire (`client_upload_bits`) are read
+from the TFF type of that payload, not estimated. For its measurements this simulation also
+gathers per-tensor diagnostics from each client (normalized MSE, clipped fraction, and e_i when
+the weighting does not send it); they are counted separately (`diagnostic_bits_per_client`), and
+a deployment would not send them.
 
 The server decodes each payload inside `tff.federated_aggregate`'s accumulate step, so per-client
 float values never cross the wire, and forms per tensor the weighted mean
 sum_i w_i x_i / sum_i w_i with
 
-  * 'inverse_error': w_i = 1 / max(e_i, min_error) (Bozorgasl & Chen 2024): clients never reveal
-    their example counts;
+  * 'inverse_error': w_i = 1 / e_i (Bozorgasl & Chen 2024): clients never reveal their example
+    counts. A tensor quantized exactly (e_i = 0, e.g. all zeros) gets the weight of the round's
+    most accurate other client for that tensor (or 1 if there is none): finite, never dominant;
   * 'example_count': w_i = the client's weight (FedAvg);
   * 'uniform': w_i = 1.
 
@@ -23,12 +27,15 @@ by the weight at the client and summed by `inner_agg_factory` (default `tff.aggr
 the way `tff.aggregators.MeanFactory` composes with its inner sum factories.
 
 A client whose value holds NaN or Inf, or (weighted factory) whose weight is not positive, is
-rejected at the client: its payload is zeroed and flagged. Weight 0 is how TFF's FedAvg client
+rejected at the client: it sends zeros and a cleared flag. Weight 0 is how TFF's FedAvg client
 work marks a client whose update was non-finite, so such clients never enter an average that
-ignores weights (with inverse-error weighting a zeroed update would even get a huge weight). A
-payload that fails the server's checks (non-finite or negative threshold, error or
-weight, non-zero padding bits) is rejected at decode. Both are counted in the measurements. A round
-in which every client is rejected yields zeros, like `MeanFactory(no_nan_division=True)`.
+ignores weights. A payload that fails the server's checks (a non-finite or negative threshold,
+error or weight, a set padding bit, a non-finite decoded value) is rejected at decode; invalid
+parts are removed with `tf.where`, so even a NaN in a rejected payload cannot reach the mean.
+Both kinds are counted in the measurements. The small float32 tensors go to `inner_agg_factory`
+before the server sees the payload, so they cannot be checked at decode; a client that is
+rejected at the client sends them as zeros. A round in which every client is rejected yields
+zeros, like `MeanFactory(no_nan_division=True)`.
 """
 
 from __future__ import annotations
@@ -57,7 +64,6 @@ class QuantizationSettings:
   weighting: str
   min_size_to_quantize: int
   per_channel: bool
-  min_error: float
   seed: int
 
   def plan_for(self, value_type: tff.types.Type) -> payload_lib.EncodingPlan:
@@ -98,14 +104,12 @@ def _bits_of_type(type_spec: tff.types.Type) -> int:
 
 def _validate_settings(
     bits, clipping, rounding, weighting, allowed_weightings, min_size_to_quantize, per_channel,
-    min_error, seed,
+    seed,
 ) -> QuantizationSettings:
   if weighting not in allowed_weightings:
     raise ValueError(f'`weighting` must be one of {allowed_weightings}. Found {weighting!r}.')
   if not isinstance(per_channel, bool):
     raise TypeError(f'`per_channel` must be a bool. Found {per_channel!r}.')
-  if not (isinstance(min_error, (int, float)) and min_error > 0):
-    raise ValueError(f'`min_error` must be a positive number. Found {min_error!r}.')
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f'`seed` must be an int. Found {seed!r}.')
   return QuantizationSettings(
@@ -115,18 +119,35 @@ def _validate_settings(
       weighting=weighting,
       min_size_to_quantize=min_size_to_quantize,
       per_channel=per_channel,
-      min_error=float(min_error),
       seed=seed,
   )
 
 
-def _build_process(
+@dataclasses.dataclass(frozen=True)
+class Codec:
+  """The TF computations of one aggregation process, exposed so tests can feed them payloads.
+
+  `encode_fn` runs at each client; `zero_fn`, `accumulate_fn`, `merge_fn` and `report_fn` form
+  the `tff.federated_aggregate` that decodes and sums at the server; `finalize_fn` turns the
+  accumulator (and the inner factory's float sums) into the mean and the measurements.
+  """
+
+  encode_fn: tff.Computation
+  zero_fn: tff.Computation
+  accumulate_fn: tff.Computation
+  merge_fn: tff.Computation
+  report_fn: tff.Computation
+  finalize_fn: tff.Computation
+  inner_process: Optional[tff.templates.AggregationProcess]
+
+
+def build_codec(
     settings: QuantizationSettings,
     inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
     value_type: tff.types.Type,
     weight_type: Optional[tff.types.Type],
-) -> tff.templates.AggregationProcess:
-  """Builds the aggregation process; `weight_type` is None for the unweighted variant."""
+) -> Codec:
+  """Builds the computations of the process; `weight_type` is None for the unweighted variant."""
   _check_value_type(value_type)
   plan = settings.plan_for(value_type)
   value_specs = tff.types.type_to_tf_tensor_specs(value_type)
@@ -140,14 +161,18 @@ def _build_process(
     client_inputs.append(weight_type)
 
   def encode(value, round_seed, client_weight):
-    tensors = tf.nest.flatten(value)
-    seed = payload_lib.client_seed(round_seed, tensors)
-    quantized, floats, statistics, accepted = payload_lib.encode_tensors(plan, tensors, seed)
+    tensors = [tf.cast(t, tf.float32) for t in tf.nest.flatten(value)]
+    takes_part = tf.constant(True)
     if client_weight is not None:
-      # Weight 0 is how TFF's FedAvg client work marks a client whose update was non-finite
-      # (it zeroes the update): such a client must not enter an average that ignores weights.
+      # Weight 0 is how TFF's FedAvg client work marks a client whose update was non-finite (it
+      # zeroes the update). Such a client, like one with a negative or non-finite weight, sends
+      # only a cleared accepted flag and zeros.
       weight = tf.cast(client_weight, tf.float32)
-      accepted = tf.logical_and(accepted, tf.logical_and(tf.math.is_finite(weight), weight > 0.0))
+      takes_part = tf.logical_and(tf.math.is_finite(weight), weight > 0.0)
+      tensors = [tf.where(takes_part, t, tf.zeros_like(t)) for t in tensors]
+    seed = payload_lib.client_seed(round_seed, tensors)
+    quantized, floats, statistics, finite = payload_lib.encode_tensors(plan, tensors, seed)
+    accepted = tf.logical_and(finite, takes_part)
     wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
     float_weight = tf.cast(accepted, tf.float32)
     if weighting == 'inverse_error':
@@ -155,17 +180,17 @@ def _build_process(
     elif weighting == 'example_count':
       wire['weight'] = tf.where(accepted, weight, 0.0)
       float_weight = wire['weight']
-    telemetry = collections.OrderedDict(
-        quantization_mse=statistics['quantization_mse'],
+    diagnostics = collections.OrderedDict(
         normalized_mse=statistics['normalized_mse'],
         clipped_fraction=statistics['clipped_fraction'],
     )
-    weighted_floats = [f * float_weight for f in floats]
+    if weighting != 'inverse_error':  # Otherwise e_i is on the wire already.
+      diagnostics['quantization_mse'] = statistics['quantization_mse']
     return collections.OrderedDict(
         wire=wire,
-        telemetry=telemetry,
+        diagnostics=diagnostics,
         float_weight=float_weight,
-        weighted_floats=weighted_floats,
+        weighted_floats=[f * float_weight for f in floats],
     )
 
   if weight_type is None:
@@ -179,30 +204,40 @@ def _build_process(
   client_upload_bits = _bits_of_type(wire_type) + sum(
       32 * plan.tensors[i].num_elements for i in plan.float_indices
   )
-  telemetry_bits = _bits_of_type(encoded_type['telemetry'])
+  diagnostic_bits = _bits_of_type(encoded_type['diagnostics'])
 
-  def client_weights(wire, telemetry_valid):
-    """Per-quantized-tensor weight of one client's payload, zero unless valid."""
+  def quantization_errors(client):
     if weighting == 'inverse_error':
-      weights = 1.0 / tf.maximum(wire['errors'], settings.min_error)
-    elif weighting == 'example_count':
-      weights = tf.fill([num_quantized], wire['weight'])
-    else:
-      weights = tf.ones([num_quantized])
-    return weights * tf.cast(telemetry_valid, tf.float32)
+      return client['wire']['errors']
+    return client['diagnostics']['quantization_mse']
 
-  def well_formed(wire):
+  def client_weights(wire, errors):
+    """(weights, exact) per quantized tensor; `exact` marks zero-error tensors (weighted later)."""
+    if weighting == 'inverse_error':
+      exact = tf.equal(errors, 0.0)
+      return tf.where(exact, 0.0, 1.0 / tf.where(exact, 1.0, errors)), exact
+    exact = tf.zeros([num_quantized], tf.bool)
+    if weighting == 'example_count':
+      return tf.fill([num_quantized], wire['weight']), exact
+    return tf.ones([num_quantized]), exact
+
+  def well_formed(wire, errors, decoded, weights):
     checks = [payload_lib.payload_is_well_formed(plan, wire['quantized'])]
-    if weighting == 'inverse_error':
-      checks.append(tf.reduce_all(tf.math.is_finite(wire['errors'])))
-      checks.append(tf.reduce_all(wire['errors'] >= 0.0))
+    # Finite thresholds can still decode, once weighted, to Inf (e.g. s near the float32 max).
+    checks += [
+        tf.reduce_all(tf.math.is_finite(weights[i] * value)) for i, value in enumerate(decoded)
+    ]
+    checks.append(tf.reduce_all(tf.math.is_finite(errors)))
+    checks.append(tf.reduce_all(errors >= 0.0))
     if weighting == 'example_count':
       checks.append(tf.logical_and(tf.math.is_finite(wire['weight']), wire['weight'] >= 0.0))
     return tf.reduce_all(tf.stack(checks))
 
   aggregate_input_type = tff.to_type(
       collections.OrderedDict(
-          wire=wire_type, telemetry=encoded_type['telemetry'], float_weight=encoded_type['float_weight']
+          wire=wire_type,
+          diagnostics=encoded_type['diagnostics'],
+          float_weight=encoded_type['float_weight'],
       )
   )
 
@@ -212,6 +247,8 @@ def _build_process(
     return collections.OrderedDict(
         weighted_sum=[tf.zeros(t.shape) for t in plan.quantized],
         weight_sum=vector,
+        exact_sum=[tf.zeros(t.shape) for t in plan.quantized],
+        exact_count=vector,
         weight_min=tf.fill([num_quantized], np.float32(np.inf)),
         weight_max=vector,
         float_weight_sum=tf.constant(0.0),
@@ -228,34 +265,54 @@ def _build_process(
 
   @tff.tensorflow.computation(accumulator_type, aggregate_input_type)
   def accumulate_fn(accumulator, client):
-    wire, telemetry = client['wire'], client['telemetry']
-    accepted = wire['accepted']
-    valid = tf.logical_and(accepted, well_formed(wire))
-    malformed = tf.logical_and(accepted, tf.logical_not(valid))
-    weights = client_weights(wire, valid)
+    # Invalid parts are removed with tf.where, never by multiplying with 0 (NaN * 0 is NaN).
+    wire, diagnostics = client['wire'], client['diagnostics']
     decoded = payload_lib.decode_quantized(plan, wire['quantized'])
-    valid_float = tf.cast(valid, tf.float32)
-    count_weight = weights if num_quantized else tf.zeros([0])
+    errors = quantization_errors(client)
+    accepted = wire['accepted']
+    weights, exact = client_weights(wire, errors)
+    valid = tf.logical_and(accepted, well_formed(wire, errors, decoded, weights))
+    malformed = tf.logical_and(accepted, tf.logical_not(valid))
+    weights = tf.where(valid, weights, 0.0)
+    exact = tf.logical_and(valid, exact)
+    decoded = [tf.where(valid, value, tf.zeros_like(value)) for value in decoded]
     thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
-    new_min = tf.where(valid, tf.minimum(accumulator['weight_min'], count_weight), accumulator['weight_min'])
-    new_max = tf.where(valid, tf.maximum(accumulator['weight_max'], count_weight), accumulator['weight_max'])
+
+    def add_if_valid(key, values):
+      return accumulator[key] + tf.where(valid, values, tf.zeros_like(values))
+
+    float_weight = client['float_weight']
+    float_weight = tf.where(
+        tf.logical_and(tf.math.is_finite(float_weight), float_weight >= 0.0), float_weight, 0.0
+    )
     return collections.OrderedDict(
         weighted_sum=[
-            total + weights[i] * tf.where(valid, value, tf.zeros_like(value))
+            total + weights[i] * value
             for i, (total, value) in enumerate(zip(accumulator['weighted_sum'], decoded))
         ],
         weight_sum=accumulator['weight_sum'] + weights,
-        weight_min=new_min,
-        weight_max=new_max,
-        float_weight_sum=accumulator['float_weight_sum'] + client['float_weight'],
+        exact_sum=[
+            total + tf.where(exact[i], value, tf.zeros_like(value))
+            for i, (total, value) in enumerate(zip(accumulator['exact_sum'], decoded))
+        ],
+        exact_count=accumulator['exact_count'] + tf.cast(exact, tf.float32),
+        weight_min=tf.where(
+            tf.logical_and(valid, tf.logical_not(exact)),
+            tf.minimum(accumulator['weight_min'], weights),
+            accumulator['weight_min'],
+        ),
+        weight_max=tf.maximum(accumulator['weight_max'], weights),
+        float_weight_sum=accumulator['float_weight_sum'] + float_weight,
         accepted=accumulator['accepted'] + tf.cast(valid, tf.int32),
-        rejected_nonfinite=accumulator['rejected_nonfinite'] + tf.cast(tf.logical_not(accepted), tf.int32),
+        rejected_nonfinite=accumulator['rejected_nonfinite']
+        + tf.cast(tf.logical_not(accepted), tf.int32),
         rejected_malformed=accumulator['rejected_malformed'] + tf.cast(malformed, tf.int32),
-        quantization_mse=accumulator['quantization_mse'] + valid_float * telemetry['quantization_mse'],
-        normalized_mse=accumulator['normalized_mse'] + valid_float * telemetry['normalized_mse'],
-        clipped_fraction=accumulator['clipped_fraction'] + valid_float * telemetry['clipped_fraction'],
-        clipping_threshold=accumulator['clipping_threshold']
-        + valid_float * (tf.stack(thresholds) if thresholds else tf.zeros([0])),
+        quantization_mse=add_if_valid('quantization_mse', errors),
+        normalized_mse=add_if_valid('normalized_mse', diagnostics['normalized_mse']),
+        clipped_fraction=add_if_valid('clipped_fraction', diagnostics['clipped_fraction']),
+        clipping_threshold=add_if_valid(
+            'clipping_threshold', tf.stack(thresholds) if thresholds else tf.zeros([0])
+        ),
     )
 
   @tff.tensorflow.computation(accumulator_type, accumulator_type)
@@ -277,8 +334,14 @@ def _build_process(
 
   @tff.tensorflow.computation(accumulator_type, float_sum_type or tff.to_type(()))
   def finalize_fn(accumulator, float_sums):
+    # A zero-error client (its tensor was exactly representable, e.g. all zeros) counts with the
+    # weight of the round's most accurate other client: finite, and never dominating.
+    exact_weight = tf.where(accumulator['weight_max'] > 0.0, accumulator['weight_max'], 1.0)
     means = [
-        tf.math.divide_no_nan(total, accumulator['weight_sum'][i])
+        tf.math.divide_no_nan(
+            total + exact_weight[i] * accumulator['exact_sum'][i],
+            accumulator['weight_sum'][i] + exact_weight[i] * accumulator['exact_count'][i],
+        )
         for i, total in enumerate(accumulator['weighted_sum'])
     ]
     float_means = [
@@ -307,7 +370,7 @@ def _build_process(
         client_upload_bits=tf.constant(client_upload_bits, tf.int64),
         round_upload_bits=tf.cast(participants, tf.int64) * client_upload_bits,
         compression_ratio=tf.constant(32.0 * plan.num_coordinates / client_upload_bits, tf.float32),
-        telemetry_bits_per_client=tf.constant(telemetry_bits, tf.int64),
+        diagnostic_bits_per_client=tf.constant(diagnostic_bits, tf.int64),
         accepted_clients=accumulator['accepted'],
         rejected_nonfinite_clients=accumulator['rejected_nonfinite'],
         rejected_malformed_clients=accumulator['rejected_malformed'],
@@ -325,6 +388,21 @@ def _build_process(
         ),
     )
     return result, measurements
+
+  return Codec(
+      encode_fn, zero_fn, accumulate_fn, merge_fn, report_fn, finalize_fn, inner_process
+  )
+
+
+def _build_process(
+    settings: QuantizationSettings,
+    inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
+    value_type: tff.types.Type,
+    weight_type: Optional[tff.types.Type],
+) -> tff.templates.AggregationProcess:
+  """Builds the aggregation process; `weight_type` is None for the unweighted variant."""
+  codec = build_codec(settings, inner_agg_factory, value_type, weight_type)
+  inner_process = codec.inner_process
 
   @tff.tensorflow.computation
   def initial_seed():
@@ -346,13 +424,17 @@ def _build_process(
   def next_body(state, value, weight):
     round_seed = tff.federated_broadcast(state['round_seed'])
     encode_args = (value, round_seed) if weight is None else (value, round_seed, weight)
-    encoded = tff.federated_map(encode_fn, encode_args)
+    encoded = tff.federated_map(codec.encode_fn, encode_args)
     to_aggregate = tff.federated_zip(
         collections.OrderedDict(
-            wire=encoded['wire'], telemetry=encoded['telemetry'], float_weight=encoded['float_weight']
+            wire=encoded['wire'],
+            diagnostics=encoded['diagnostics'],
+            float_weight=encoded['float_weight'],
         )
     )
-    accumulated = tff.federated_aggregate(to_aggregate, zero_fn(), accumulate_fn, merge_fn, report_fn)
+    accumulated = tff.federated_aggregate(
+        to_aggregate, codec.zero_fn(), codec.accumulate_fn, codec.merge_fn, codec.report_fn
+    )
     new_state = collections.OrderedDict(round_seed=tff.federated_map(next_seed, state['round_seed']))
     if inner_process is not None:
       inner_output = inner_process.next(state['float_tensors'], encoded['weighted_floats'])
@@ -360,7 +442,7 @@ def _build_process(
       float_sums, float_measurements = inner_output.result, inner_output.measurements
     else:
       float_sums = float_measurements = tff.federated_value((), tff.SERVER)
-    result, measurements = tff.federated_map(finalize_fn, (accumulated, float_sums))
+    result, measurements = tff.federated_map(codec.finalize_fn, (accumulated, float_sums))
     measurements = tff.federated_zip(
         collections.OrderedDict(quantized=measurements, float_tensors=float_measurements)
     )
@@ -400,7 +482,6 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
       weighting: str = 'inverse_error',
       min_size_to_quantize: int = 128,
       per_channel: bool = False,
-      min_error: float = 1e-12,
       seed: int = 0,
       inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
   ):
@@ -415,14 +496,12 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
       weighting: 'inverse_error', 'example_count' or 'uniform'.
       min_size_to_quantize: tensors with fewer elements are sent in float32.
       per_channel: one threshold per slice of each tensor's last axis.
-      min_error: floor on e_i in w_i = 1 / e_i, so an exact (zero-error) client gets a large,
-        finite weight.
       seed: first round's seed for stochastic rounding (advanced every round).
       inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
     """
     self._settings = _validate_settings(
         bits, clipping, rounding, weighting, WEIGHTINGS, min_size_to_quantize, per_channel,
-        min_error, seed,
+        seed,
     )
     self._inner_agg_factory = _check_inner(inner_agg_factory)
 
@@ -449,14 +528,13 @@ class UnweightedClippedQuantizationMeanFactory(tff.aggregators.UnweightedAggrega
       weighting: str = 'inverse_error',
       min_size_to_quantize: int = 128,
       per_channel: bool = False,
-      min_error: float = 1e-12,
       seed: int = 0,
       inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
   ):
     """Same arguments as `ClippedQuantizationMeanFactory`, without 'example_count'."""
     self._settings = _validate_settings(
         bits, clipping, rounding, weighting, UNWEIGHTED_WEIGHTINGS, min_size_to_quantize,
-        per_channel, min_error, seed,
+        per_channel, seed,
     )
     self._inner_agg_factory = _check_inner(inner_agg_factory)
 
@@ -490,7 +568,7 @@ def clipped_quantization_mean(
 ) -> ClippedQuantizationMeanFactory:
   """The weighted factory, for `tff.learning.algorithms.build_weighted_fed_avg(model_aggregator=...)`.
 
-  Further keyword arguments (min_size_to_quantize, per_channel, min_error, seed,
+  Further keyword arguments (min_size_to_quantize, per_channel, seed,
   inner_agg_factory) are those of `ClippedQuantizationMeanFactory`.
   """
   return ClippedQuantizationMeanFactory(bits, clipping, rounding, weighting, **kwargs)
