@@ -65,7 +65,10 @@ class SourcesTestCase(tf.test.TestCase):
     environ['HOME'] = self.home
     self.enter_context(mock.patch.dict(os.environ, environ, clear=True))
     self.enter_context(
-        mock.patch.dict(sources.SYSTEM_DIRS, {'fashion_mnist': (os.path.join(self.home, 'none'),)})
+        mock.patch.dict(
+            sources.SYSTEM_DIRS,
+            {name: (os.path.join(self.home, 'none'),) for name in ('mnist', 'fashion_mnist')},
+        )
     )
     self.keras_load_data = {
         name: self.enter_context(

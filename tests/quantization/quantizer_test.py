@@ -216,6 +216,15 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaises(TypeError):
       quantization.dequantize(value)
 
+  @parameterized.parameters(-1.0, float('nan'), float('inf'))
+  def test_negative_or_non_finite_threshold_raises(self, threshold):
+    with self.assertRaisesRegex(ValueError, '`threshold` must be finite and >= 0'):
+      quantization.quantize(tf.constant([0.5, -0.5]), 3, threshold)
+
+  def test_numpy_integer_bits_are_accepted(self):
+    codes = quantization.quantize(tf.constant([1.0, -1.0]), np.int64(2), 1.0).codes
+    self.assertAllEqual(codes, [3, 0])
+
   def test_bad_seed_shape_raises(self):
     with self.assertRaisesRegex(ValueError, '`seed`'):
       quantization.quantize([1.0], 4, 1.0, 'stochastic', seed=[1, 2, 3])

@@ -7,7 +7,8 @@ for `mnist`, `fashion_mnist`, `digits` (scikit-learn's bundled 8x8 digits) and `
 1. the `data_dir` argument;
 2. the environment variable `TFF_CLIPQ_MNIST_DIR` resp. `TFF_CLIPQ_FASHION_MNIST_DIR`;
 3. the Keras cache (`~/.keras/datasets/mnist.npz`, `~/.keras/datasets/fashion-mnist/`);
-4. well-known local installs (`/usr/share/datasets/fashion-mnist`, Debian's dataset-fashion-mnist);
+4. well-known local installs: `/usr/share/datasets/fashion-mnist` (Debian's dataset-fashion-mnist)
+   and a `shared/data/<name>` folder beside the checkout (this project's offline machines);
 5. a download through `tf.keras.datasets.<name>.load_data()`.
 
 An explicit source (1 or 2) that is missing or unusable raises at once rather than silently
@@ -49,7 +50,18 @@ KERAS_CACHE_PATHS = {
     'mnist': os.path.join('.keras', 'datasets', 'mnist.npz'),
     'fashion_mnist': os.path.join('.keras', 'datasets', 'fashion-mnist'),
 }
-SYSTEM_DIRS = {'mnist': (), 'fashion_mnist': ('/usr/share/datasets/fashion-mnist',)}
+# A `shared/data/<name>` folder beside the checkout: how this project's offline development and CI
+# machines provide the data (used only when it exists).
+_CHECKOUT_SIBLING_DATA = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'data')
+)
+SYSTEM_DIRS = {
+    'mnist': (os.path.join(_CHECKOUT_SIBLING_DATA, 'mnist'),),
+    'fashion_mnist': (
+        '/usr/share/datasets/fashion-mnist',
+        os.path.join(_CHECKOUT_SIBLING_DATA, 'fashion_mnist'),
+    ),
+}
 
 # The four IDX files of the MNIST distribution, keyed by role; each may also use a dot instead of
 # the dash before `idx` (as some archive tools extract them) and may be gzip-compressed.

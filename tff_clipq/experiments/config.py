@@ -83,7 +83,7 @@ class ExperimentConfig:
   min_size_to_quantize: int = 128
   per_channel: bool = False
   payload: str = 'update'
-  qat: bool = False
+  qat: bool = True
   # Evaluation and outputs.
   eval_every: int = 1
   max_eval_examples: int = 0

@@ -105,7 +105,8 @@ def build_data(config: config_lib.ExperimentConfig) -> data_lib.FederatedData:
     raise ConfigError(
         f'--clients_per_round={config.clients_per_round} exceeds the {len(data.train.client_ids)} '
         f'clients that received examples ({data.partition_description}). Lower it, or raise '
-        '--dirichlet_alpha / --num_clients.'
+        '--num_clients (or --dirichlet_alpha / --shards_per_client / lower --size_sigma, '
+        'whichever made clients empty).'
     )
   return data
 
@@ -131,12 +132,14 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
       rounds are checkpointed, and `--resume` continues from there.
   """
   runs = config.sweep_runs()
-  _prepare_output_dir(config, runs)
-  # Runs with the same data settings share the data (loaded once, before any training).
+  _check_output_dir(config, runs)
+  # Runs with the same data settings share the data (loaded once, before any training). A data
+  # error thus stops the study before anything is written or deleted.
   data_by_settings: dict[tuple[Any, ...], data_lib.FederatedData] = {}
   for _, run_config in runs:
     if run_config.data_settings not in data_by_settings:
       data_by_settings[run_config.data_settings] = build_data(run_config)
+  _prepare_output_dir(config, runs)
   summaries = []
   with runtime.execution_context(
       workers=config.workers or None, num_local_workers=config.num_local_workers
@@ -159,10 +162,10 @@ def completed_rounds(run_dir: str) -> int:
   return max(asyncio.run(manager.get_versions()) or [0])
 
 
-def _prepare_output_dir(
+def _check_output_dir(
     config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
 ) -> None:
-  """Checks `output_dir` against --resume/--overwrite and writes the settings files."""
+  """Checks `output_dir` against --resume/--overwrite; changes nothing on disk."""
   root = config.output_dir
   if os.path.isdir(root) and os.listdir(root):
     if not os.path.exists(os.path.join(root, STUDY_JSON)):
@@ -170,15 +173,23 @@ def _prepare_output_dir(
           f'--output_dir={root} is not empty and has no {STUDY_JSON}, so it was not written by '
           'this program; choose another --output_dir.'
       )
-    if config.overwrite:
-      shutil.rmtree(root)
-    elif not config.resume:
+    if not (config.overwrite or config.resume):
       raise ConfigError(
           f'--output_dir={root} already holds runs. Pass --resume to continue them from their '
           'checkpoints, --overwrite to delete them, or choose another --output_dir.'
       )
-  for name, run_config in runs:
-    _check_resumable(name, run_config)
+  if not config.overwrite:
+    for name, run_config in runs:
+      _check_resumable(name, run_config)
+
+
+def _prepare_output_dir(
+    config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
+) -> None:
+  """Applies --overwrite and writes the settings files (after every check has passed)."""
+  root = config.output_dir
+  if config.overwrite and os.path.isdir(root):
+    shutil.rmtree(root)
   outputs.write_json(os.path.join(root, STUDY_JSON), _config_dict(config))
   for _, run_config in runs:
     path = os.path.join(run_config.output_dir, CONFIG_JSON)

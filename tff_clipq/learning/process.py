@@ -16,7 +16,9 @@ Two payloads:
 
 TFF's client work zeroes a non-finite update and gives it weight 0; every aggregator used here
 ignores weight-0 clients (ours rejects and counts them). In 'weights' payload mode, a round whose
-aggregate is exactly zero everywhere (no client accepted) leaves the model unchanged.
+aggregate is exactly zero everywhere (no client accepted) gives a zero pseudo-gradient: the model
+stays unchanged with plain SGD (with server momentum or Adam, the optimizer's state still moves it,
+exactly as in TFF's own FedAvg after a round without valid updates).
 """
 
 from __future__ import annotations
@@ -136,14 +138,20 @@ def bits_per_tensor(config: ProcessConfig) -> Union[int, tuple[int, ...]]:
 
 
 def qat_config(config: ProcessConfig) -> Optional[qat_lib.QatConfig]:
-  """The clients' QAT settings, matching the aggregator's bits, clipping and size threshold."""
+  """The clients' QAT settings: the quantizer their upload goes through.
+
+  Same bits, clipping, rounding and size threshold as the aggregator, so that in the 'weights'
+  payload clients train against the quantizer applied to what they send. TFF's min-max quantizer
+  does not clip, so its runs train with max_abs clipping.
+  """
   if not config.uses_qat:
     return None
+  agg = config.aggregator
   return qat_lib.QatConfig(
       bits=bits_per_tensor(config),
-      clipping=config.aggregator.clipping,
-      rounding='nearest',
-      min_size_to_quantize=config.aggregator.min_size_to_quantize,
+      clipping='max_abs' if agg.method == 'tff_encoded' else agg.clipping,
+      rounding=agg.rounding,
+      min_size_to_quantize=agg.min_size_to_quantize,
   )
 
 
@@ -185,6 +193,8 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
   keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
   shapes = [tuple(v.shape) for v in keras_model.trainable_variables]
   agg = config.aggregator
+  if agg.method == 'float':
+    return 32 * sum(int(np.prod(shape)) for shape in shapes) + 32
   plan = payload_lib.make_plan(
       shapes,
       bits_per_tensor(config) if agg.method == 'clipq' else int(payload_lib.parse_bits(agg.bits)),
@@ -194,8 +204,6 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
       agg.per_channel,
   )
   float_bits = 32 * sum(t.num_elements for t in plan.tensors if t.bits is None)
-  if agg.method == 'float':
-    return 32 * plan.num_coordinates + 32
   if agg.method == 'tff_encoded':
     return float_bits + 32 + sum(32 * t.packed_words + 64 for t in plan.quantized)
   thresholds = sum(
@@ -285,6 +293,10 @@ def build_learning_process(config: ProcessConfig) -> tff.learning.templates.Lear
       model_fn,
       _optimizer(config.client_optimizer, config.client_learning_rate, config.client_momentum),
       client_weighting=client_weighting,
+      # TFF's default, DATASET_REDUCE, runs the training step inside `tf.data`'s reduce function
+      # runtime; the iterator loop runs it as an ordinary graph loop and is faster on CPU
+      # (benchmarks/round_time.py).
+      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
   )
   if config.payload == 'weights':
     client_work = _weights_payload_client_work(client_work, weights_type)
@@ -321,7 +333,7 @@ def assign_trainable_weights(
 ) -> None:
   """Copies the global model's trainable weights (same order as TFF's) into `keras_model`."""
   trainable = process.get_model_weights(state).trainable
-  for variable, value in zip(keras_model.trainable_variables, trainable):
+  for variable, value in zip(keras_model.trainable_variables, trainable, strict=True):
     variable.assign(value)
 
 

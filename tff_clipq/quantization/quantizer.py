@@ -13,8 +13,10 @@ the threshold search in `thresholds.py` relies on this.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import tensorflow as tf
 
 ROUNDING_MODES = ('nearest', 'stochastic')
@@ -26,11 +28,11 @@ SeedLike = Union[tf.Tensor, Sequence[int], None]
 
 def validate_bits(bits: int) -> int:
   """Returns `bits` as an int, or raises ValueError if it is not an integer in [1, 16]."""
-  if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
     raise ValueError(
         f'`bits` must be an integer in [{MIN_BITS}, {MAX_BITS}]. Found {bits!r}.'
     )
-  return bits
+  return int(bits)
 
 
 def validate_rounding(rounding: str) -> str:
@@ -89,22 +91,26 @@ class QuantizedTensor:
 
 
 def validate_threshold(threshold: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-  """Checks that `threshold` is a scalar, or a vector matching the last axis of `x`."""
+  """Checks that `threshold` is a scalar, or a vector matching the last axis of `x`, and (when
+  its value is known, i.e. eagerly) finite and >= 0."""
   threshold = as_compute_tensor(threshold, compute_dtype(x.dtype))
-  if threshold.shape.rank == 0:
-    return threshold
-  if (
+  per_channel = (
       threshold.shape.rank == 1
       and x.shape.rank is not None
       and x.shape.rank >= 1
       and threshold.shape[0] is not None
       and threshold.shape[0] == x.shape[-1]
-  ):
-    return threshold
-  raise ValueError(
-      '`threshold` must be a scalar (per tensor) or a vector of length x.shape[-1] '
-      f'(per channel). Found threshold shape {threshold.shape} for x shape {x.shape}.'
   )
+  if threshold.shape.rank != 0 and not per_channel:
+    raise ValueError(
+        '`threshold` must be a scalar (per tensor) or a vector of length x.shape[-1] '
+        f'(per channel). Found threshold shape {threshold.shape} for x shape {x.shape}.'
+    )
+  if tf.executing_eagerly():
+    values = threshold.numpy()
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0)):
+      raise ValueError(f'`threshold` must be finite and >= 0. Found {values}.')
+  return threshold
 
 
 def _uniform_noise(shape: tf.TensorShape, dtype: tf.DType, seed: SeedLike) -> tf.Tensor:
