@@ -158,15 +158,15 @@ class SweepTest(tf.test.TestCase):
 
   def test_sweep_compares_methods_on_the_same_clients(self):
     output_dir = self.create_tempdir().full_path
-    config = tiny_config(output_dir, rounds=2, sweep=(
+    config = tiny_config(output_dir, rounds=2, qat=False, sweep=(
         'aggregator=float; aggregator=clipq,bits=2,rounding=nearest; '
         'aggregator=tff_encoded,bits=2'))
     summaries = program.run_study(config)
 
     self.assertEqual([s['method'] for s in summaries], [
         'float32', 'clipq-2b-octav-nearest-inverse_error', 'tff_minmax-2b'])
-    # Round 1 trains the same initial model on the same clients with the same shuffles; FedAvg
-    # weighting (float, tff_encoded) and clipq's inverse-error weighting report the same loss.
+    # Round 1 trains the same initial model on the same clients with the same shuffles (no QAT, so
+    # the forward passes agree); FedAvg and clipq's inverse-error weighting report the same loss.
     first_round_losses = {s['history'][0]['train_loss'] for s in summaries}
     self.assertLen(first_round_losses, 1)
     for summary in summaries:

@@ -94,7 +94,7 @@ class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(d2(tf.eye(6)) - d2_bias, _quantized(model.get_layer('d2').kernel, 3),
                         atol=1e-5)
 
-  def test_stochastic_rounding_stays_on_the_quantizer_levels(self):
+  def test_stochastic_upload_uses_its_threshold_with_deterministic_nearest_forward(self):
     model = _dense_model(units=(30,), input_size=20)
     bias = model.get_layer('d1').bias
     qat_model = qat.apply_qat(
@@ -102,12 +102,12 @@ class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
     )
     kernel = model.get_layer('d1').kernel
     threshold = quantization.optimal_clipping_threshold(kernel, 2, 'stochastic')
-    levels = -threshold + np.arange(4) * 2.0 * threshold / 3.0
+    expected = quantization.fake_quantize(kernel, 2, threshold, 'nearest')
     draws = [qat_model(tf.eye(20)) - bias for _ in range(2)]
-    for draw in draws:
-      distance_to_levels = np.min(np.abs(draw.numpy()[..., None] - levels), axis=-1)
-      self.assertAllClose(distance_to_levels, np.zeros_like(distance_to_levels), atol=1e-5)
-    self.assertNotAllClose(draws[0], draws[1])
+    self.assertAllClose(draws[0], expected, atol=1e-5)
+    self.assertAllEqual(draws[0], draws[1])  # Deterministic: no rounding noise in training.
+    nearest_threshold = quantization.optimal_clipping_threshold(kernel, 2, 'nearest')
+    self.assertNotAllClose(threshold, nearest_threshold)
 
   def test_only_weighted_layers_are_wrapped_and_activations_are_not_quantized(self):
     model = models.create_keras_model('cnn', seed=0)

@@ -39,6 +39,9 @@ TABLE_COLUMNS = (
 )
 
 
+_FILE_MODE = 0o644
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
   """Yields a temporary file that replaces `path` when the block ends without an exception."""
@@ -52,6 +55,7 @@ def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
       yield file
       file.flush()
       os.fsync(file.fileno())
+    os.chmod(temp_path, _FILE_MODE)  # mkstemp creates 0600; outputs are ordinary files.
     os.replace(temp_path, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -128,9 +132,11 @@ def _legend_labels(summaries: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _save_figure(figure: plt.Figure, path: str) -> None:
-  with atomic_file(path, 'wb') as file:
-    figure.savefig(file, format='png', dpi=120, bbox_inches='tight')
-  plt.close(figure)
+  try:
+    with atomic_file(path, 'wb') as file:
+      figure.savefig(file, format='png', dpi=120, bbox_inches='tight')
+  finally:
+    plt.close(figure)
 
 
 def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:

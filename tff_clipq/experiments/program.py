@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -74,6 +75,10 @@ class _TensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
   async def release(self, value: Any, key: int) -> None:
     await super().release(value, key)
     self._summary_writer.flush()  # pylint: disable=protected-access  # Set by the base class.
+
+  def close(self) -> None:
+    """Closes the event file, so a sweep does not accumulate open writers."""
+    self._summary_writer.close()  # pylint: disable=protected-access
 
 
 def sample_clients(
@@ -370,12 +375,13 @@ def _run(
   checkpoints = _Checkpoints(run_dir, process.initialize())
   start_round, state, history = checkpoints.load_latest()
 
+  tensorboard = _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR))
   release_manager = tff.program.GroupingReleaseManager([
       tff.program.CSVFileReleaseManager(
           os.path.join(run_dir, METRICS_CSV), save_mode=tff.program.CSVSaveMode.WRITE,
           key_fieldname='round',
       ),
-      _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR)),
+      tensorboard,
   ])
   evaluation_model = process_lib.build_evaluation_model(process_config)
   num_parameters = int(sum(np.prod(v.shape) for v in evaluation_model.trainable_variables))
@@ -390,7 +396,7 @@ def _run(
       total=run_config.rounds, initial=start_round, desc=name,
       unit='round', file=sys.stderr, dynamic_ncols=True,
   )
-  with progress:
+  with progress, contextlib.closing(tensorboard):
     for round_num in range(start_round + 1, run_config.rounds + 1):
       started = time.monotonic()
       client_ids = sample_clients(

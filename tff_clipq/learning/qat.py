@@ -72,7 +72,8 @@ class QatConfig:
       Entries of tensors that stay float (see `min_size_to_quantize`) are ignored.
     clipping: threshold method, as in `tff_clipq.quantization.clipping_threshold`: 'octav'
       (MSE-optimal), 'octav_paper', 'max_abs' (no clipping) or a fixed positive threshold.
-    rounding: forward-pass rounding, 'nearest' or 'stochastic' (fresh noise at every step).
+    rounding: the upload quantizer's rounding, 'nearest' or 'stochastic': it selects the clipping
+      threshold (stochastic rounding's is smaller); the forward pass rounds to nearest.
     min_size_to_quantize: tensors with fewer elements stay float, matching the aggregator's
       size threshold.
   """
@@ -120,12 +121,16 @@ def straight_through_fake_quantize(
 ) -> tf.Tensor:
   """Clipped, quantized `weights` in the forward pass; identity in the backward pass.
 
+  The clipping threshold is the one the upload quantizer uses with `rounding`; the forward pass
+  itself rounds to the nearest level, so training stays deterministic (and a resumed run
+  reproduces an uninterrupted one) even when uploads round stochastically.
+
   Not converted by AutoGraph (Keras converts layer calls): the quantization code has no
   tensor-dependent Python control flow, and converting it slows every model construction.
   """
   constant_weights = tf.stop_gradient(weights)
   threshold = quantization.clipping_threshold(constant_weights, bits, clipping, rounding)
-  quantized = quantization.fake_quantize(constant_weights, bits, threshold, rounding)
+  quantized = quantization.fake_quantize(constant_weights, bits, threshold, 'nearest')
   return weights + tf.stop_gradient(quantized - weights)
 
 

@@ -26,6 +26,7 @@ in the statistics; a tensor with no nonzero finite entry gets threshold 0.
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import tensorflow as tf
@@ -131,8 +132,12 @@ def _fixed_point_iteration(
 def _exact_mse(
     magnitudes: tf.Tensor, finite: tf.Tensor, threshold: tf.Tensor, bits: int, rounding: str
 ) -> tf.Tensor:
-  """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold` [groups]."""
-  threshold = threshold[:, None]
+  """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold`.
+
+  `threshold` is [groups], or [candidates, groups] to evaluate several thresholds per group in one
+  pass; the result has the shape of `threshold`.
+  """
+  threshold = threshold[..., None]
   step = quantizer.quantization_step(threshold, bits)
   # As in `quantizer.quantize`: exactly 2^B - 1 for clipped entries (no spurious rounding error).
   half_max_code = 0.5 * float(quantizer.num_levels(bits) - 1)
@@ -179,26 +184,153 @@ def _golden_section_refinement(
     rounding: str,
     iterations: int,
 ) -> tf.Tensor:
-  """Golden-section search of the exact MSE on [lower, upper] per group; returns the midpoint."""
+  """Golden-section search of the exact MSE on [lower, upper] per group; returns the midpoint.
+
+  Each iteration keeps [low, right] if MSE(left) <= MSE(right), else [left, high], with the inner
+  points left = high - g (high - low), right = low + g (high - low), g = (sqrt(5) - 1) / 2. Since
+  g^2 = 1 - g, the inner point that stays inside is an inner point of the new interval too (old
+  left = new right, or old right = new left): its MSE is carried over and each iteration
+  evaluates the MSE at one new point only.
+  """
 
   def mse(threshold):
     return _exact_mse(magnitudes, finite, threshold, bits, rounding)
 
-  def body(unused_iteration, low, high):
+  def body(iteration, low, high, left, right, left_mse, right_mse):
+    keep_left = left_mse <= right_mse
+    low = tf.where(keep_left, low, left)
+    high = tf.where(keep_left, right, high)
     width = high - low
-    left = high - _GOLDEN_RATIO_CONJUGATE * width
-    right = low + _GOLDEN_RATIO_CONJUGATE * width
-    keep_left = mse(left) <= mse(right)
-    return (
-        unused_iteration + 1,
-        tf.where(keep_left, low, left),
-        tf.where(keep_left, right, high),
+    new_point = tf.where(
+        keep_left, high - _GOLDEN_RATIO_CONJUGATE * width, low + _GOLDEN_RATIO_CONJUGATE * width
     )
+    new_mse = mse(new_point)
+    return (
+        iteration + 1,
+        low,
+        high,
+        tf.where(keep_left, new_point, right),
+        tf.where(keep_left, left, new_point),
+        tf.where(keep_left, new_mse, right_mse),
+        tf.where(keep_left, left_mse, new_mse),
+    )
+
+  width = upper - lower
+  left = upper - _GOLDEN_RATIO_CONJUGATE * width
+  right = lower + _GOLDEN_RATIO_CONJUGATE * width
+  left_mse, right_mse = tf.unstack(mse(tf.stack([left, right])))
+  _, low, high, _, _, _, _ = tf.while_loop(
+      lambda iteration, *_: iteration < iterations,
+      body,
+      (tf.constant(0), lower, upper, left, right, left_mse, right_mse),
+  )
+  return 0.5 * (low + high)
+
+
+# Small tensors: there the golden-section loop costs its ~24 iterations of per-op overhead, not
+# arithmetic, so a search that evaluates many candidates per iteration in one vectorized pass and
+# needs only a few iterations is several times faster. It is used while the number of candidates
+# times the entries of a group, and times all entries, stay within these bounds.
+_GRID_MAX_POINTS = 64
+_GRID_MIN_POINTS = 16
+_GRID_MAX_CANDIDATE_ENTRIES = 1 << 16  # Candidates x entries of one group.
+_GRID_MAX_TOTAL_ENTRIES = 1 << 22  # Candidates x entries of all groups.
+
+
+def _grid_points(groups, entries):
+  """Candidates per iteration of `_grid_refinement` for [groups, entries]; 0 means golden section.
+
+  Python ints in, Python int out; tensors in (shapes known only at run time), tensor out.
+  """
+  if isinstance(groups, int) and isinstance(entries, int):
+    if entries == 0:
+      return 0
+    points = min(_GRID_MAX_POINTS, _GRID_MAX_CANDIDATE_ENTRIES // entries)
+    fits = points >= _GRID_MIN_POINTS and points * groups * entries <= _GRID_MAX_TOTAL_ENTRIES
+    return points if fits else 0
+  groups, entries = tf.cast(groups, tf.int64), tf.cast(entries, tf.int64)
+  points = tf.minimum(
+      tf.constant(_GRID_MAX_POINTS, tf.int64),
+      tf.math.floordiv(tf.constant(_GRID_MAX_CANDIDATE_ENTRIES, tf.int64), tf.maximum(entries, 1)),
+  )
+  fits = tf.logical_and(
+      tf.logical_and(entries > 0, points >= _GRID_MIN_POINTS),
+      points * groups * entries <= _GRID_MAX_TOTAL_ENTRIES,
+  )
+  return tf.where(fits, points, tf.zeros_like(points))
+
+
+def _grid_refinement(
+    magnitudes: tf.Tensor,
+    finite: tf.Tensor,
+    lower: tf.Tensor,
+    upper: tf.Tensor,
+    bits: int,
+    rounding: str,
+    points,
+    golden_iterations: int,
+) -> tf.Tensor:
+  """Repeated grid search of the exact MSE on [lower, upper] per group; returns the best point.
+
+  Each iteration evaluates `points` evenly spaced interior points of [low, high] at once and keeps
+  the two grid cells around the best one, shrinking the interval by 2 / (points + 1). It runs
+  until the interval is no wider than `golden_iterations` golden-section steps leave it.
+  """
+  dtype = magnitudes.dtype
+  divisions = tf.cast(points, dtype) + 1.0
+  iterations = tf.maximum(
+      tf.cast(
+          tf.math.ceil(golden_iterations * math.log(_GOLDEN_RATIO_CONJUGATE) / tf.math.log(2.0 / divisions)),
+          tf.int32,
+      ),
+      1,
+  )
+  fractions = tf.range(1.0, divisions, dtype=dtype)[:, None] / divisions  # [points, 1]
+
+  def body(iteration, low, high):
+    cell = (high - low) / divisions
+    candidates = low + fractions * (high - low)  # [points, groups]
+    errors = _exact_mse(magnitudes, finite, candidates, bits, rounding)
+    best = tf.gather(tf.transpose(candidates), tf.argmin(errors, axis=0), batch_dims=1)
+    return iteration + 1, best - cell, best + cell
 
   _, low, high = tf.while_loop(
       lambda iteration, *_: iteration < iterations, body, (tf.constant(0), lower, upper)
   )
   return 0.5 * (low + high)
+
+
+def _refinement(
+    magnitudes: tf.Tensor,
+    finite: tf.Tensor,
+    lower: tf.Tensor,
+    upper: tf.Tensor,
+    bits: int,
+    rounding: str,
+    golden_iterations: int,
+) -> tf.Tensor:
+  """Grid search for small tensors, golden-section search otherwise (same final resolution)."""
+
+  def golden():
+    return _golden_section_refinement(
+        magnitudes, finite, lower, upper, bits, rounding, golden_iterations
+    )
+
+  groups, entries = magnitudes.shape
+  if groups is not None and entries is not None:
+    points = _grid_points(int(groups), int(entries))
+    if not points:
+      return golden()
+    return _grid_refinement(magnitudes, finite, lower, upper, bits, rounding, points, golden_iterations)
+  shape = tf.shape(magnitudes)
+  points = _grid_points(shape[0], shape[1])  # The same choice, made at run time.
+  return tf.cond(
+      points > 0,
+      lambda: _grid_refinement(
+          magnitudes, finite, lower, upper, bits, rounding, points, golden_iterations
+      ),
+      golden,
+  )
 
 
 def octav_threshold(
@@ -231,7 +363,8 @@ def optimal_clipping_threshold(
   """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
 
   The OCTAV fixed point with the noise term of this quantizer and rounding mode, refined by
-  golden-section search of the exact MSE on [s/2, min(2s, max|x|)]. The result is the best of
+  golden-section search of the exact MSE on [s/2, min(2s, max|x|)] (for small tensors by an
+  equally fine repeated grid search, which is faster there). The result is the best of
   {fixed point, refined point, max|x|} by exact MSE. Scalar per tensor, or [channels] if
   `per_channel`.
   """
@@ -244,20 +377,10 @@ def optimal_clipping_threshold(
   fixed_point = tf.minimum(
       _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance), largest
   )
-  refined = _golden_section_refinement(
-      magnitudes,
-      finite,
-      0.5 * fixed_point,
-      tf.minimum(2.0 * fixed_point, largest),
-      bits,
-      rounding,
-      refinement_iterations,
-  )
+  lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
+  refined = _refinement(magnitudes, finite, lower, upper, bits, rounding, refinement_iterations)
   candidates = tf.stack([fixed_point, refined, largest], axis=0)  # [3, groups]
-  errors = tf.stack(
-      [_exact_mse(magnitudes, finite, candidate, bits, rounding) for candidate in tf.unstack(candidates)],
-      axis=0,
-  )
+  errors = _exact_mse(magnitudes, finite, candidates, bits, rounding)  # [3, groups]
   best = tf.argmin(errors, axis=0)
   threshold = tf.gather(tf.transpose(candidates), best, batch_dims=1)
   return _ungroup(threshold * scale, per_channel)
