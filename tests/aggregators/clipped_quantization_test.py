@@ -92,7 +92,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     errors = [np.mean((r - v[0]) ** 2) for r, v in zip(reconstructions, values)]
     weights = 1.0 / np.array(errors)
     expected = np.tensordot(weights, np.stack(reconstructions), axes=1) / weights.sum()
-    self.assertAllClose(output.result[0], expected, rtol=1e-4, atol=1e-4)
+    self.assertAllClose(output.result[0], expected, rtol=1e-3, atol=1e-4)
     # Float bias: uniform weighting (its error is zero), example weights are never used.
     self.assertAllClose(output.result[1], np.mean([v[1] for v in values], axis=0), atol=1e-6)
     self.assertAllClose(
@@ -111,13 +111,15 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
         bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100
     )
     output = self._run(weighted, values, list(counts))
-    self.assertAllClose(output.result[0], np.tensordot(counts, reconstructions, 1) / counts.sum(), atol=1e-4)
+    self.assertAllClose(
+        output.result[0], np.tensordot(counts, reconstructions, 1) / counts.sum(), rtol=1e-3, atol=1e-4
+    )
     self.assertAllClose(output.result[1], np.tensordot(counts, biases, 1) / counts.sum(), atol=1e-4)
     uniform = aggregators.unweighted_clipped_quantization_mean(
         bits=4, rounding='nearest', weighting='uniform', min_size_to_quantize=100
     )
     output = self._run(uniform, values)
-    self.assertAllClose(output.result[0], reconstructions.mean(axis=0), atol=1e-4)
+    self.assertAllClose(output.result[0], reconstructions.mean(axis=0), rtol=1e-3, atol=1e-4)
 
   def test_per_tensor_bits_and_size_threshold(self):
     factory = aggregators.unweighted_clipped_quantization_mean(
@@ -199,7 +201,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     weights = np.array([1.0 / np.mean((r - v[0]) ** 2) for r, v in zip(reconstructions, values)])
     exact_weight = weights.max()
     expected = np.tensordot(weights, np.stack(reconstructions), 1) / (weights.sum() + exact_weight)
-    self.assertAllClose(output.result[0], expected, rtol=1e-4, atol=1e-4)
+    self.assertAllClose(output.result[0], expected, rtol=1e-3, atol=1e-4)
     # Alone in its round, an exact client gets weight 1: its value comes back unchanged.
     alone = self._run(factory, values[2:])
     self.assertAllEqual(alone.result[0], np.zeros([12, 10]))
