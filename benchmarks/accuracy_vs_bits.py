@@ -70,7 +70,7 @@ def study_config(dataset: str, partition: str, seed: int, full: bool) -> config_
       dataset=dataset,
       partition=partition,
       dirichlet_alpha=0.3,
-      num_clients=300,
+      num_clients=100,
       clients_per_round=10 if full else 5,
       rounds=30 if full else 10,
       local_epochs=1,
