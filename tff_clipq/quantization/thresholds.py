@@ -228,12 +228,14 @@ def _golden_section_refinement(
 
 
 # Small tensors: there the golden-section loop costs its ~24 iterations of per-op overhead, not
-# arithmetic, so a search that evaluates many candidates per iteration in one vectorized pass and
-# needs only a few iterations is several times faster. It is used while the number of candidates
-# times the entries of a group, and times all entries, stay within these bounds.
-_GRID_MAX_POINTS = 64
-_GRID_MIN_POINTS = 16
-_GRID_MAX_CANDIDATE_ENTRIES = 1 << 16  # Candidates x entries of one group.
+# arithmetic, so a search that evaluates several candidates per iteration in one vectorized pass
+# and needs only a few iterations is faster (measured on the CNN's tensors, one CPU thread: 144
+# entries 0.93 -> 0.47 ms, 1,000 entries 0.97 -> 0.67 ms per threshold). It is used while
+# candidates x entries of a group, and of all groups, stay within these bounds (up to 1,024
+# entries per group).
+_GRID_MAX_POINTS = 32
+_GRID_MIN_POINTS = 8
+_GRID_MAX_CANDIDATE_ENTRIES = 1 << 13  # Candidates x entries of one group.
 _GRID_MAX_TOTAL_ENTRIES = 1 << 22  # Candidates x entries of all groups.
 
 
