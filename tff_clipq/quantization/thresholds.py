@@ -16,8 +16,9 @@ step of 2s / 2^B and ignores the rounding mode; it is kept as `noise_model='pape
 
 The noise model is an approximation (it is poor at 1-2 bits and ignores the density term of
 dJ/ds). `optimal_clipping_threshold` therefore refines the fixed point on the *exact* empirical
-MSE of the quantizer actually used (`expected_quantization_mse`), by golden-section search, and
-never returns a threshold whose exact MSE is worse than the fixed point's or than max |x|'s.
+MSE of the quantizer actually used (`expected_quantization_mse`), by golden-section search (an
+equally fine repeated grid search for small tensors, where it is faster), and never returns a
+threshold whose exact MSE is worse than the fixed point's or than max |x|'s.
 
 All functions accept a tensor of any shape; with `per_channel=True` one threshold is computed for
 each slice along the last axis (a Keras kernel's output channels). Non-finite entries are ignored
@@ -280,13 +281,9 @@ def _grid_refinement(
   """
   dtype = magnitudes.dtype
   divisions = tf.cast(points, dtype) + 1.0
-  iterations = tf.maximum(
-      tf.cast(
-          tf.math.ceil(golden_iterations * math.log(_GOLDEN_RATIO_CONJUGATE) / tf.math.log(2.0 / divisions)),
-          tf.int32,
-      ),
-      1,
-  )
+  # (2 / divisions)^iterations <= g^golden_iterations.
+  golden_log_width = golden_iterations * math.log(_GOLDEN_RATIO_CONJUGATE)
+  iterations = tf.cast(tf.math.ceil(golden_log_width / tf.math.log(2.0 / divisions)), tf.int32)
   fractions = tf.range(1.0, divisions, dtype=dtype)[:, None] / divisions  # [points, 1]
 
   def body(iteration, low, high):
@@ -323,7 +320,9 @@ def _refinement(
     points = _grid_points(int(groups), int(entries))
     if not points:
       return golden()
-    return _grid_refinement(magnitudes, finite, lower, upper, bits, rounding, points, golden_iterations)
+    return _grid_refinement(
+        magnitudes, finite, lower, upper, bits, rounding, points, golden_iterations
+    )
   shape = tf.shape(magnitudes)
   points = _grid_points(shape[0], shape[1])  # The same choice, made at run time.
   return tf.cond(
