@@ -38,7 +38,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Optional
 
@@ -56,6 +55,7 @@ if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without install
   sys.path.insert(0, _REPO_ROOT)
 
 from tff_clipq import quantization  # pylint: disable=g-import-not-at-top
+from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
 
 _OUTPUT = flags.DEFINE_string(
     'output',
@@ -390,24 +390,6 @@ def markdown_report(
   return '\n'.join(lines)
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix=os.path.basename(path))
-  try:
-    with os.fdopen(handle, 'w') as f:
-      f.write(text)
-    umask = os.umask(0)  # mkstemp creates the file 0600; give it the usual permissions.
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -436,7 +418,7 @@ def main(argv: list[str]) -> None:
   report = markdown_report(tensors, nmse, timing, config)
   print(report)
   output = _OUTPUT.value
-  write_atomically(output, report)
+  outputs.write_text(output, report)
   results = {
       'config': config,
       'tensors': {
@@ -445,7 +427,7 @@ def main(argv: list[str]) -> None:
       'nmse': nmse,
       'encode_decode_ms_per_million': timing,
   }
-  write_atomically(os.path.splitext(output)[0] + '.json', json.dumps(results, indent=2) + '\n')
+  outputs.write_text(os.path.splitext(output)[0] + '.json', json.dumps(results, indent=2) + '\n')
   print(f'Wrote {output} and {os.path.splitext(output)[0]}.json')
 
 

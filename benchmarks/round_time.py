@@ -66,7 +66,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -86,6 +85,7 @@ if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without install
 
 from tff_clipq import data as data_lib  # pylint: disable=g-import-not-at-top
 from tff_clipq import runtime
+from tff_clipq.experiments import outputs
 from tff_clipq.learning import models
 from tff_clipq.learning import process as process_lib
 from tff_clipq.learning import qat as qat_lib
@@ -805,23 +805,6 @@ def render_markdown(report: dict[str, Any], baseline: Optional[dict[str, Any]], 
   return '\n'.join(lines) + '\n'
 
 
-def _write_atomically(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix=os.path.basename(path))
-  try:
-    with os.fdopen(handle, 'w') as f:
-      f.write(text)
-    umask = os.umask(0)  # mkstemp creates the file 0600; give it the usual permissions.
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-
-
 def build_report(
     measurements: list[Measurement],
     build_s: dict[str, float],
@@ -965,8 +948,8 @@ def main(argv):
     with open(_CHANGES.value) as f:
       changes = f.read()
   output = _OUTPUT.value
-  _write_atomically(os.path.splitext(output)[0] + '.json', json.dumps(report, indent=2) + '\n')
-  _write_atomically(output, render_markdown(report, baseline, changes))
+  outputs.write_text(os.path.splitext(output)[0] + '.json', json.dumps(report, indent=2) + '\n')
+  outputs.write_text(output, render_markdown(report, baseline, changes))
   print_table(report)
   print(f'Wrote {output}')
 

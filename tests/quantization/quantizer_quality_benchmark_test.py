@@ -64,15 +64,6 @@ class QuantizerQualityBenchmarkTest(tf.test.TestCase):
       f.write(header + images.tobytes())
     self.assertAllEqual(benchmark.read_idx_gz(path), images)
 
-  def test_write_atomically_leaves_only_the_target(self):
-    directory = os.path.join(self.get_temp_dir(), 'results')
-    path = os.path.join(directory, 'report.md')
-    benchmark.write_atomically(path, 'first')
-    benchmark.write_atomically(path, 'second')
-    with open(path) as f:
-      self.assertEqual(f.read(), 'second')
-    self.assertEqual(os.listdir(directory), ['report.md'])
-
 
 if __name__ == '__main__':
   tf.test.main()

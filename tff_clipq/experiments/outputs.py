@@ -63,6 +63,12 @@ def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
     raise
 
 
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically."""
+  with atomic_file(path) as file:
+    file.write(text)
+
+
 def write_json(path: str, value: Any) -> None:
   """Writes `value` as indented, strict JSON (non-finite floats become null)."""
   with atomic_file(path) as file:
