@@ -166,5 +166,6 @@ def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
     axes.set_xlabel(x_label)
     axes.set_ylabel('test accuracy')
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize='small')
+    # Beside the axes, so that many runs never hide the curves.
+    axes.legend(fontsize='x-small', loc='center left', bbox_to_anchor=(1.02, 0.5))
     _save_figure(figure, os.path.join(directory, file_name))
