@@ -9,14 +9,19 @@ rounds:
       after another: a `tf.function` loop over each client's dataset with the paper's CNN, SGD
       lr 0.01 momentum 0.9 (TFF's `build_sgdm` update), weights and momentum reset per client,
       followed by the example-weighted mean of the model deltas applied to the global model.
-      `keras_qat_{2,4}b`: the same loop with the QAT model (`tff_clipq.learning.qat`).
+      `keras_qat_{2,4}b`: the same loop with the QAT model (`tff_clipq.learning.qat`), its
+      thresholds recomputed once per client (the default, as TFF resets QAT's counters every
+      client round: the floor resets them per client too); `keras_qat_2b_every_step`
+      recomputes them at every step.
   (b) `fedavg_float`: TFF FedAvg with `tff.aggregators.MeanFactory` (method 'float').
   (c) `tff_minmax_{2,4}b`: TFF's built-in quantization, `EncodedSumFactory.quantize_above_threshold`
       in a `MeanFactory` (method 'tff_encoded'); `tff_compression_aggregator`:
       `tff.learning.compression_aggregator()` (8 bits above 20,000 elements, adaptive zeroing and
       L2 clipping) in `tff.learning.algorithms.build_weighted_fed_avg`.
   (d) `clipq_{2,4}b`: ours (method 'clipq': OCTAV thresholds, stochastic rounding, inverse-error
-      weighting), without QAT; `clipq_{2,4}b_qat`: the same with quantization-aware training.
+      weighting), without QAT; `clipq_{2,4}b_qat`: the same with quantization-aware training
+      (thresholds once per client round); `clipq_2b_qat_every_step`: QAT recomputing them at
+      every step.
 
 All TFF variants send model updates (`--payload`), quantize tensors of >= 128 elements (biases
 travel in float32) and get the same client datasets: in round r of scale K the same K clients
@@ -94,6 +99,7 @@ ALL_VARIANTS = (
     'keras',
     'keras_qat_2b',
     'keras_qat_4b',
+    'keras_qat_2b_every_step',
     'fedavg_float',
     'tff_minmax_2b',
     'tff_minmax_4b',
@@ -102,7 +108,9 @@ ALL_VARIANTS = (
     'clipq_4b',
     'clipq_2b_qat',
     'clipq_4b_qat',
+    'clipq_2b_qat_every_step',
 )
+EVERY_STEP = '_every_step'
 FLOOR = 'keras'
 FEDAVG = 'fedavg_float'
 
@@ -277,14 +285,23 @@ class VariantSpec:
   method: Optional[str] = None  # AggregatorConfig.method for TFF variants; None for the floor.
   bits: int = 4
   qat: bool = False
+  qat_refresh_steps: int = 0  # QatConfig.threshold_refresh_steps.
 
 
 def variant_spec(name: str) -> VariantSpec:
+  """The variant `name`; a `_every_step` suffix makes QAT recompute thresholds at every step."""
+  every_step = name.endswith(EVERY_STEP) and '_qat' in name
+  base = name[:-len(EVERY_STEP)] if every_step else name
+  refresh = dict(qat_refresh_steps=1) if every_step else {}
+  refresh_note = ', thresholds every step' if every_step else ''
   if name == 'keras':
     return VariantSpec(name, 'a', 'plain TF local training (compute floor)')
-  if name.startswith('keras_qat_'):
-    bits = int(name[len('keras_qat_'):-1])
-    return VariantSpec(name, 'a', f'plain TF local training, QAT {bits}-bit', bits=bits, qat=True)
+  if base.startswith('keras_qat_'):
+    bits = int(base[len('keras_qat_'):-1])
+    return VariantSpec(
+        name, 'a', f'plain TF local training, QAT {bits}-bit{refresh_note}', bits=bits, qat=True,
+        **refresh,
+    )
   if name == 'fedavg_float':
     return VariantSpec(name, 'b', 'TFF FedAvg, MeanFactory float32', method='float')
   if name.startswith('tff_minmax_'):
@@ -298,11 +315,12 @@ def variant_spec(name: str) -> VariantSpec:
         name, 'c', 'tff.learning.compression_aggregator() (8-bit, zeroing, clipping)',
         method='tff_compression',
     )
-  if name.startswith('clipq_'):
-    qat = name.endswith('_qat')
-    bits = int(name[len('clipq_'):].split('b')[0])
+  if base.startswith('clipq_'):
+    qat = base.endswith('_qat')
+    bits = int(base[len('clipq_'):].split('b')[0])
     return VariantSpec(
-        name, 'd', f'ours {bits}-bit' + (' + QAT' if qat else ''), method='clipq', bits=bits, qat=qat
+        name, 'd', f'ours {bits}-bit' + (' + QAT' if qat else '') + refresh_note, method='clipq',
+        bits=bits, qat=qat, **refresh,
     )
   raise ValueError(f'Unknown variant {name!r}; expected one of {ALL_VARIANTS}.')
 
@@ -327,6 +345,7 @@ def process_config(spec: VariantSpec, workload: Workload) -> process_lib.Process
       aggregator=process_lib.AggregatorConfig(method=method, bits=spec.bits),
       payload=workload.payload,
       qat=spec.qat,
+      qat_threshold_refresh_steps=spec.qat_refresh_steps,
       seed=workload.seed,
   )
 
@@ -372,6 +391,8 @@ class KerasFloor:
     self.model = qat_lib.apply_qat(model, qat_config) if qat_config else model
     variables = self.model.trainable_variables
     self.global_weights = [tf.Variable(v) for v in variables]
+    # QAT's cached thresholds and pass counters: reset per client, as TFF loads them per round.
+    self.initial_non_trainable = [tf.Variable(v) for v in self.model.non_trainable_variables]
     self.velocities = [tf.Variable(tf.zeros_like(v)) for v in variables]
     self.delta_sums = [tf.Variable(tf.zeros_like(v)) for v in variables]
     self.example_sum = tf.Variable(0.0)
@@ -383,6 +404,8 @@ class KerasFloor:
   def train_client(self, dataset: tf.data.Dataset) -> None:
     variables = self.model.trainable_variables
     for variable, start in zip(variables, self.global_weights):
+      variable.assign(start)
+    for variable, start in zip(self.model.non_trainable_variables, self.initial_non_trainable):
       variable.assign(start)
     for velocity in self.velocities:
       velocity.assign(tf.zeros_like(velocity))

@@ -70,6 +70,10 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
     self.assertEqual(benchmark.variant_spec('clipq_4b_qat').bits, 4)
     self.assertTrue(benchmark.variant_spec('clipq_4b_qat').qat)
     self.assertFalse(benchmark.variant_spec('clipq_2b').qat)
+    self.assertEqual(benchmark.variant_spec('clipq_2b_qat').qat_refresh_steps, 0)
+    every_step = benchmark.variant_spec('clipq_2b_qat_every_step')
+    self.assertEqual((every_step.bits, every_step.qat, every_step.qat_refresh_steps), (2, True, 1))
+    self.assertEqual(benchmark.variant_spec('keras_qat_2b_every_step').qat_refresh_steps, 1)
     with self.assertRaisesRegex(ValueError, 'Unknown variant'):
       benchmark.variant_spec('fp16')
 

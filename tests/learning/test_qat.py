@@ -186,6 +186,88 @@ class GradientTest(tf.test.TestCase):
     self.assertLess(final_loss, 0.5 * initial_loss)
 
 
+def _effective_kernel(qat_model: tf.keras.Model, model: tf.keras.Model) -> tf.Tensor:
+  """The kernel the QAT layer 'd1' uses in a forward pass (its bias stays float here)."""
+  size = model.get_layer('d1').kernel.shape[0]
+  return qat_model.get_layer('quant_d1')(tf.eye(size)) - model.get_layer('d1').bias
+
+
+class ThresholdRefreshTest(tf.test.TestCase, parameterized.TestCase):
+
+  def _models(self, refresh_steps: int):
+    model = _dense_model(units=(30,), input_size=20)
+    config = qat.QatConfig(bits=2, min_size_to_quantize=100, threshold_refresh_steps=refresh_steps)
+    qat_model = qat.apply_qat(model, config)
+    return model, qat_model, qat_model.trainable_variables[0]  # d1's kernel.
+
+  @staticmethod
+  def _expected(kernel_value):
+    return _quantized(tf.constant(kernel_value), 2)
+
+  def test_every_pass(self):
+    model, qat_model, kernel = self._models(1)
+    for scale in (1.0, 3.0):
+      kernel.assign(kernel * scale)
+      self.assertAllClose(_effective_kernel(qat_model, model), self._expected(kernel.numpy()),
+                          atol=1e-5)
+
+  @parameterized.parameters(2, 3)
+  def test_every_n_passes(self, refresh_steps):
+    model, qat_model, kernel = self._models(refresh_steps)
+    start = kernel.numpy()
+    for passes in range(2 * refresh_steps + 1):
+      kernel.assign(start * (1.0 + passes))
+      used = _effective_kernel(qat_model, model)
+      # The threshold is the one of the last refresh (pass 0, N, 2N, ...), applied to the
+      # current kernel.
+      refreshed = start * (1.0 + passes - passes % refresh_steps)
+      threshold = quantization.optimal_clipping_threshold(refreshed, 2)
+      self.assertAllClose(used, quantization.fake_quantize(kernel, 2, threshold), atol=1e-5)
+
+  def test_once_until_the_counter_is_reset(self):
+    model, qat_model, kernel = self._models(0)
+    start = kernel.numpy()
+    first = _effective_kernel(qat_model, model)
+    self.assertAllClose(first, self._expected(start), atol=1e-5)
+    kernel.assign(start * 3.0)
+    threshold = quantization.optimal_clipping_threshold(start, 2)
+    for _ in range(3):  # Not refreshed: the first pass's threshold clips the grown kernel.
+      self.assertAllClose(_effective_kernel(qat_model, model),
+                          quantization.fake_quantize(kernel, 2, threshold), atol=1e-5)
+    # What TFF does at the start of a client round: load the server's non-trainable values.
+    for variable in qat_model.non_trainable_variables:
+      variable.assign(tf.zeros_like(variable))
+    self.assertAllClose(_effective_kernel(qat_model, model), self._expected(kernel.numpy()),
+                        atol=1e-5)
+
+  def test_cached_threshold_in_a_tf_function_training_step(self):
+    model, qat_model, kernel = self._models(0)
+    optimizer = tf.keras.optimizers.SGD(0.1)
+    x = tf.random.stateless_normal([8, 20], seed=[1, 2])
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        loss = _squared_error(qat_model(x, training=True))
+      gradients = tape.gradient(loss, qat_model.trainable_variables)
+      optimizer.apply_gradients(zip(gradients, qat_model.trainable_variables))
+      return loss
+
+    start = kernel.numpy()
+    for _ in range(3):
+      step()
+    cached = [v for v in qat_model.non_trainable_variables if 'clip_threshold' in v.name]
+    passes = [v for v in qat_model.non_trainable_variables if 'threshold_passes' in v.name]
+    self.assertAllClose(cached[0], quantization.optimal_clipping_threshold(start, 2), rtol=1e-6)
+    self.assertEqual(int(passes[0]), 3)
+    self.assertNotAllClose(kernel, start)  # Training moved the float kernel.
+
+  @parameterized.parameters(-1, 1.5, True, '2')
+  def test_invalid_refresh_steps_raise(self, steps):
+    with self.assertRaisesRegex(ValueError, 'threshold_refresh_steps'):
+      qat.QatConfig(bits=2, threshold_refresh_steps=steps)
+
+
 class VariablesTest(tf.test.TestCase):
 
   def test_qat_model_has_the_plain_trainable_variables(self):
@@ -197,10 +279,22 @@ class VariablesTest(tf.test.TestCase):
                      [v.shape for v in model.trainable_variables])
     for qat_variable, variable in zip(qat_model.trainable_variables, model.trainable_variables):
       self.assertAllEqual(qat_variable, variable)
+    layers = ('conv1', 'conv2', 'dense1', 'logits')
+    cached = [
+        (f'quant_{layer}/{weight}_{suffix}:0', dtype, ())
+        for layer in layers
+        for weight in ('kernel', 'bias')
+        for suffix, dtype in (('clip_threshold', tf.float32), ('threshold_passes', tf.int32))
+    ]
+    expected = [(f'quant_{layer}/optimizer_step:0', tf.int32, ()) for layer in layers] + cached
+    self.assertCountEqual(
+        [(v.name, v.dtype, tuple(v.shape)) for v in qat_model.non_trainable_variables], expected
+    )
+    # Refreshing at every pass keeps no state beyond tfmot's step counters.
+    stateless = qat.apply_qat(model, qat.QatConfig(bits=bits, threshold_refresh_steps=1))
     self.assertEqual(
-        [(v.name, v.dtype, v.shape) for v in qat_model.non_trainable_variables],
-        [(f'quant_{layer}/optimizer_step:0', tf.int32, ())
-         for layer in ('conv1', 'conv2', 'dense1', 'logits')],
+        [(v.name, v.dtype, tuple(v.shape)) for v in stateless.non_trainable_variables],
+        [(f'quant_{layer}/optimizer_step:0', tf.int32, ()) for layer in layers],
     )
 
   def test_qat_model_owns_its_variables(self):
@@ -212,10 +306,11 @@ class VariablesTest(tf.test.TestCase):
     for weight, expected in zip(model.get_weights(), before):
       self.assertAllEqual(weight, expected)
 
-  def test_quantizer_creates_no_variables(self):
-    quantizer = qat.ClippedUniformWeightQuantizer(4)
+  def test_quantizer_refreshing_every_pass_creates_no_variables(self):
+    quantizer = qat.ClippedUniformWeightQuantizer(4, threshold_refresh_steps=1)
     self.assertEqual(quantizer.build(tf.TensorShape([3, 3]), 'kernel', None), {})
-    self.assertEqual(qat.ClippedUniformWeightQuantizer.from_config(quantizer.get_config()).bits, 4)
+    restored = qat.ClippedUniformWeightQuantizer.from_config(quantizer.get_config())
+    self.assertEqual((restored.bits, restored.threshold_refresh_steps), (4, 1))
 
   def test_unsupported_layer_raises(self):
     model = tf.keras.Sequential([

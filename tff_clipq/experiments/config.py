@@ -84,6 +84,7 @@ class ExperimentConfig:
   per_channel: bool = False
   payload: str = 'update'
   qat: bool = True
+  qat_threshold_refresh_steps: int = 0
   # Evaluation and outputs.
   eval_every: int = 1
   max_eval_examples: int = 0
@@ -133,6 +134,7 @@ class ExperimentConfig:
         aggregator=self.aggregator_config,
         payload=self.payload,
         qat=self.qat,
+        qat_threshold_refresh_steps=self.qat_threshold_refresh_steps,
         client_optimizer=self.client_optimizer,
         client_learning_rate=self.client_learning_rate,
         client_momentum=self.client_momentum,
@@ -271,6 +273,7 @@ def _validate(config: ExperimentConfig) -> None:
   _choice(config, 'rounding', quantizer.ROUNDING_MODES)
   _choice(config, 'weighting', aggregators.WEIGHTINGS)
   _at_least(config, 'min_size_to_quantize', 0)
+  _at_least(config, 'qat_threshold_refresh_steps', 0)
   _choice(config, 'payload', process_lib.PAYLOADS)
 
   if not config.output_dir:
@@ -410,6 +413,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_boolean('qat', default('qat'),
                        'Quantization-aware client training for the quantizing aggregators '
                        '(float runs train without it).', **fv)
+  flags.DEFINE_integer('qat_threshold_refresh_steps', default('qat_threshold_refresh_steps'),
+                       'QAT recomputes each clipping threshold every this many local steps; 0: '
+                       'once per client round, at its first step.', **fv)
   flags.DEFINE_integer('eval_every', default('eval_every'),
                        'Evaluate on the test set every this many rounds (and at the last).', **fv)
   flags.DEFINE_integer('max_eval_examples', default('max_eval_examples'),

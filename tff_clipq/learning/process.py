@@ -94,6 +94,7 @@ class ProcessConfig:
   aggregator: AggregatorConfig = AggregatorConfig()
   payload: str = 'update'
   qat: bool = True
+  qat_threshold_refresh_steps: int = 0
   client_optimizer: str = 'sgd'
   client_learning_rate: float = 0.01
   client_momentum: float = 0.9
@@ -152,6 +153,7 @@ def qat_config(config: ProcessConfig) -> Optional[qat_lib.QatConfig]:
       clipping='max_abs' if agg.method == 'tff_encoded' else agg.clipping,
       rounding=agg.rounding,
       min_size_to_quantize=agg.min_size_to_quantize,
+      threshold_refresh_steps=config.qat_threshold_refresh_steps,
   )
 
 

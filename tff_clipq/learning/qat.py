@@ -7,8 +7,13 @@ clipped at its MSE-optimal threshold and quantized to the run's bit width,
 
 while the gradient reaches the float weights unchanged (straight-through estimator):
 `w + stop_gradient(w_q - w)` equals `w_q` in value and has derivative 1 with respect to `w`.
-The threshold is recomputed from the current weights at every forward pass and is treated as a
-constant by the gradient. Weights are quantized in inference as well as in training, so
+The threshold is treated as a constant by the gradient. How often it is recomputed from the
+current weights is `QatConfig.threshold_refresh_steps`: at every forward pass (1, OCTAV's
+per-iteration recomputation), every N passes, or (0, the default) once, at the first forward pass
+after the quantizer's pass counter was reset; TFF resets it at the start of every client round,
+since clients load the model, non-trainable variables included, from the server state, where the
+counter stays 0. Local training moves the weights little within one client round, while the
+full MSE-optimal search costs several plain training steps (see docs/results.md, section 2). Weights are quantized in inference as well as in training, so
 evaluating a QAT model measures the quantized model; the plain model with the same weights
 measures the float one. Activations are not quantized.
 
@@ -24,10 +29,13 @@ Variables. TFF's federated averaging aggregates `model.trainable_variables`, and
 widths are listed in that order, so a QAT model must expose exactly the trainable variables of the
 plain model. tfmot's `QuantizeWrapperV2` keeps the wrapped layer's trainable weights in their
 original order, and `ClippedUniformWeightQuantizer` creates no variables, so the trainable
-variables of the QAT model match the plain model's in number, shapes and order (tested). The only
-addition is one non-trainable int32 scalar `optimizer_step` per wrapped layer (tfmot's wrapper
-creates it unconditionally; nothing here reads it). TFF keeps non-trainable variables in the
-server's model weights and does not average them.
+variables of the QAT model match the plain model's in number, shapes and order (tested). The
+additions are non-trainable: one int32 scalar `optimizer_step` per wrapped layer (tfmot's wrapper
+creates it unconditionally; nothing here reads it) and, unless thresholds are refreshed at every
+pass, per quantized tensor the cached threshold (float32 scalar `<weight>_clip_threshold`) and the
+pass counter (int32 scalar `<weight>_threshold_passes`). TFF keeps non-trainable variables in the
+server's model weights and does not average them; clients start every round from the server's
+values (counter 0).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
@@ -60,6 +68,12 @@ def _validate_clipping(clipping: Any) -> ClippingMethod:
   )
 
 
+def _validate_refresh_steps(steps: Any) -> int:
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise ValueError(f'`threshold_refresh_steps` must be a non-negative integer. Found {steps!r}.')
+  return steps
+
+
 @dataclasses.dataclass(frozen=True)
 class QatConfig:
   """How a client's forward pass quantizes the model's weights.
@@ -76,12 +90,17 @@ class QatConfig:
       threshold (stochastic rounding's is smaller); the forward pass rounds to nearest.
     min_size_to_quantize: tensors with fewer elements stay float, matching the aggregator's
       size threshold.
+    threshold_refresh_steps: recompute each tensor's threshold at every forward pass (1), every
+      N passes (N > 1), or only at the first pass after the pass counter is reset (0: once per
+      client round under TFF; once for the model's lifetime in a plain Keras loop that never
+      resets it).
   """
 
   bits: Union[int, tuple[int, ...]]
   clipping: ClippingMethod = 'octav'
   rounding: str = 'nearest'
   min_size_to_quantize: int = 0
+  threshold_refresh_steps: int = 0
 
   def __post_init__(self):
     if isinstance(self.bits, Sequence) and not isinstance(self.bits, str):
@@ -99,6 +118,7 @@ class QatConfig:
       raise ValueError(
           f'`min_size_to_quantize` must be a non-negative integer. Found {size!r}.'
       )
+    _validate_refresh_steps(self.threshold_refresh_steps)
 
   def bits_per_tensor(self, num_tensors: int) -> tuple[int, ...]:
     """`bits` as one entry per tensor; raises ValueError if a sequence has the wrong length."""
@@ -118,40 +138,95 @@ def straight_through_fake_quantize(
     bits: int,
     clipping: ClippingMethod = 'octav',
     rounding: str = 'nearest',
+    threshold: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
   """Clipped, quantized `weights` in the forward pass; identity in the backward pass.
 
-  The clipping threshold is the one the upload quantizer uses with `rounding`; the forward pass
-  itself rounds to the nearest level, so training stays deterministic (and a resumed run
-  reproduces an uninterrupted one) even when uploads round stochastically.
+  The clipping threshold is `threshold` if given, else the one the upload quantizer uses with
+  `rounding`, computed from `weights`; the forward pass itself rounds to the nearest level, so
+  training stays deterministic (and a resumed run reproduces an uninterrupted one) even when
+  uploads round stochastically.
 
   Not converted by AutoGraph (Keras converts layer calls): the quantization code has no
   tensor-dependent Python control flow, and converting it slows every model construction.
   """
   constant_weights = tf.stop_gradient(weights)
-  threshold = quantization.clipping_threshold(constant_weights, bits, clipping, rounding)
+  if threshold is None:
+    threshold = quantization.clipping_threshold(constant_weights, bits, clipping, rounding)
   quantized = quantization.fake_quantize(constant_weights, bits, threshold, 'nearest')
   return weights + tf.stop_gradient(quantized - weights)
 
 
 class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
-  """tfmot `Quantizer` applying `straight_through_fake_quantize`; it creates no variables."""
+  """tfmot `Quantizer` applying `straight_through_fake_quantize`.
 
-  def __init__(self, bits: int, clipping: ClippingMethod = 'octav', rounding: str = 'nearest'):
+  With `threshold_refresh_steps=1` it recomputes the threshold at every call and creates no
+  variables. Otherwise `build` adds two non-trainable variables to the layer, the cached
+  threshold and a pass counter, and a call recomputes (and caches) the threshold only when the
+  counter is 0 (`threshold_refresh_steps=0`) or a multiple of `threshold_refresh_steps`.
+  """
+
+  def __init__(
+      self,
+      bits: int,
+      clipping: ClippingMethod = 'octav',
+      rounding: str = 'nearest',
+      threshold_refresh_steps: int = 0,
+  ):
     self.bits = quantizer_lib.validate_bits(bits)
     self.clipping = _validate_clipping(clipping)
     self.rounding = quantizer_lib.validate_rounding(rounding)
+    self.threshold_refresh_steps = _validate_refresh_steps(threshold_refresh_steps)
 
   def build(self, tensor_shape, name, layer) -> dict[str, tf.Variable]:
-    del tensor_shape, name, layer  # The threshold is recomputed from the weights at each call.
-    return {}
+    del tensor_shape  # One threshold per tensor.
+    if self.threshold_refresh_steps == 1:
+      return {}
+    return {
+        'threshold': layer.add_weight(
+            f'{name}_clip_threshold', shape=(), dtype=tf.float32,
+            initializer=tf.keras.initializers.Zeros(), trainable=False,
+        ),
+        'passes': layer.add_weight(
+            f'{name}_threshold_passes', shape=(), dtype=tf.int32,
+            initializer=tf.keras.initializers.Zeros(), trainable=False,
+        ),
+    }
+
+  @tf.autograph.experimental.do_not_convert
+  def _cached_threshold(self, inputs: tf.Tensor, weights: dict[str, tf.Variable]) -> tf.Tensor:
+    """The cached threshold, recomputed first when this pass is due for a refresh."""
+    passes = weights['passes']
+    if self.threshold_refresh_steps == 0:
+      due = tf.equal(passes, 0)
+    else:
+      due = tf.equal(tf.math.floormod(passes, self.threshold_refresh_steps), 0)
+
+    def refresh() -> tf.Tensor:
+      fresh = quantization.clipping_threshold(
+          tf.stop_gradient(inputs), self.bits, self.clipping, self.rounding
+      )
+      return weights['threshold'].assign(tf.cast(fresh, tf.float32))
+
+    threshold = tf.cond(due, refresh, weights['threshold'].read_value)
+    with tf.control_dependencies([threshold]):
+      passes.assign_add(1)
+    return tf.cast(threshold, quantizer_lib.compute_dtype(inputs.dtype))
 
   def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
-    del training, weights, kwargs  # Same quantization in training and inference.
-    return straight_through_fake_quantize(inputs, self.bits, self.clipping, self.rounding)
+    del training, kwargs  # Same quantization in training and inference.
+    threshold = self._cached_threshold(inputs, weights) if weights else None
+    return straight_through_fake_quantize(
+        inputs, self.bits, self.clipping, self.rounding, threshold
+    )
 
   def get_config(self) -> dict[str, Any]:
-    return {'bits': self.bits, 'clipping': self.clipping, 'rounding': self.rounding}
+    return {
+        'bits': self.bits,
+        'clipping': self.clipping,
+        'rounding': self.rounding,
+        'threshold_refresh_steps': self.threshold_refresh_steps,
+    }
 
 
 class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
@@ -167,6 +242,7 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
       bits: Sequence[int],
       clipping: ClippingMethod = 'octav',
       rounding: str = 'nearest',
+      threshold_refresh_steps: int = 0,
   ):
     self.weight_names = tuple(weight_names)
     self.bits = tuple(bits)
@@ -177,10 +253,16 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
       )
     self.clipping = clipping
     self.rounding = rounding
+    self.threshold_refresh_steps = threshold_refresh_steps
 
   def get_weights_and_quantizers(self, layer):
     return [
-        (getattr(layer, name), ClippedUniformWeightQuantizer(bits, self.clipping, self.rounding))
+        (
+            getattr(layer, name),
+            ClippedUniformWeightQuantizer(
+                bits, self.clipping, self.rounding, self.threshold_refresh_steps
+            ),
+        )
         for name, bits in zip(self.weight_names, self.bits)
     ]
 
@@ -203,6 +285,7 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         'bits': list(self.bits),
         'clipping': self.clipping,
         'rounding': self.rounding,
+        'threshold_refresh_steps': self.threshold_refresh_steps,
     }
 
 
@@ -292,7 +375,7 @@ def _quantize_configs(
         widths.append(width)
     if names:
       configs[layer.name] = ClippedWeightQuantizeConfig(
-          names, widths, config.clipping, config.rounding
+          names, widths, config.clipping, config.rounding, config.threshold_refresh_steps
       )
   return configs
 
