@@ -192,6 +192,17 @@ def _effective_kernel(qat_model: tf.keras.Model, model: tf.keras.Model) -> tf.Te
   return qat_model.get_layer('quant_d1')(tf.eye(size)) - model.get_layer('d1').bias
 
 
+class NearestLevelsTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(bits=(1, 2, 3, 4, 8), threshold=(0.0, 0.3, 1.0, 2.5))
+  def test_matches_the_upload_quantizers_nearest_rounding(self, bits, threshold):
+    weights = tf.constant(np.random.default_rng(bits).standard_t(3, size=4096), tf.float32)
+    weights = tf.concat([weights, [threshold, -threshold, 0.0]], axis=0)
+    expected = quantization.fake_quantize(weights, bits, threshold, 'nearest')
+    levels = qat._nearest_levels(weights, bits, tf.constant(threshold))
+    self.assertAllClose(levels, expected, rtol=0.0, atol=1e-6 * max(threshold, 1.0))
+
+
 class ThresholdRefreshTest(tf.test.TestCase, parameterized.TestCase):
 
   def _models(self, refresh_steps: int):

@@ -153,8 +153,25 @@ def straight_through_fake_quantize(
   constant_weights = tf.stop_gradient(weights)
   if threshold is None:
     threshold = quantization.clipping_threshold(constant_weights, bits, clipping, rounding)
-  quantized = quantization.fake_quantize(constant_weights, bits, threshold, 'nearest')
+  quantized = _nearest_levels(constant_weights, bits, threshold)
   return weights + tf.stop_gradient(quantized - weights)
+
+
+def _nearest_levels(weights: tf.Tensor, bits: int, threshold: tf.Tensor) -> tf.Tensor:
+  """`fake_quantize(weights, bits, threshold, 'nearest')` in 7 elementwise ops instead of ~20.
+
+  It runs at every training step, so it skips what the upload quantizer needs and training
+  does not: NaN handling, integer codes, and building each level from the nearer end of the range
+  (exact +-s; here levels may differ from the upload's by float rounding, ~1e-7 relative).
+  """
+  dtype = quantizer_lib.compute_dtype(weights.dtype)
+  threshold = tf.cast(threshold, dtype)
+  max_code = float(quantizer_lib.num_levels(bits) - 1)
+  step = quantizer_lib.quantization_step(threshold, bits)
+  codes_per_unit = tf.math.divide_no_nan(tf.constant(0.5 * max_code, dtype), threshold)
+  clipped = tf.clip_by_value(tf.cast(weights, dtype), -threshold, threshold)
+  codes = tf.floor(clipped * codes_per_unit + (0.5 * max_code + 0.5))
+  return tf.cast(codes * step - threshold, weights.dtype)
 
 
 class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
