@@ -63,6 +63,12 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
     self.assertFalse(benchmark._memory_is_at_most_linear(superlinear))
     self.assertIsNone(benchmark._memory_is_at_most_linear(linear[:2]))
 
+  def test_round_rise_linearity_check(self):
+    self.assertTrue(benchmark._rise_is_at_most_linear([(10, 11.0), (50, 13.0), (100, 62.0)]))
+    self.assertTrue(benchmark._rise_is_at_most_linear([(10, 1.0), (50, 37.0), (100, 51.0)]))
+    self.assertFalse(benchmark._rise_is_at_most_linear([(10, 5.0), (50, 20.0), (100, 400.0)]))
+    self.assertIsNone(benchmark._rise_is_at_most_linear([(10, 5.0)]))
+
   def test_variant_specs(self):
     for name in benchmark.ALL_VARIANTS:
       spec = benchmark.variant_spec(name)
