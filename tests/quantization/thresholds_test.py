@@ -182,9 +182,9 @@ class PerChannelTest(tf.test.TestCase, parameterized.TestCase):
       column = kernel[..., channel]
       alone = quantization.clipping_threshold(column, 3, method, rounding)
       # Summation order differs (one pass over all channels), and the search stops at a relative
-      # resolution of 1e-3 where the exact MSE is flat: compare thresholds at that resolution,
+      # resolution of 0.75% where the exact MSE is flat: compare thresholds at that resolution,
       # and their MSE tightly.
-      self.assertAllClose(thresholds[channel], alone, rtol=1e-3, atol=0.0)
+      self.assertAllClose(thresholds[channel], alone, rtol=1e-2, atol=0.0)
       self.assertAllClose(
           exact_mse(column, thresholds[channel], 3, rounding),
           exact_mse(column, alone, 3, rounding),

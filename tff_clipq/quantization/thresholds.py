@@ -401,8 +401,8 @@ def optimal_clipping_threshold(
     rounding: str = 'nearest',
     per_channel: bool = False,
     max_iterations: int = 100,
-    tolerance: float = 1e-3,
-    refinement_iterations: int = 16,
+    tolerance: float = 1e-2,
+    refinement_iterations: int = 11,
 ) -> tf.Tensor:
   """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
 
@@ -413,8 +413,10 @@ def optimal_clipping_threshold(
   tensor, or [channels] if `per_channel`.
 
   Resolution: the fixed point only centres the search, so it stops at a relative change of
-  `tolerance`; 16 golden-section steps narrow the bracket (1.5 s wide) to 1e-3 s, where the
-  exact MSE is flat (its curvature makes a 1e-3 relative threshold error cost ~1e-6 of the MSE).
+  `tolerance`; 11 golden-section steps narrow the bracket (1.5 s wide) to 0.0075 s. The exact
+  MSE is flat there: a relative threshold error d costs about k d^2 / 2 of the MSE with
+  k = s^2 J''(s) / J(s) of order 1-10, i.e. < 1e-4 here (tests: within 1% of a brute-force search,
+  and of Max's optimum).
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
