@@ -226,8 +226,15 @@ class BuildTffModelFnTest(tf.test.TestCase):
     keras_model = models.create_keras_model('logistic', DIGITS_SHAPE, seed=0)
     self.assertEqual([w.shape for w in trained.trainable],
                      [v.shape for v in keras_model.trainable_variables])
-    # tfmot's wrapper adds one int32 `optimizer_step` per wrapped layer; FedAvg leaves it alone.
-    self.assertEqual([(w.dtype, w.shape) for w in trained.non_trainable], [(np.int32, ())])
+    # tfmot's wrapper adds one int32 `optimizer_step` per wrapped layer, QAT the kernel's cached
+    # threshold and pass counter. FedAvg leaves them at their initial zeros on the server, so
+    # every client round starts with an empty cache and computes the threshold afresh.
+    self.assertEqual(
+        [(w.dtype, w.shape) for w in trained.non_trainable],
+        [(np.int32, ()), (np.float32, ()), (np.int32, ())],
+    )
+    for value in trained.non_trainable[1:]:
+      self.assertEqual(value, 0)
     self.assertNotAllClose(initial.trainable[0], trained.trainable[0])
     # The server's weights load into the plain (float) model for evaluation.
     tf.nest.map_structure(lambda v, w: v.assign(w), keras_model.trainable_variables,
@@ -243,7 +250,8 @@ class BuildTffModelFnTest(tf.test.TestCase):
     _, trained = self._run_one_round(model_fn, DIGITS_SHAPE)
     self.assertEqual([w.shape for w in trained.trainable],
                      [v.shape for v in keras_model.trainable_variables])
-    self.assertLen(trained.non_trainable, 4)
+    # Per layer tfmot's `optimizer_step`; per tensor QAT's cached threshold and pass counter.
+    self.assertLen(trained.non_trainable, 4 + 2 * 8)
 
 
 if __name__ == '__main__':
