@@ -56,6 +56,21 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
     self.assertIn('## Targets', markdown)
     self.assertFalse([name for name in os.listdir(self.get_temp_dir()) if name.startswith('.tmp_')])
 
+    # --retarget re-evaluates the saved run without measuring: same results, same verdicts.
+    retargeted = os.path.join(self.get_temp_dir(), 'retargeted.md')
+    command = [sys.executable, _PATH, f'--retarget={os.path.splitext(output)[0]}.json',
+               f'--output={retargeted}']
+    with open(log_path, 'w') as log:
+      result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False)
+    with open(log_path) as log:
+      self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
+    with open(os.path.splitext(retargeted)[0] + '.json') as f:
+      again = json.load(f)
+    self.assertEqual(again['results'], report['results'])
+    self.assertEqual(again['targets'], report['targets'])
+    with open(retargeted) as f:
+      self.assertIn('| clipq_2b | d | 2 |', f.read())
+
   def test_memory_linearity_check(self):
     linear = [(10, 500.0), (50, 900.0), (100, 1400.0)]
     self.assertTrue(benchmark._memory_is_at_most_linear(linear))

@@ -1,0 +1,233 @@
+r"""Per-client CPU cost of the clipq aggregator next to the client's local training, one thread.
+
+Replacing TFF's `MeanFactory` by clipq adds, per client, the client's encode (thresholds,
+quantization, packing, error statistics, seed) and the server's decode, checks and weighted sum.
+`round_time.py` measures that inside whole rounds, where background load moves a variant's median
+by 10-15%, more than the 5% the target allows. Here each piece is timed alone, so the ratio is
+precise:
+
+  * local training of one client, the FedAvg client's work: the paper's CNN, SGD with momentum
+    0.9 over the client's batches, in a `tf.function` (the floor's loop in `round_time.py`), on
+    random MNIST-shaped data, for each `--clients` size (examples:batch size);
+  * FedAvg's per-client aggregation: adding the example-weighted update to the running sum;
+  * clipq's encode (`payload.client_seed` + `payload.encode_tensors`) at 2 and 4 bits, stochastic
+    rounding, with the MSE-optimal `octav` threshold and with `max_abs` (which isolates the cost
+    of the threshold search);
+  * clipq's server side per client: `decode_quantized`, `payload_is_well_formed`, the finiteness
+    checks and the weighted sum (the core of the aggregator's `accumulate_fn`).
+
+Everything runs in one process with one intra-op and one inter-op thread, each piece in its own
+`tf.function`, after warm-up; each time is the median CPU time (`time.process_time`) of
+`--repeats` calls, minus the median of an empty `tf.function` call with the same inputs (inside
+TFF the pieces are parts of one graph, with no call overhead of their own).
+
+  python benchmarks/aggregator_cost.py [--clients=100:20,600:32] [--repeats=200]
+
+Writes `benchmarks/results/aggregator_cost.{md,json}` (atomically).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TensorFlow is imported.
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import tensorflow as tf
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without installing the package.
+  sys.path.insert(0, _REPO_ROOT)
+
+from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
+from tff_clipq.learning import models  # pylint: disable=g-import-not-at-top
+from tff_clipq.quantization import payload  # pylint: disable=g-import-not-at-top
+
+_OUTPUT = flags.DEFINE_string(
+    'output', os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'aggregator_cost.md'),
+    'Markdown output; a JSON file with the same stem is written beside it.',
+)
+_CLIENTS = flags.DEFINE_list(
+    'clients', ['100:20', '600:32'], 'Client sizes as examples:batch_size.'
+)
+_REPEATS = flags.DEFINE_integer('repeats', 200, 'Timed calls per piece.', lower_bound=5)
+_MIN_SIZE_TO_QUANTIZE = 128  # As in round_time.py and the experiments: biases stay float32.
+
+
+def cpu_ms(fn: Callable[..., Any], args: tuple, repeats: int) -> float:
+  """Median CPU milliseconds of `fn(*args)` over `repeats` calls, after two warm-up calls."""
+  for _ in range(2):
+    fn(*args)
+  times = []
+  for _ in range(repeats):
+    start = time.process_time()
+    fn(*args)
+    times.append(time.process_time() - start)
+  return 1e3 * statistics.median(times)
+
+
+def parse_clients(specs: list[str]) -> list[tuple[int, int]]:
+  sizes = []
+  for spec in specs:
+    try:
+      examples, batch = (int(part) for part in spec.split(':'))
+    except ValueError:
+      raise app.UsageError(f'--clients entries must be examples:batch_size. Found {spec!r}.')
+    if examples < 1 or batch < 1:
+      raise app.UsageError(f'--clients entries must be positive. Found {spec!r}.')
+    sizes.append((examples, batch))
+  return sizes
+
+
+def local_training_fn(model: tf.keras.Model) -> Callable[[tf.data.Dataset], tf.Tensor]:
+  """One client's FedAvg work: SGD with momentum over its batches, from the global weights."""
+  variables = model.trainable_variables
+  start = [tf.Variable(v) for v in variables]
+  velocities = [tf.Variable(tf.zeros_like(v)) for v in variables]
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+  @tf.function
+  def train(dataset: tf.data.Dataset) -> tf.Tensor:
+    loss = tf.constant(0.0)
+    for variable, value in zip(variables, start):
+      variable.assign(value)
+    for velocity in velocities:
+      velocity.assign(tf.zeros_like(velocity))
+    for x, y in iter(dataset):
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+      for variable, velocity, gradient in zip(
+          variables, velocities, tape.gradient(loss, variables)
+      ):
+        velocity.assign(0.9 * velocity + gradient)
+        variable.assign_sub(0.01 * velocity)
+    return loss
+
+  return train
+
+
+def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]:
+  model = models.create_keras_model('cnn', seed=0)
+  shapes = [tuple(v.shape) for v in model.trainable_variables]
+  update = [0.01 * tf.random.stateless_normal(s, seed=[i, 0]) for i, s in enumerate(shapes)]
+  totals = [tf.zeros(s) for s in shapes]
+  weight = tf.constant(100.0)
+  round_seed = tf.constant(7, tf.int64)
+
+  empty = tf.function(lambda *args: tf.constant(0.0))
+  overhead = {
+      'update': cpu_ms(empty, (update,), repeats),
+      'update + sums': cpu_ms(empty, (update, totals), repeats),
+  }
+
+  def net(fn, args, key='update'):
+    return max(cpu_ms(fn, args, repeats) - overhead[key], 0.0)
+
+  fedavg_sum = tf.function(lambda value, sums: [s + weight * v for s, v in zip(sums, value)])
+  pieces = collections.OrderedDict(fedavg_aggregation=net(fedavg_sum, (update, totals), 'update + sums'))
+  for bits in (2, 4):
+    for clipping in ('octav', 'max_abs'):
+      plan = payload.make_plan(shapes, bits, _MIN_SIZE_TO_QUANTIZE, clipping, 'stochastic')
+      encode = tf.function(
+          lambda value, plan=plan: payload.encode_tensors(
+              plan, value, payload.client_seed(round_seed, value)
+          )
+      )
+      pieces[f'clipq_{bits}b_{clipping}_encode'] = net(encode, (update,))
+      if clipping != 'octav':
+        continue
+      quantized, _, _, _ = encode(update)
+      quantized_totals = [totals[i] for i in plan.quantized_indices]
+
+      @tf.function
+      def server(parts, sums, plan=plan):
+        decoded = payload.decode_quantized(plan, parts)
+        weighted = [weight * value for value in decoded]
+        valid = tf.logical_and(
+            payload.payload_is_well_formed(plan, parts),
+            tf.reduce_all([tf.reduce_all(tf.math.is_finite(w)) for w in weighted]),
+        )
+        return [s + tf.where(valid, w, tf.zeros_like(w)) for s, w in zip(sums, weighted)]
+
+      overhead_server = cpu_ms(empty, (quantized, quantized_totals), repeats)
+      pieces[f'clipq_{bits}b_server'] = max(
+          cpu_ms(server, (quantized, quantized_totals), repeats) - overhead_server, 0.0
+      )
+
+  training = collections.OrderedDict()
+  train = local_training_fn(model)
+  for examples, batch_size in client_sizes:
+    images = tf.random.stateless_uniform([examples, 28, 28, 1], seed=[examples, 1])
+    labels = tf.random.stateless_uniform([examples], seed=[examples, 2], maxval=10, dtype=tf.int32)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+    training[f'{examples}:{batch_size}'] = net(train, (dataset,), 'update')
+
+  overheads = collections.OrderedDict()
+  for size, train_ms in training.items():
+    fedavg_ms = train_ms + pieces['fedavg_aggregation']
+    for bits in (2, 4):
+      added = (
+          pieces[f'clipq_{bits}b_octav_encode'] + pieces[f'clipq_{bits}b_server']
+          - pieces['fedavg_aggregation']
+      )
+      overheads[f'clipq_{bits}b @ {size}'] = collections.OrderedDict(
+          added_ms=added,
+          fedavg_client_ms=fedavg_ms,
+          ratio=1.0 + added / fedavg_ms,
+          threshold_share=(
+              pieces[f'clipq_{bits}b_octav_encode'] - pieces[f'clipq_{bits}b_max_abs_encode']
+          ) / added,
+      )
+  return collections.OrderedDict(
+      call_overhead_ms=overhead, pieces_ms=pieces, local_training_ms=training, overheads=overheads
+  )
+
+
+def markdown(report: dict[str, Any]) -> str:
+  lines = [
+      '# Aggregator cost per client (one CPU thread)', '',
+      'Generated by `benchmarks/aggregator_cost.py` (see its docstring). CPU ms per call, median '
+      f"of {report['repeats']} calls, `tf.function` call overhead subtracted "
+      f"({', '.join(f'{k}: {v:.2f}' for k, v in report['call_overhead_ms'].items())} ms).",
+      '', '| piece | CPU ms |', '|---|---:|',
+  ]
+  lines += [f'| {name} | {ms:.2f} |' for name, ms in report['pieces_ms'].items()]
+  lines += [f'| local training, {size} (examples:batch) | {ms:.2f} |'
+            for size, ms in report['local_training_ms'].items()]
+  lines += [
+      '', '| clipq at client size | added ms per client | FedAvg client ms | '
+      'clipq / FedAvg per client | share of the threshold search |', '|---|---:|---:|---:|---:|',
+  ]
+  lines += [
+      f"| {name} | {o['added_ms']:.2f} | {o['fedavg_client_ms']:.2f} | {o['ratio']:.3f} "
+      f"| {o['threshold_share']:.0%} |"
+      for name, o in report['overheads'].items()
+  ]
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  client_sizes = parse_clients(_CLIENTS.value)
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  report = measure(client_sizes, _REPEATS.value)
+  report['repeats'] = _REPEATS.value
+  report['tensorflow'] = tf.__version__
+  output = _OUTPUT.value
+  outputs.write_text(os.path.splitext(output)[0] + '.json', json.dumps(report, indent=2) + '\n')
+  text = markdown(report)
+  outputs.write_text(output, text)
+  print(text)
+  print(f'Wrote {output}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,56 @@
+"""Smoke test of `benchmarks/aggregator_cost.py`: a tiny run writes a consistent report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+_PATH = os.path.join(
+    os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'aggregator_cost.py'
+)
+
+
+class AggregatorCostBenchmarkTest(tf.test.TestCase):
+
+  def _run(self, *flags: str) -> tuple[int, str]:
+    log_path = os.path.join(self.get_temp_dir(), 'aggregator_cost.log')
+    with open(log_path, 'w') as log:  # A file, not a pipe.
+      result = subprocess.run(
+          [sys.executable, _PATH, *flags], stdout=log, stderr=subprocess.STDOUT, timeout=300,
+          check=False,
+      )
+    with open(log_path) as log:
+      return result.returncode, log.read()
+
+  def test_tiny_run_writes_markdown_and_json(self):
+    output = os.path.join(self.get_temp_dir(), 'aggregator_cost.md')
+    returncode, log = self._run('--clients=20:10', '--repeats=5', f'--output={output}')
+    self.assertEqual(returncode, 0, msg=log[-3000:])
+    with open(os.path.splitext(output)[0] + '.json') as f:
+      report = json.load(f)
+    pieces = report['pieces_ms']
+    for bits in (2, 4):
+      # The MSE-optimal threshold search costs more than max|x|; both cost more than nothing.
+      self.assertGreater(
+          pieces[f'clipq_{bits}b_octav_encode'], pieces[f'clipq_{bits}b_max_abs_encode']
+      )
+      self.assertGreater(pieces[f'clipq_{bits}b_max_abs_encode'], 0.0)
+      overhead = report['overheads'][f'clipq_{bits}b @ 20:10']
+      self.assertGreater(overhead['ratio'], 1.0)
+      self.assertAlmostEqual(
+          overhead['ratio'], 1.0 + overhead['added_ms'] / overhead['fedavg_client_ms']
+      )
+    self.assertGreater(report['local_training_ms']['20:10'], 0.0)
+    with open(output) as f:
+      self.assertIn('| clipq_2b @ 20:10 |', f.read())
+
+  def test_bad_client_size_names_the_flag(self):
+    returncode, log = self._run('--clients=20', '--repeats=5')
+    self.assertNotEqual(returncode, 0)
+    self.assertIn('--clients', log)
+
+
+if __name__ == '__main__':
+  tf.test.main()
