@@ -131,7 +131,9 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
     return max(cpu_ms(fn, args, repeats) - overhead[key], 0.0)
 
   fedavg_sum = tf.function(lambda value, sums: [s + weight * v for s, v in zip(sums, value)])
-  pieces = collections.OrderedDict(fedavg_aggregation=net(fedavg_sum, (update, totals), 'update + sums'))
+  pieces = collections.OrderedDict(
+      fedavg_aggregation=net(fedavg_sum, (update, totals), 'update + sums')
+  )
   for bits in (2, 4):
     for clipping in ('octav', 'max_abs'):
       plan = payload.make_plan(shapes, bits, _MIN_SIZE_TO_QUANTIZE, clipping, 'stochastic')

@@ -61,7 +61,9 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
     command = [sys.executable, _PATH, f'--retarget={os.path.splitext(output)[0]}.json',
                f'--output={retargeted}']
     with open(log_path, 'w') as log:
-      result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False)
+      result = subprocess.run(
+          command, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False
+      )
     with open(log_path) as log:
       self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
     with open(os.path.splitext(retargeted)[0] + '.json') as f:

@@ -13,9 +13,10 @@ per-iteration recomputation), every N passes, or (0, the default) once, at the f
 after the quantizer's pass counter was reset; TFF resets it at the start of every client round,
 since clients load the model, non-trainable variables included, from the server state, where the
 counter stays 0. Local training moves the weights little within one client round, while the
-full MSE-optimal search costs several plain training steps (see docs/results.md, section 2). Weights are quantized in inference as well as in training, so
-evaluating a QAT model measures the quantized model; the plain model with the same weights
-measures the float one. Activations are not quantized.
+full MSE-optimal search costs several plain training steps (see docs/results.md, section 2).
+Weights are quantized in inference as well as in training, so evaluating a QAT model measures the
+quantized model; the plain model with the same weights measures the float one. Activations are
+not quantized.
 
 This is built on tensorflow-model-optimization's QAT machinery: a `Quantizer`
 (`ClippedUniformWeightQuantizer`), a `QuantizeConfig` (`ClippedWeightQuantizeConfig`) for the
