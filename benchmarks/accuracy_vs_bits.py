@@ -19,7 +19,7 @@ The default size finishes in under an hour on 2 CPU cores; `--full` runs the ful
 
   python benchmarks/accuracy_vs_bits.py [--full] [--datasets=mnist,fashion_mnist]
       [--partitions=iid,dirichlet] [--output_dir=runs/accuracy_vs_bits]
-      [--qat_threshold_refresh_steps=1]
+      [--qat_threshold_refresh_steps=0]
 
 Writes each study under output_dir/<dataset>-<partition>-seed<k>/ (CSV, JSON, plots), and the
 combined tables to `benchmarks/results/accuracy_vs_bits.{md,json}` (atomically).
@@ -53,8 +53,8 @@ _RESULTS = flags.DEFINE_string(
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue interrupted studies.')
 _QAT_REFRESH = flags.DEFINE_integer(
     'qat_threshold_refresh_steps', config_lib.ExperimentConfig.qat_threshold_refresh_steps,
-    'QAT threshold recomputation every this many local steps (0: once per client round). The '
-    'table in docs/results.md was measured with 1.', lower_bound=0,
+    'QAT threshold recomputation every this many local steps (0: once per client round, the '
+    'default, as in the table in docs/results.md).', lower_bound=0,
 )
 
 CLIPQ = 'aggregator=clipq,clipping=octav,weighting=inverse_error,qat=true'
