@@ -208,10 +208,6 @@ def _golden_section_refinement(
   def mse(threshold):
     return _exact_mse(magnitudes, finite, threshold, bits, rounding)
 
-  def keep_best(best, best_mse, point, point_mse):
-    better = point_mse < best_mse
-    return tf.where(better, point, best), tf.where(better, point_mse, best_mse)
-
   def body(iteration, low, high, left, right, left_mse, right_mse, best, best_mse):
     keep_left = left_mse <= right_mse
     low = tf.where(keep_left, low, left)
@@ -221,7 +217,7 @@ def _golden_section_refinement(
         keep_left, high - _GOLDEN_RATIO_CONJUGATE * width, low + _GOLDEN_RATIO_CONJUGATE * width
     )
     new_mse = mse(new_point)
-    best, best_mse = keep_best(best, best_mse, new_point, new_mse)
+    best, best_mse = _keep_better(best, best_mse, new_point, new_mse)
     return (
         iteration + 1,
         low,
@@ -246,6 +242,14 @@ def _golden_section_refinement(
       (tf.constant(0), lower, upper, left, right, errors[0], errors[1], best, best_mse),
   )
   return best
+
+
+def _keep_better(
+    best: tf.Tensor, best_mse: tf.Tensor, point: tf.Tensor, point_mse: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """Per group, (point, its MSE) where that MSE is lower than `best_mse`, else (best, best_mse)."""
+  better = point_mse < best_mse
+  return tf.where(better, point, best), tf.where(better, point_mse, best_mse)
 
 
 def _best_candidate(candidates: tf.Tensor, errors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -323,14 +327,8 @@ def _grid_refinement(
     grid_best, grid_best_mse = _best_candidate(
         candidates, _exact_mse(magnitudes, finite, candidates, bits, rounding)
     )
-    better = grid_best_mse < best_mse
-    return (
-        iteration + 1,
-        grid_best - cell,
-        grid_best + cell,
-        tf.where(better, grid_best, best),
-        tf.where(better, grid_best_mse, best_mse),
-    )
+    best, best_mse = _keep_better(best, best_mse, grid_best, grid_best_mse)
+    return iteration + 1, grid_best - cell, grid_best + cell, best, best_mse
 
   best, best_mse = _best_candidate(
       anchors, _exact_mse(magnitudes, finite, anchors, bits, rounding)
