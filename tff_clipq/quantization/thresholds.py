@@ -143,8 +143,8 @@ def _exact_mse(
   Non-finite entries have magnitude 0 there, whose position (2^B - 1) / 2 is a half-integer, so
   each adds exactly 1/4 step^2, which is subtracted instead of masking every entry.
   """
-  threshold = threshold[..., None]
   step = quantizer.quantization_step(threshold, bits)
+  threshold = threshold[..., None]
   # As in `quantizer.quantize`: exactly 2^B - 1 for clipped entries (no spurious rounding error).
   half_max_code = 0.5 * float(quantizer.num_levels(bits) - 1)
   codes_per_unit = tf.math.divide_no_nan(tf.constant(half_max_code, magnitudes.dtype), threshold)
@@ -160,7 +160,6 @@ def _exact_mse(
   nonfinite = tf.cast(total, magnitudes.dtype) - count
   rounding_sum = tf.reduce_sum(rounding_units, axis=-1) - 0.25 * nonfinite
   clipping_sum = tf.reduce_sum(tf.square(magnitudes - clipped), axis=-1)
-  step = tf.squeeze(step, axis=-1)
   return (clipping_sum + tf.square(step) * rounding_sum) / tf.maximum(count, 1.0)
 
 
@@ -261,12 +260,12 @@ def _best_candidate(candidates: tf.Tensor, errors: tf.Tensor) -> tuple[tf.Tensor
   )
 
 
-# Small tensors: there the golden-section loop costs its ~24 iterations of per-op overhead, not
+# Small tensors: there the golden-section loop costs its iterations' per-op overhead, not
 # arithmetic, so a search that evaluates several candidates per iteration in one vectorized pass
-# and needs only a few iterations is faster (measured on the CNN's tensors, one CPU thread: 144
-# entries 0.93 -> 0.47 ms, 1,000 entries 0.97 -> 0.67 ms per threshold). It is used while
-# candidates x entries of a group, and of all groups, stay within these bounds (up to 1,024
-# entries per group).
+# and needs only a few iterations is faster (measured at 24 golden-section steps on the CNN's
+# tensors, one CPU thread: 144 entries 0.93 -> 0.47 ms, 1,000 entries 0.97 -> 0.67 ms). It is
+# used while candidates x entries of a group, and of all groups, stay within these bounds (up to
+# 1,024 entries per group).
 _GRID_MAX_POINTS = 32
 _GRID_MIN_POINTS = 8
 _GRID_MAX_CANDIDATE_ENTRIES = 1 << 13  # Candidates x entries of one group.
