@@ -55,7 +55,11 @@ def child_workers(pid: int) -> list[int]:
   """PIDs of the `worker_binary` children of process `pid`."""
   workers = []
   for task in pathlib.Path(f'/proc/{pid}/task').iterdir():
-    for child in (task / 'children').read_text().split():
+    try:
+      children = (task / 'children').read_text().split()
+    except (FileNotFoundError, ProcessLookupError):
+      continue  # The thread exited between listing and reading.
+    for child in children:
       try:
         if pathlib.Path(f'/proc/{child}/comm').read_text().strip() == 'worker_binary':
           workers.append(int(child))
