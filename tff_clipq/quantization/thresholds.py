@@ -37,6 +37,7 @@ from tff_clipq.quantization import quantizer
 NOISE_MODELS = ('matched', 'paper')
 CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs')
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
+_UNROLLED_FIXED_POINT_UPDATES = 3
 
 
 def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = 'matched') -> float:
@@ -105,14 +106,18 @@ def _fixed_point_iteration(
   whose nonzero magnitudes are all equal (constant, or +-c) oscillates between |c| and 0.
   """
   count = tf.maximum(tf.reduce_sum(finite, axis=-1), 1.0)
+  fraction_finite = tf.reduce_sum(finite, axis=-1) / count
   start = tf.reduce_sum(magnitudes, axis=-1) / count  # E|x|: positive unless all zero.
 
   def update(threshold: tf.Tensor) -> tf.Tensor:
-    above = tf.cast(magnitudes >= threshold[:, None], magnitudes.dtype) * finite
-    fraction_above = tf.reduce_sum(above, axis=-1) / count
-    fraction_inside = tf.reduce_sum(finite, axis=-1) / count - fraction_above
-    clipped_mass = tf.reduce_sum(magnitudes * above, axis=-1) / count
-    return tf.math.divide_no_nan(clipped_mass, coefficient * fraction_inside + fraction_above)
+    # Non-finite entries have magnitude 0: never above a positive threshold, and a zero
+    # threshold (all magnitudes zero) stays zero whatever they count as.
+    above = magnitudes >= threshold[:, None]
+    fraction_above = tf.reduce_sum(tf.cast(above, magnitudes.dtype), axis=-1) / count
+    clipped_mass = tf.reduce_sum(tf.where(above, magnitudes, 0.0), axis=-1) / count
+    return tf.math.divide_no_nan(
+        clipped_mass, coefficient * (fraction_finite - fraction_above) + fraction_above
+    )
 
   def not_converged(iteration, threshold, previous):
     change = tf.abs(threshold - previous)
@@ -124,8 +129,14 @@ def _fixed_point_iteration(
   def body(iteration, threshold, unused_previous):
     return iteration + 1, update(threshold), threshold
 
+  # Most searches converge in 3-7 updates (more at 8+ bits): the first few run unrolled, without
+  # the per-iteration overhead of the loop's control flow.
+  unrolled = min(_UNROLLED_FIXED_POINT_UPDATES, max_iterations)
+  previous, threshold = start, update(start)
+  for _ in range(unrolled):
+    previous, threshold = threshold, update(threshold)
   _, threshold, _ = tf.while_loop(
-      not_converged, body, (tf.constant(0), update(start), start)
+      not_converged, body, (tf.constant(unrolled), threshold, previous)
   )
   return threshold
 
@@ -235,12 +246,10 @@ def _golden_section_refinement(
   points = tf.concat([tf.stack([left, right]), anchors], axis=0)  # [2 + A, groups]
   errors = mse(points)
   best, best_mse = _best_candidate(points, errors)
-  _, _, _, _, _, _, _, best, _ = tf.while_loop(
-      lambda iteration, *_: iteration < iterations,
-      body,
-      (tf.constant(0), lower, upper, left, right, errors[0], errors[1], best, best_mse),
-  )
-  return best
+  state = (0, lower, upper, left, right, errors[0], errors[1], best, best_mse)
+  for _ in range(iterations):
+    state = body(*state)
+  return state[-2]
 
 
 def _keep_better(
@@ -314,10 +323,16 @@ def _grid_refinement(
   result is the point of least exact MSE among all points evaluated and `anchors` [A, groups].
   """
   dtype = magnitudes.dtype
-  divisions = tf.cast(points, dtype) + 1.0
   # (2 / divisions)^iterations <= g^golden_iterations.
   golden_log_width = golden_iterations * math.log(_GOLDEN_RATIO_CONJUGATE)
-  iterations = tf.cast(tf.math.ceil(golden_log_width / tf.math.log(2.0 / divisions)), tf.int32)
+  if isinstance(points, int):
+    iterations = math.ceil(golden_log_width / math.log(2.0 / (points + 1)))
+  else:
+    iterations = tf.cast(
+        tf.math.ceil(golden_log_width / tf.math.log(2.0 / (tf.cast(points, dtype) + 1.0))),
+        tf.int32,
+    )
+  divisions = tf.cast(points, dtype) + 1.0
   fractions = tf.range(1.0, divisions, dtype=dtype)[:, None] / divisions  # [points, 1]
 
   def body(iteration, low, high, best, best_mse):
@@ -332,12 +347,12 @@ def _grid_refinement(
   best, best_mse = _best_candidate(
       anchors, _exact_mse(magnitudes, finite, anchors, bits, rounding)
   )
-  _, _, _, best, _ = tf.while_loop(
-      lambda iteration, *_: iteration < iterations,
-      body,
-      (tf.constant(0), lower, upper, best, best_mse),
-  )
-  return best
+  state = (0, lower, upper, best, best_mse)
+  if isinstance(iterations, int):  # Unrolled: no per-iteration control-flow overhead.
+    for _ in range(iterations):
+      state = body(*state)
+    return state[3]
+  return tf.while_loop(lambda iteration, *_: iteration < iterations, body, state)[3]
 
 
 def _refinement(
