@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_clipq import quantization
+from tff_clipq.quantization import thresholds
 
 # MSE of the optimum uniform quantizer of a unit Gaussian with 2, 4, 8, 16 levels, and its step
 # (Max, "Quantizing for minimum distortion", IRE Trans. Inf. Theory, 1960, Table II).
@@ -15,6 +16,8 @@ MAX_1960_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352}
 
 GRID_POINTS = 2000
 GRID_SAMPLES = 16384
+# Tensors of this size take the histogram search (smaller ones the grid or golden-section search).
+LARGE = 2 * thresholds.HISTOGRAM_MIN_ENTRIES
 
 
 def numpy_quantization_mse(
@@ -215,9 +218,10 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
       method=quantization.CLIPPING_METHODS,
       rounding=quantization.ROUNDING_MODES,
       dtype=(tf.float16, tf.float32, tf.float64),
+      rows=(10, LARGE // 3),  # LARGE: the histogram search's path.
   )
-  def test_all_zero_tensor(self, method, rounding, dtype):
-    x = tf.zeros([10, 3], dtype)
+  def test_all_zero_tensor(self, method, rounding, dtype, rows):
+    x = tf.zeros([rows, 3], dtype)
     for bits in (1, 16):
       with self.subTest(bits=bits):
         threshold = quantization.clipping_threshold(x, bits, method, rounding)
@@ -228,9 +232,11 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
         per_channel = quantization.clipping_threshold(x, bits, method, rounding, per_channel=True)
         self.assertAllEqual(per_channel, [0.0, 0.0, 0.0])
 
-  @parameterized.product(method=quantization.CLIPPING_METHODS, value=(-2.5, 1e-3, 7.0))
-  def test_constant_and_sign_tensors_are_exact(self, method, value):
-    for x in (np.full(100, value, np.float32), np.array([value, -value] * 50, np.float32)):
+  @parameterized.product(
+      method=quantization.CLIPPING_METHODS, value=(-2.5, 1e-3, 7.0), size=(100, LARGE)
+  )
+  def test_constant_and_sign_tensors_are_exact(self, method, value, size):
+    for x in (np.full(size, value, np.float32), np.array([value, -value] * (size // 2), np.float32)):
       for bits in (1, 3, 16):
         for rounding in quantization.ROUNDING_MODES:
           with self.subTest(x=x[:2], bits=bits, rounding=rounding):
@@ -261,10 +267,12 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.all(np.isfinite(restored.numpy())))
 
   @parameterized.product(
-      method=quantization.CLIPPING_METHODS, rounding=quantization.ROUNDING_MODES
+      method=quantization.CLIPPING_METHODS,
+      rounding=quantization.ROUNDING_MODES,
+      size=(4096, LARGE),
   )
-  def test_non_finite_entries_are_ignored(self, method, rounding):
-    finite = sample('laplace', 4096).astype(np.float32)
+  def test_non_finite_entries_are_ignored(self, method, rounding, size):
+    finite = sample('laplace', size).astype(np.float32)
     x = finite.copy()
     x[[5, 100, 2000]] = [np.nan, np.inf, -np.inf]
     kept = np.delete(finite, [5, 100, 2000])

@@ -15,10 +15,12 @@ The clipped-quantization paper (Bozorgasl & Chen 2024) uses c = 4^-B / 3, which 
 step of 2s / 2^B and ignores the rounding mode; it is kept as `noise_model='paper'` for comparison.
 
 The noise model is an approximation (it is poor at 1-2 bits and ignores the density term of
-dJ/ds). `optimal_clipping_threshold` therefore refines the fixed point on the *exact* empirical
-MSE of the quantizer actually used (`expected_quantization_mse`), by golden-section search (an
-equally fine repeated grid search for small tensors, where it is faster), and never returns a
-threshold whose exact MSE is worse than the fixed point's or than max |x|'s.
+dJ/ds). `optimal_clipping_threshold` therefore refines the fixed point on the MSE of the quantizer
+actually used: on the *exact* empirical MSE (`expected_quantization_mse`) by golden-section or
+grid search for tensors of up to a few thousand entries, and for larger ones on an accurate model
+of it built from one histogram of |x| (`mse_histogram`: one pass over the data instead of one per
+search step). It never returns a threshold whose exact MSE is worse than the fixed point's or
+than max |x|'s.
 
 All functions accept a tensor of any shape; with `per_channel=True` one threshold is computed for
 each slice along the last axis (a Keras kernel's output channels). Non-finite entries are ignored
@@ -32,12 +34,16 @@ from typing import Union
 
 import tensorflow as tf
 
+from tff_clipq.quantization import mse_histogram
 from tff_clipq.quantization import quantizer
 
 NOISE_MODELS = ('matched', 'paper')
 CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs')
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 _UNROLLED_FIXED_POINT_UPDATES = 3
+# Groups this large (static shape) are refined on the histogram model: there one pass over the
+# data, with the search on 256 bins, beats a dozen exact passes (40,000 entries: 1.1 -> 0.5 ms).
+HISTOGRAM_MIN_ENTRIES = 8192
 
 
 def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = 'matched') -> float:
@@ -365,7 +371,8 @@ def _refinement(
     golden_iterations: int,
     anchors: tf.Tensor,
 ) -> tf.Tensor:
-  """Grid search for small tensors, golden-section search otherwise (same final resolution).
+  """Histogram-model search for large groups, grid search for small ones, golden-section search
+  in between (same final resolution).
 
   Returns the point of least exact MSE among those evaluated and `anchors` [A, groups].
   """
@@ -375,6 +382,12 @@ def _refinement(
     return _golden_section_refinement(*arguments, golden_iterations, anchors)
 
   groups, entries = magnitudes.shape
+  if entries is not None and entries >= HISTOGRAM_MIN_ENTRIES:
+    modelled_best = mse_histogram.histogram_search(
+        *arguments, relative_resolution=_GOLDEN_RATIO_CONJUGATE**golden_iterations
+    )
+    candidates = tf.concat([anchors, modelled_best[None]], axis=0)
+    return _best_candidate(candidates, _exact_mse(magnitudes, finite, candidates, bits, rounding))[0]
   if groups is not None and entries is not None:
     points = _grid_points(int(groups), int(entries))
     if not points:
@@ -418,11 +431,13 @@ def optimal_clipping_threshold(
 ) -> tf.Tensor:
   """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
 
-  The OCTAV fixed point with the noise term of this quantizer and rounding mode, refined by
-  golden-section search of the exact MSE on [s/2, min(2s, max|x|)] (for small tensors by an
-  equally fine repeated grid search, which is faster there). The result is the point of least
-  exact MSE among all points the search evaluated, the fixed point and max|x|. Scalar per
-  tensor, or [channels] if `per_channel`.
+  The OCTAV fixed point with the noise term of this quantizer and rounding mode, refined on
+  [s/2, min(2s, max|x|)]: for groups of at least `HISTOGRAM_MIN_ENTRIES` entries (static shape) by
+  a grid search of the MSE modelled from one histogram (`mse_histogram`), whose minimizer is then
+  compared with the fixed point and max|x| on the exact MSE; for smaller ones by golden-section
+  search of the exact MSE (for the smallest by an equally fine repeated grid search, faster
+  there), keeping the point of least exact MSE among all points evaluated, the fixed point and
+  max|x|. Never worse than either anchor. Scalar per tensor, or [channels] if `per_channel`.
 
   Resolution: the fixed point only centres the search, so it stops at a relative change of
   `tolerance`; 11 golden-section steps narrow the bracket (1.5 s wide) to 0.0075 s. The exact
