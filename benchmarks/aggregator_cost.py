@@ -17,9 +17,11 @@ precise:
     checks and the weighted sum (the core of the aggregator's `accumulate_fn`).
 
 Everything runs in one process with one intra-op and one inter-op thread, each piece in its own
-`tf.function`, after warm-up; each time is the median CPU time (`time.process_time`) of
-`--repeats` calls, minus the median of an empty `tf.function` call with the same inputs (inside
-TFF the pieces are parts of one graph, with no call overhead of their own).
+`tf.function`, after warm-up. The pieces are timed round-robin in blocks of 10 calls (CPU time,
+`time.process_time`), `--repeats` calls per piece in all, so a slow spell of the shared machine
+hits every piece alike; each time is the median block mean, minus that of an empty `tf.function`
+call with the same inputs (inside TFF the pieces are parts of one graph, with no call overhead of
+their own).
 
   python benchmarks/aggregator_cost.py [--clients=100:20,600:32] [--repeats=200]
 
@@ -61,16 +63,29 @@ _REPEATS = flags.DEFINE_integer('repeats', 200, 'Timed calls per piece.', lower_
 _MIN_SIZE_TO_QUANTIZE = 128  # As in round_time.py and the experiments: biases stay float32.
 
 
-def cpu_ms(fn: Callable[..., Any], args: tuple, repeats: int) -> float:
-  """Median CPU milliseconds of `fn(*args)` over `repeats` calls, after two warm-up calls."""
-  for _ in range(2):
-    fn(*args)
-  times = []
-  for _ in range(repeats):
-    start = time.process_time()
-    fn(*args)
-    times.append(time.process_time() - start)
-  return 1e3 * statistics.median(times)
+_CALLS_PER_BLOCK = 10
+
+
+def interleaved_cpu_ms(
+    pieces: dict[str, tuple[Callable[..., Any], tuple]], repeats: int
+) -> dict[str, float]:
+  """Median CPU milliseconds per call of each `fn(*args)`, timed round-robin.
+
+  Each round times a block of `_CALLS_PER_BLOCK` calls of every piece in turn, so slow drifts of
+  the machine's speed (frequent on shared hosts) hit all pieces alike instead of biasing whichever
+  ran during a slow spell; the result is the median over rounds of each block's mean.
+  """
+  for fn, args in pieces.values():  # Warm-up: tracing, then first-call effects.
+    for _ in range(2):
+      fn(*args)
+  block_means = {name: [] for name in pieces}
+  for _ in range(max(1, repeats // _CALLS_PER_BLOCK)):
+    for name, (fn, args) in pieces.items():
+      start = time.process_time()
+      for _ in range(_CALLS_PER_BLOCK):
+        fn(*args)
+      block_means[name].append((time.process_time() - start) / _CALLS_PER_BLOCK)
+  return {name: 1e3 * statistics.median(means) for name, means in block_means.items()}
 
 
 def parse_clients(specs: list[str]) -> list[tuple[int, int]]:
@@ -122,18 +137,11 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
   round_seed = tf.constant(7, tf.int64)
 
   empty = tf.function(lambda *args: tf.constant(0.0))
-  overhead = {
-      'update': cpu_ms(empty, (update,), repeats),
-      'update + sums': cpu_ms(empty, (update, totals), repeats),
-  }
-
-  def net(fn, args, key='update'):
-    return max(cpu_ms(fn, args, repeats) - overhead[key], 0.0)
-
+  timed = collections.OrderedDict()  # name -> (fn, args, name of its call-overhead piece)
+  timed['overhead: update'] = (empty, (update,), None)
+  timed['overhead: update + sums'] = (empty, (update, totals), None)
   fedavg_sum = tf.function(lambda value, sums: [s + weight * v for s, v in zip(sums, value)])
-  pieces = collections.OrderedDict(
-      fedavg_aggregation=net(fedavg_sum, (update, totals), 'update + sums')
-  )
+  timed['fedavg_aggregation'] = (fedavg_sum, (update, totals), 'overhead: update + sums')
   for bits in (2, 4):
     for clipping in ('octav', 'max_abs'):
       plan = payload.make_plan(shapes, bits, _MIN_SIZE_TO_QUANTIZE, clipping, 'stochastic')
@@ -142,7 +150,7 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
               plan, value, payload.client_seed(round_seed, value)
           )
       )
-      pieces[f'clipq_{bits}b_{clipping}_encode'] = net(encode, (update,))
+      timed[f'clipq_{bits}b_{clipping}_encode'] = (encode, (update,), 'overhead: update')
       if clipping != 'octav':
         continue
       quantized, _, _, _ = encode(update)
@@ -158,18 +166,32 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
         )
         return [s + tf.where(valid, w, tf.zeros_like(w)) for s, w in zip(sums, weighted)]
 
-      overhead_server = cpu_ms(empty, (quantized, quantized_totals), repeats)
-      pieces[f'clipq_{bits}b_server'] = max(
-          cpu_ms(server, (quantized, quantized_totals), repeats) - overhead_server, 0.0
+      timed[f'overhead: clipq_{bits}b_server'] = (empty, (quantized, quantized_totals), None)
+      timed[f'clipq_{bits}b_server'] = (
+          server, (quantized, quantized_totals), f'overhead: clipq_{bits}b_server'
       )
 
-  training = collections.OrderedDict()
   train = local_training_fn(model)
   for examples, batch_size in client_sizes:
     images = tf.random.stateless_uniform([examples, 28, 28, 1], seed=[examples, 1])
     labels = tf.random.stateless_uniform([examples], seed=[examples, 2], maxval=10, dtype=tf.int32)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-    training[f'{examples}:{batch_size}'] = net(train, (dataset,), 'update')
+    timed[f'training: {examples}:{batch_size}'] = (train, (dataset,), 'overhead: update')
+
+  raw = interleaved_cpu_ms({name: (fn, args) for name, (fn, args, _) in timed.items()}, repeats)
+  net = {  # Inside TFF the pieces are parts of one graph, with no call overhead of their own.
+      name: max(raw[name] - raw[overhead], 0.0)
+      for name, (_, _, overhead) in timed.items() if overhead is not None
+  }
+  overhead = {
+      name.split(': ', 1)[1]: ms for name, ms in raw.items() if name.startswith('overhead: ')
+  }
+  training = collections.OrderedDict(
+      (name.split(': ', 1)[1], ms) for name, ms in net.items() if name.startswith('training: ')
+  )
+  pieces = collections.OrderedDict(
+      (name, ms) for name, ms in net.items() if not name.startswith('training: ')
+  )
 
   overheads = collections.OrderedDict()
   for size, train_ms in training.items():
@@ -196,7 +218,8 @@ def markdown(report: dict[str, Any]) -> str:
   lines = [
       '# Aggregator cost per client (one CPU thread)', '',
       'Generated by `benchmarks/aggregator_cost.py` (see its docstring). CPU ms per call, median '
-      f"of {report['repeats']} calls, `tf.function` call overhead subtracted "
+      f"block mean of {report['repeats']} calls timed round-robin, `tf.function` call overhead "
+      f"subtracted "
       f"({', '.join(f'{k}: {v:.2f}' for k, v in report['call_overhead_ms'].items())} ms).",
       '', '| piece | CPU ms |', '|---|---:|',
   ]

@@ -80,7 +80,8 @@ class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
     threshold = quantization.optimal_clipping_threshold(kernel, 2)
     self.assertLess(threshold, 0.5 * tf.reduce_max(tf.abs(kernel)))  # t(3) weights: clipped.
     self.assertAllClose(tf.reduce_max(tf.abs(effective_kernel)), threshold, rtol=1e-5)
-    self.assertLen(np.unique(np.round(effective_kernel.numpy(), 5)), 4)
+    # The four 2-bit levels, +-s and +-s/3 (in units of s: rounding cannot split a level).
+    self.assertLen(np.unique(np.round(effective_kernel.numpy() / threshold.numpy(), 4)), 4)
 
   def test_bits_apply_to_tensors_in_order(self):
     model = _dense_model(units=(6, 5), input_size=8)

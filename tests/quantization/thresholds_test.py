@@ -365,6 +365,52 @@ class ClippingThresholdTest(tf.test.TestCase, parameterized.TestCase):
       quantization.max_abs_threshold(tf.constant([1, 2, 3]))
 
 
+class BatchedThresholdsTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(
+      method=quantization.CLIPPING_METHODS,
+      rounding=quantization.ROUNDING_MODES,
+      per_channel=(False, True),
+  )
+  def test_each_tensor_gets_its_own_threshold(self, method, rounding, per_channel):
+    rng = np.random.default_rng(3)
+    tensors = [  # A model's shapes: small ones are searched as one batch, the large one alone.
+        (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
+        (0.05 * rng.standard_normal((3, 3, 16, 16))).astype(np.float32),
+        rng.laplace(size=(400, 100)).astype(np.float32),
+        rng.uniform(-3.0, 1.0, size=(100, 10)).astype(np.float32),
+    ]
+    tensors[1][0, 0, 0, :2] = [np.nan, np.inf]
+    for bits in (2, 4):
+      found = thresholds.clipping_thresholds(tensors, bits, method, rounding, per_channel)
+      for x, threshold in zip(tensors, found):
+        with self.subTest(bits=bits, shape=x.shape):
+          alone = quantization.clipping_threshold(x, bits, method, rounding, per_channel)
+          self.assertEqual(threshold.shape, alone.shape)
+          # Batched, a tensor may take another search path to the same resolution: equal MSE.
+          self.assertAllClose(
+              quantization.expected_quantization_mse(x, threshold, bits, rounding, per_channel),
+              quantization.expected_quantization_mse(x, alone, bits, rounding, per_channel),
+              rtol=2e-3,
+          )
+
+  def test_tensors_of_unknown_shape_and_empty_ones(self):
+    rng = np.random.default_rng(4)
+    small = rng.standard_normal(300).astype(np.float32)
+    other = rng.standard_normal(500).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)] * 3)
+    def batched(unknown, known, empty):
+      known = tf.ensure_shape(known, [500])  # Batched with its double; the others go alone.
+      return thresholds.clipping_thresholds([unknown, known, 2.0 * known, empty], 3)
+
+    found = batched(small, other, np.zeros([0], np.float32))
+    self.assertAllClose(found[0], quantization.clipping_threshold(small, 3), rtol=1e-2)
+    self.assertAllClose(found[1], quantization.clipping_threshold(other, 3), rtol=1e-2)
+    self.assertAllClose(found[2], 2.0 * found[1], rtol=1e-5)
+    self.assertEqual(float(found[3]), 0.0)
+
+
 class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.product(

@@ -177,12 +177,16 @@ def encode_tensors(
   tensors = [tf.cast(t, tf.float32) for t in tensors]
   accepted = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
   safe = [tf.where(accepted, t, tf.zeros_like(t)) for t in tensors]
+  threshold_of = {}
+  for bits in sorted({plan.tensors[index].bits for index in plan.quantized_indices}):
+    indices = [index for index in plan.quantized_indices if plan.tensors[index].bits == bits]
+    found = thresholds.clipping_thresholds(
+        [safe[index] for index in indices], bits, plan.clipping, plan.rounding, plan.per_channel
+    )
+    threshold_of.update(zip(indices, found))
   quantized, mse, normalized, clipped = [], [], [], []
   for position, index in enumerate(plan.quantized_indices):
-    encoding, value = plan.tensors[index], safe[index]
-    threshold = thresholds.clipping_threshold(
-        value, encoding.bits, plan.clipping, plan.rounding, plan.per_channel
-    )
+    encoding, value, threshold = plan.tensors[index], safe[index], threshold_of[index]
     tensor_seed = seed + tf.constant([0, position], tf.int64)
     codes = quantizer.quantize(value, encoding.bits, threshold, plan.rounding, tensor_seed)
     error = tf.reduce_mean(tf.square(quantizer.dequantize(codes) - value))

@@ -30,7 +30,7 @@ in the statistics; a tensor with no nonzero finite entry gets threshold 0.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Sequence, Union
 
 import tensorflow as tf
 
@@ -41,9 +41,13 @@ NOISE_MODELS = ('matched', 'paper')
 CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs')
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 _UNROLLED_FIXED_POINT_UPDATES = 3
-# Groups this large (static shape) are refined on the histogram model: there one pass over the
-# data, with the search on 256 bins, beats a dozen exact passes (40,000 entries: 1.1 -> 0.5 ms).
-HISTOGRAM_MIN_ENTRIES = 8192
+# Groups this large (static shape) are refined on the histogram model (`mse_histogram`): one pass
+# over the data and a search on 256 bins beat a dozen exact passes (one CPU thread, the CNN's
+# 40,000-entry kernel: about 1.1 -> 0.5 ms). Smaller groups search the exact MSE.
+HISTOGRAM_MIN_ENTRIES = 1024
+# `optimal_clipping_thresholds` searches tensors with fewer entries per group than this as one
+# batch: their searches cost per-operation overhead rather than arithmetic.
+_BATCH_MAX_ENTRIES = 8192
 
 
 def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = 'matched') -> float:
@@ -447,8 +451,24 @@ def optimal_clipping_threshold(
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
-  coefficient = noise_coefficient(bits, rounding)
   magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  threshold = _optimal_grouped_thresholds(
+      magnitudes, finite, bits, rounding, max_iterations, tolerance, refinement_iterations
+  )
+  return _ungroup(threshold, per_channel)
+
+
+def _optimal_grouped_thresholds(
+    magnitudes: tf.Tensor,
+    finite: tf.Tensor,
+    bits: int,
+    rounding: str,
+    max_iterations: int = 100,
+    tolerance: float = 1e-2,
+    refinement_iterations: int = 11,
+) -> tf.Tensor:
+  """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups]."""
+  coefficient = noise_coefficient(bits, rounding)
   magnitudes, scale = _normalized_magnitudes(magnitudes)
   largest = _largest_magnitude(magnitudes)
   fixed_point = tf.minimum(
@@ -459,7 +479,47 @@ def optimal_clipping_threshold(
   threshold = _refinement(
       magnitudes, finite, lower, upper, bits, rounding, refinement_iterations, anchors
   )
-  return _ungroup(threshold * scale, per_channel)
+  return threshold * scale
+
+
+def optimal_clipping_thresholds(
+    tensors: Sequence[tf.Tensor], bits: int, rounding: str = 'nearest', per_channel: bool = False
+) -> list[tf.Tensor]:
+  """`optimal_clipping_threshold` of each tensor, with the small ones searched together.
+
+  Each search costs a few hundred small TensorFlow operations, whose fixed per-operation cost
+  dominates for tensors of a few thousand entries (a model's other layers). Tensors with fully
+  defined shapes and fewer than `HISTOGRAM_MIN_ENTRIES` entries per group are therefore padded
+  with zero-weight entries (which, like non-finite ones, the statistics ignore) to a common length
+  and searched as the groups of one batch; the others are searched one by one. The result for
+  a tensor equals its own search's up to the search resolution.
+  """
+  bits = quantizer.validate_bits(bits)
+  rounding = quantizer.validate_rounding(rounding)
+  grouped = [_grouped_magnitudes(x, per_channel) for x in tensors]
+  batched = [
+      i for i, (magnitudes, _) in enumerate(grouped)
+      if magnitudes.shape.is_fully_defined()
+      and 0 < magnitudes.shape[1] < _BATCH_MAX_ENTRIES
+      and magnitudes.dtype == grouped[0][0].dtype
+  ]
+  thresholds = [None] * len(tensors)
+  for i, (magnitudes, finite) in enumerate(grouped):
+    if i not in batched or len(batched) == 1:
+      thresholds[i] = _optimal_grouped_thresholds(magnitudes, finite, bits, rounding)
+  if len(batched) > 1:
+    length = max(grouped[i][0].shape[1] for i in batched)
+    pad = lambda t: tf.pad(t, [[0, 0], [0, length - t.shape[1]]])
+    batch = _optimal_grouped_thresholds(
+        tf.concat([pad(grouped[i][0]) for i in batched], axis=0),
+        tf.concat([pad(grouped[i][1]) for i in batched], axis=0),
+        bits,
+        rounding,
+    )
+    groups = [grouped[i][0].shape[0] for i in batched]
+    for i, part in zip(batched, tf.split(batch, groups)):
+      thresholds[i] = part
+  return [_ungroup(t, per_channel) for t in thresholds]
 
 
 def clipping_threshold(
@@ -488,3 +548,16 @@ def clipping_threshold(
   raise ValueError(
       f'`clipping` must be one of {CLIPPING_METHODS} or a positive number. Found {method!r}.'
   )
+
+
+def clipping_thresholds(
+    tensors: Sequence[tf.Tensor],
+    bits: int,
+    method: Union[str, float] = 'octav',
+    rounding: str = 'nearest',
+    per_channel: bool = False,
+) -> list[tf.Tensor]:
+  """`clipping_threshold` of each tensor; 'octav' searches small tensors together (faster)."""
+  if method == 'octav':
+    return optimal_clipping_thresholds(tensors, bits, rounding, per_channel)
+  return [clipping_threshold(x, bits, method, rounding, per_channel) for x in tensors]
