@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tff_clipq.quantization import mse_histogram
 from tff_clipq.quantization import quantizer
+from tff_clipq.quantization import thresholds
 
 
 def numpy_mse_sum(magnitudes: np.ndarray, threshold: float, bits: int, rounding: str) -> float:
@@ -92,6 +93,28 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
         histogram, tf.constant([[0.0], [0.5]], tf.float64), 3, 'nearest'
     )
     self.assertTrue(np.all(np.isfinite(errors.numpy())))
+
+
+class FixedPointTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(
+      distribution=('gaussian', 'laplace'), rounding=quantizer.ROUNDING_MODES, bits=(1, 2, 4, 8)
+  )
+  def test_matches_the_iterated_fixed_point(self, distribution, rounding, bits):
+    magnitudes = magnitudes_of(distribution)
+    coefficient = thresholds.noise_coefficient(bits, rounding)
+    found = mse_histogram.fixed_point(
+        tf.constant(magnitudes[None], tf.float64), tf.ones([1, magnitudes.size], tf.float64),
+        coefficient,
+    ).numpy()[0]
+    iterated = thresholds.octav_threshold(magnitudes, bits, rounding, tolerance=1e-9).numpy()
+    self.assertNear(found, iterated, 1.0 / mse_histogram.FIXED_POINT_BINS)
+
+  def test_constant_and_zero_groups(self):
+    magnitudes = tf.constant([[1.0] * 50, [0.0] * 50], tf.float64)
+    found = mse_histogram.fixed_point(magnitudes, tf.ones_like(magnitudes), 0.01).numpy()
+    self.assertAllClose(found[0], 1.0)
+    self.assertLess(found[1], 1.0 / mse_histogram.FIXED_POINT_BINS)  # Callers clamp to max|x|.
 
 
 class SearchTest(tf.test.TestCase, parameterized.TestCase):

@@ -43,7 +43,7 @@ _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 _UNROLLED_FIXED_POINT_UPDATES = 3
 # Groups this large (static shape) are refined on the histogram model (`mse_histogram`): one pass
 # over the data and a search on 256 bins beat a dozen exact passes (one CPU thread, the CNN's
-# 40,000-entry kernel: about 1.1 -> 0.5 ms). Smaller groups search the exact MSE.
+# 40,000-entry kernel: about 1.1 -> 0.7 ms). Smaller groups search the exact MSE.
 HISTOGRAM_MIN_ENTRIES = 1024
 # `optimal_clipping_thresholds` searches tensors with fewer entries per group than this as one
 # batch: their searches cost per-operation overhead rather than arithmetic.
@@ -375,8 +375,7 @@ def _refinement(
     golden_iterations: int,
     anchors: tf.Tensor,
 ) -> tf.Tensor:
-  """Histogram-model search for large groups, grid search for small ones, golden-section search
-  in between (same final resolution).
+  """Grid search for the smallest groups, golden-section search otherwise (same resolution).
 
   Returns the point of least exact MSE among those evaluated and `anchors` [A, groups].
   """
@@ -386,12 +385,6 @@ def _refinement(
     return _golden_section_refinement(*arguments, golden_iterations, anchors)
 
   groups, entries = magnitudes.shape
-  if entries is not None and entries >= HISTOGRAM_MIN_ENTRIES:
-    modelled_best = mse_histogram.histogram_search(
-        *arguments, relative_resolution=_GOLDEN_RATIO_CONJUGATE**golden_iterations
-    )
-    candidates = tf.concat([anchors, modelled_best[None]], axis=0)
-    return _best_candidate(candidates, _exact_mse(magnitudes, finite, candidates, bits, rounding))[0]
   if groups is not None and entries is not None:
     points = _grid_points(int(groups), int(entries))
     if not points:
@@ -436,9 +429,10 @@ def optimal_clipping_threshold(
   """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
 
   The OCTAV fixed point with the noise term of this quantizer and rounding mode, refined on
-  [s/2, min(2s, max|x|)]: for groups of at least `HISTOGRAM_MIN_ENTRIES` entries (static shape) by
-  a grid search of the MSE modelled from one histogram (`mse_histogram`), whose minimizer is then
-  compared with the fixed point and max|x| on the exact MSE; for smaller ones by golden-section
+  [s/2, min(2s, max|x|)]: for groups of at least `HISTOGRAM_MIN_ENTRIES` entries (static shape),
+  whose fixed point is solved on a histogram too, by a grid search of the MSE modelled from one
+  histogram (`mse_histogram`), whose minimizer is then compared with the fixed point and max|x|
+  on the exact MSE; for smaller ones by golden-section
   search of the exact MSE (for the smallest by an equally fine repeated grid search, faster
   there), keeping the point of least exact MSE among all points evaluated, the fixed point and
   max|x|. Never worse than either anchor. Scalar per tensor, or [channels] if `per_channel`.
@@ -471,6 +465,18 @@ def _optimal_grouped_thresholds(
   coefficient = noise_coefficient(bits, rounding)
   magnitudes, scale = _normalized_magnitudes(magnitudes)
   largest = _largest_magnitude(magnitudes)
+  entries = magnitudes.shape[1]
+  if entries is not None and entries >= HISTOGRAM_MIN_ENTRIES:
+    # One histogram pass for the fixed point, one for the MSE model, one exact comparison.
+    fixed_point = tf.minimum(mse_histogram.fixed_point(magnitudes, finite, coefficient), largest)
+    lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
+    modelled_best = mse_histogram.histogram_search(
+        magnitudes, finite, lower, upper, bits, rounding,
+        relative_resolution=_GOLDEN_RATIO_CONJUGATE**refinement_iterations,
+    )
+    candidates = tf.stack([fixed_point, largest, modelled_best], axis=0)
+    errors = _exact_mse(magnitudes, finite, candidates, bits, rounding)
+    return _best_candidate(candidates, errors)[0] * scale
   fixed_point = tf.minimum(
       _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance), largest
   )
