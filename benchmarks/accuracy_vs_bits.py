@@ -19,7 +19,10 @@ The default size finishes in under an hour on 2 CPU cores; `--full` runs the ful
 
   python benchmarks/accuracy_vs_bits.py [--full] [--datasets=mnist,fashion_mnist]
       [--partitions=iid,dirichlet] [--output_dir=runs/accuracy_vs_bits]
-      [--qat_threshold_refresh_steps=0]
+      [--qat_threshold_refresh_steps=0] [--methods='<sweep>' --results=<prefix>]
+
+`--methods` replaces the study's methods (an ablation, say); docs/results.md gives the command of
+the ablation it reports.
 
 Writes each study under output_dir/<dataset>-<partition>-seed<k>/ (CSV, JSON, plots), and the
 combined tables to `benchmarks/results/accuracy_vs_bits.{md,json}` (atomically).
@@ -51,6 +54,11 @@ _RESULTS = flags.DEFINE_string(
     'results', 'benchmarks/results/accuracy_vs_bits', 'Path prefix of the combined .md/.json.'
 )
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue interrupted studies.')
+_METHODS = flags.DEFINE_string(
+    'methods', None,
+    "Methods to run instead of the study's, as a `--sweep` string ('; '-separated settings), "
+    'e.g. for an ablation; use with its own --output_dir and --results.',
+)
 _QAT_REFRESH = flags.DEFINE_integer(
     'qat_threshold_refresh_steps', config_lib.ExperimentConfig.qat_threshold_refresh_steps,
     'QAT threshold recomputation every this many local steps (0: once per client round, the '
@@ -91,7 +99,7 @@ def study_config(dataset: str, partition: str, seed: int, full: bool) -> config_
       max_eval_examples=0 if full else 5000,
       output_dir=os.path.join(_OUTPUT_DIR.value, f'{dataset}-{partition}-seed{seed}'),
       resume=_RESUME.value,
-      sweep='; '.join(METHODS),
+      sweep=_METHODS.value or '; '.join(METHODS),
   )
 
 
