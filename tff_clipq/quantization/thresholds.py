@@ -87,14 +87,15 @@ def _largest_magnitude(magnitudes: tf.Tensor) -> tf.Tensor:
   return tf.maximum(tf.reduce_max(magnitudes, axis=-1), 0.0)
 
 
-def _normalized_magnitudes(magnitudes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(|x| / max|x|, max|x|) per group.
+def _normalized_magnitudes(magnitudes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(|x| / max|x|, max|x|, max of |x| / max|x|) per group; the last is 1, or 0 if all zero.
 
   The threshold search runs on values in [0, 1] and its result is scaled back, so squared errors
   neither underflow (tiny tensors) nor overflow (huge ones) and thresholds scale with the data.
   """
   scale = _largest_magnitude(magnitudes)
-  return tf.math.divide_no_nan(magnitudes, scale[:, None]), scale
+  largest = tf.cast(scale > 0.0, scale.dtype)  # x / x = 1 exactly.
+  return tf.math.divide_no_nan(magnitudes, scale[:, None]), scale, largest
 
 
 def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
@@ -411,9 +412,9 @@ def octav_threshold(
   """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
   coefficient = noise_coefficient(bits, rounding, noise_model)
   magnitudes, finite = _grouped_magnitudes(x, per_channel)
-  magnitudes, scale = _normalized_magnitudes(magnitudes)
+  magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
   threshold = _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance)
-  threshold = tf.minimum(threshold, _largest_magnitude(magnitudes))
+  threshold = tf.minimum(threshold, largest)
   return _ungroup(threshold * scale, per_channel)
 
 
@@ -463,8 +464,7 @@ def _optimal_grouped_thresholds(
 ) -> tf.Tensor:
   """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups]."""
   coefficient = noise_coefficient(bits, rounding)
-  magnitudes, scale = _normalized_magnitudes(magnitudes)
-  largest = _largest_magnitude(magnitudes)
+  magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
   entries = magnitudes.shape[1]
   if entries is not None and entries >= HISTOGRAM_MIN_ENTRIES:
     # One histogram pass for the fixed point, one for the MSE model, one exact comparison.
@@ -495,7 +495,7 @@ def optimal_clipping_thresholds(
 
   Each search costs a few hundred small TensorFlow operations, whose fixed per-operation cost
   dominates for tensors of a few thousand entries (a model's other layers). Tensors with fully
-  defined shapes and fewer than `HISTOGRAM_MIN_ENTRIES` entries per group are therefore padded
+  defined shapes and fewer than `_BATCH_MAX_ENTRIES` entries per group are therefore padded
   with zero-weight entries (which, like non-finite ones, the statistics ignore) to a common length
   and searched as the groups of one batch; the others are searched one by one. The result for
   a tensor equals its own search's up to the search resolution.
