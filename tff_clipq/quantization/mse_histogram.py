@@ -147,8 +147,7 @@ def histogram_search(
   iterations = max(1, math.ceil(math.log(relative_resolution) / math.log(2.0 / divisions)))
   fractions = tf.range(1, divisions, dtype=dtype)[:, None] / float(divisions)  # [points, 1]
   low, high = lower, upper
-  best = lower
-  for _ in range(iterations):
+  for _ in range(iterations):  # At least one, so `best` is always set.
     candidates = low + fractions * (high - low)  # [points, groups]
     errors = _modelled_squared_error(histogram, candidates, bits, rounding)
     best = tf.gather(tf.transpose(candidates), tf.argmin(errors, axis=0), batch_dims=1)
