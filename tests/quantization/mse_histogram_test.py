@@ -31,9 +31,7 @@ def magnitudes_of(distribution: str, size: int = 20000, seed: int = 0) -> np.nda
 def histogram_of(magnitudes: np.ndarray, upper: float, finite=None):
   magnitudes = tf.constant(magnitudes[None], tf.float64)
   finite = tf.ones_like(magnitudes) if finite is None else tf.constant(finite[None], tf.float64)
-  return mse_histogram._histogram(
-      magnitudes, finite, tf.constant([upper], tf.float64), mse_histogram.NUM_BINS
-  )
+  return mse_histogram.histogram(magnitudes, finite, tf.constant([upper], tf.float64))
 
 
 class ModelTest(tf.test.TestCase, parameterized.TestCase):
@@ -103,16 +101,17 @@ class FixedPointTest(tf.test.TestCase, parameterized.TestCase):
   def test_matches_the_iterated_fixed_point(self, distribution, rounding, bits):
     magnitudes = magnitudes_of(distribution)
     coefficient = thresholds.noise_coefficient(bits, rounding)
-    found = mse_histogram.fixed_point(
-        tf.constant(magnitudes[None], tf.float64), tf.ones([1, magnitudes.size], tf.float64),
-        coefficient,
-    ).numpy()[0]
+    counts = mse_histogram.fixed_point_counts(
+        tf.constant(magnitudes[None], tf.float64), tf.ones([1, magnitudes.size], tf.float64)
+    )
+    found = mse_histogram.fixed_point(counts, coefficient).numpy()[0]
     iterated = thresholds.octav_threshold(magnitudes, bits, rounding, tolerance=1e-9).numpy()
     self.assertNear(found, iterated, 1.0 / mse_histogram.FIXED_POINT_BINS)
 
   def test_constant_and_zero_groups(self):
     magnitudes = tf.constant([[1.0] * 50, [0.0] * 50], tf.float64)
-    found = mse_histogram.fixed_point(magnitudes, tf.ones_like(magnitudes), 0.01).numpy()
+    counts = mse_histogram.fixed_point_counts(magnitudes, tf.ones_like(magnitudes))
+    found = mse_histogram.fixed_point(counts, 0.01).numpy()
     self.assertAllClose(found[0], 1.0)
     self.assertLess(found[1], 1.0 / mse_histogram.FIXED_POINT_BINS)  # Callers clamp to max|x|.
 
@@ -128,8 +127,7 @@ class SearchTest(tf.test.TestCase, parameterized.TestCase):
     magnitudes = magnitudes_of(distribution)
     lower, upper = 0.05, 0.9
     found = mse_histogram.histogram_search(
-        tf.constant(magnitudes[None], tf.float64),
-        tf.ones([1, magnitudes.size], tf.float64),
+        histogram_of(magnitudes, upper),
         tf.constant([lower], tf.float64),
         tf.constant([upper], tf.float64),
         bits,
@@ -147,11 +145,11 @@ class SearchTest(tf.test.TestCase, parameterized.TestCase):
 
     def search(magnitudes, lower, upper):
       magnitudes = tf.constant(magnitudes, tf.float64)
+      upper = tf.constant(upper, tf.float64)
       return mse_histogram.histogram_search(
-          magnitudes,
-          tf.ones_like(magnitudes),
+          mse_histogram.histogram(magnitudes, tf.ones_like(magnitudes), upper),
           tf.constant(lower, tf.float64),
-          tf.constant(upper, tf.float64),
+          upper,
           **arguments,
       ).numpy()
 

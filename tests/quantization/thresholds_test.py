@@ -374,7 +374,7 @@ class BatchedThresholdsTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_each_tensor_gets_its_own_threshold(self, method, rounding, per_channel):
     rng = np.random.default_rng(3)
-    tensors = [  # A model's shapes: small ones are searched as one batch, the large one alone.
+    tensors = [  # A model's shapes: small ones padded into one block, the large one a block alone.
         (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
         (0.05 * rng.standard_normal((3, 3, 16, 16))).astype(np.float32),
         rng.laplace(size=(400, 100)).astype(np.float32),

@@ -62,12 +62,16 @@ def _bin_counts(
   return counts - tf.pad(nonfinite[:, None], [[0, 0], [0, num_bins]]), index, width
 
 
-def _histogram(
-    magnitudes: tf.Tensor, finite: tf.Tensor, upper: tf.Tensor, num_bins: int
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+Histogram = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
+
+
+def histogram(
+    magnitudes: tf.Tensor, finite: tf.Tensor, upper: tf.Tensor, num_bins: int = NUM_BINS
+) -> Histogram:
   """Finite entries per bin of [0, upper) [groups, num_bins], and the overflow bin's moments.
 
   Returns (counts, bin width [groups], overflow count, sum u, sum u^2 over u >= upper [groups]).
+  Every part is indexed by group first, so histograms of several blocks of groups concatenate.
   """
   counts, index, width = _bin_counts(magnitudes, finite, upper, num_bins)
   overflow = tf.where(tf.equal(index, num_bins), magnitudes, tf.zeros_like(magnitudes))
@@ -103,7 +107,7 @@ def _scaled_rounding_antiderivative(position: tf.Tensor, rounding: str) -> tf.Te
 
 
 def _modelled_squared_error(
-    histogram: tuple[tf.Tensor, ...], thresholds: tf.Tensor, bits: int, rounding: str
+    histogram: Histogram, thresholds: tf.Tensor, bits: int, rounding: str
 ) -> tf.Tensor:
   """Modelled sum of squared errors [candidates, groups] at `thresholds` [candidates, groups].
 
@@ -139,24 +143,21 @@ def _modelled_squared_error(
 
 
 def histogram_search(
-    magnitudes: tf.Tensor,
-    finite: tf.Tensor,
+    histogram: Histogram,
     lower: tf.Tensor,
     upper: tf.Tensor,
     bits: int,
     rounding: str,
     relative_resolution: float,
-    num_bins: int = NUM_BINS,
 ) -> tf.Tensor:
   """The minimizer of the modelled MSE on [lower, upper] per group, by repeated grid search.
 
-  One pass over `magnitudes` [groups, n] builds the histogram; the search itself only touches
-  [candidates, groups, bins] tensors. Each grid iteration evaluates `_GRID_POINTS` evenly spaced
-  interior points and keeps the two cells around the best, until the bracket is narrower than
-  `relative_resolution` of its starting width.
+  `histogram` is `histogram(magnitudes, finite, upper)`'s (or several concatenated); the search
+  only touches [candidates, groups, bins] tensors. Each grid iteration evaluates `_GRID_POINTS`
+  evenly spaced interior points and keeps the two cells around the best, until the bracket is
+  narrower than `relative_resolution` of its starting width.
   """
-  histogram = _histogram(magnitudes, finite, upper, num_bins)
-  dtype = magnitudes.dtype
+  dtype = histogram[0].dtype
   divisions = _GRID_POINTS + 1
   iterations = max(1, math.ceil(math.log(relative_resolution) / math.log(2.0 / divisions)))
   fractions = tf.range(1, divisions, dtype=dtype)[:, None] / float(divisions)  # [points, 1]
@@ -170,11 +171,20 @@ def histogram_search(
   return best
 
 
-def fixed_point(
-    magnitudes: tf.Tensor, finite: tf.Tensor, coefficient: float, num_bins: int = FIXED_POINT_BINS
+def fixed_point_counts(
+    magnitudes: tf.Tensor, finite: tf.Tensor, num_bins: int = FIXED_POINT_BINS
 ) -> tf.Tensor:
-  """The OCTAV fixed point s = E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group, from one
-  histogram of `magnitudes` [groups, n] normalized to [0, 1].
+  """Finite entries of `magnitudes` [groups, n] (normalized to [0, 1]) per bin, [groups, bins + 1].
+
+  Bins of [0, 1), plus a last one for u = 1 (the maximum), whose entries are exactly at 1.
+  """
+  ones = tf.ones([tf.shape(magnitudes)[0]], magnitudes.dtype)
+  return _bin_counts(magnitudes, finite, ones, num_bins)[0]
+
+
+def fixed_point(counts: tf.Tensor, coefficient: float) -> tf.Tensor:
+  """The OCTAV fixed point s = E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group, from
+  `fixed_point_counts` (of one block of groups, or several concatenated).
 
   The right-hand side T(s) is evaluated at every bin edge at once (suffix sums of the counts and
   of count x bin centre), and s is where T(s) - s first turns non-positive, interpolated linearly
@@ -183,9 +193,8 @@ def fixed_point(
   exact fixed point, well inside the search bracket [s/2, 2s] it centres. (All-zero groups get
   a value below one bin width: callers clamp to max |x|.)
   """
-  dtype = magnitudes.dtype
-  # Bins of [0, 1) plus a last one for u = 1 (the maximum), whose entries are exactly at 1.
-  counts, _, _ = _bin_counts(magnitudes, finite, tf.ones([tf.shape(magnitudes)[0]], dtype), num_bins)
+  dtype = counts.dtype
+  num_bins = counts.shape[-1] - 1
   centres = tf.concat([(tf.range(num_bins, dtype=dtype) + 0.5) / float(num_bins), [1.0]], axis=0)
   total = tf.reduce_sum(counts, axis=-1, keepdims=True)
   # Tail count and mass from each left edge j / num_bins up: [groups, bins].

@@ -463,20 +463,10 @@ def _optimal_grouped_thresholds(
     refinement_iterations: int = 11,
 ) -> tf.Tensor:
   """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups]."""
+  if _searched_on_histograms(magnitudes):
+    return _histogram_thresholds([(magnitudes, finite)], bits, rounding, refinement_iterations)[0]
   coefficient = noise_coefficient(bits, rounding)
   magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
-  entries = magnitudes.shape[1]
-  if entries is not None and entries >= HISTOGRAM_MIN_ENTRIES:
-    # One histogram pass for the fixed point, one for the MSE model, one exact comparison.
-    fixed_point = tf.minimum(mse_histogram.fixed_point(magnitudes, finite, coefficient), largest)
-    lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
-    modelled_best = mse_histogram.histogram_search(
-        magnitudes, finite, lower, upper, bits, rounding,
-        relative_resolution=_GOLDEN_RATIO_CONJUGATE**refinement_iterations,
-    )
-    candidates = tf.stack([fixed_point, largest, modelled_best], axis=0)
-    errors = _exact_mse(magnitudes, finite, candidates, bits, rounding)
-    return _best_candidate(candidates, errors)[0] * scale
   fixed_point = tf.minimum(
       _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance), largest
   )
@@ -488,17 +478,61 @@ def _optimal_grouped_thresholds(
   return threshold * scale
 
 
+def _searched_on_histograms(magnitudes: tf.Tensor) -> bool:
+  entries = magnitudes.shape[1]
+  return entries is not None and entries >= HISTOGRAM_MIN_ENTRIES
+
+
+def _histogram_thresholds(
+    blocks: Sequence[tuple[tf.Tensor, tf.Tensor]],
+    bits: int,
+    rounding: str,
+    refinement_iterations: int = 11,
+) -> list[tf.Tensor]:
+  """`_optimal_grouped_thresholds` of blocks of groups ((magnitudes, finite), each [groups, n]).
+
+  Per block, one histogram pass for the fixed point, one for the MSE model and one exact
+  comparison read the entries; the fixed point and the model search, whose cost is a few
+  hundred small operations whatever the block's size, run once on all blocks' histograms.
+  """
+  coefficient = noise_coefficient(bits, rounding)
+  normalized = [(_normalized_magnitudes(m), f) for m, f in blocks]
+  sizes = [m.shape[0] for (m, _, _), _ in normalized]
+  largest = tf.concat([largest for (_, _, largest), _ in normalized], axis=0)
+  counts = tf.concat([mse_histogram.fixed_point_counts(m, f) for (m, _, _), f in normalized], 0)
+  fixed_point = tf.minimum(mse_histogram.fixed_point(counts, coefficient), largest)
+  lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
+  histograms = [
+      mse_histogram.histogram(m, f, block_upper)
+      for ((m, _, _), f), block_upper in zip(normalized, tf.split(upper, sizes))
+  ]
+  modelled_best = mse_histogram.histogram_search(
+      tuple(tf.concat(parts, axis=0) for parts in zip(*histograms)), lower, upper, bits, rounding,
+      relative_resolution=_GOLDEN_RATIO_CONJUGATE**refinement_iterations,
+  )
+  candidates = tf.stack([fixed_point, largest, modelled_best], axis=0)  # [3, groups]
+  thresholds = []
+  for ((m, scale, _), f), block_candidates in zip(
+      normalized, tf.split(candidates, sizes, axis=1)
+  ):
+    errors = _exact_mse(m, f, block_candidates, bits, rounding)
+    thresholds.append(_best_candidate(block_candidates, errors)[0] * scale)
+  return thresholds
+
+
 def optimal_clipping_thresholds(
     tensors: Sequence[tf.Tensor], bits: int, rounding: str = 'nearest', per_channel: bool = False
 ) -> list[tf.Tensor]:
-  """`optimal_clipping_threshold` of each tensor, with the small ones searched together.
+  """`optimal_clipping_threshold` of each tensor, with the searches shared where possible.
 
   Each search costs a few hundred small TensorFlow operations, whose fixed per-operation cost
   dominates for tensors of a few thousand entries (a model's other layers). Tensors with fully
   defined shapes and fewer than `_BATCH_MAX_ENTRIES` entries per group are therefore padded
   with zero-weight entries (which, like non-finite ones, the statistics ignore) to a common length
-  and searched as the groups of one batch; the others are searched one by one. The result for
-  a tensor equals its own search's up to the search resolution.
+  and searched as the groups of one block; larger tensors are blocks of their own. Blocks of at
+  least `HISTOGRAM_MIN_ENTRIES` entries per group then share one histogram search
+  (`_histogram_thresholds`); the others are searched one by one. The result for a tensor equals
+  its own search's up to the search resolution.
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
@@ -509,21 +543,31 @@ def optimal_clipping_thresholds(
       and 0 < magnitudes.shape[1] < _BATCH_MAX_ENTRIES
       and magnitudes.dtype == grouped[0][0].dtype
   ]
-  thresholds = [None] * len(tensors)
+  blocks = []  # (indices of the tensors, magnitudes, finite)
   for i, (magnitudes, finite) in enumerate(grouped):
     if i not in batched or len(batched) == 1:
-      thresholds[i] = _optimal_grouped_thresholds(magnitudes, finite, bits, rounding)
+      blocks.append(([i], magnitudes, finite))
   if len(batched) > 1:
     length = max(grouped[i][0].shape[1] for i in batched)
     pad = lambda t: tf.pad(t, [[0, 0], [0, length - t.shape[1]]])
-    batch = _optimal_grouped_thresholds(
+    blocks.append((
+        batched,
         tf.concat([pad(grouped[i][0]) for i in batched], axis=0),
         tf.concat([pad(grouped[i][1]) for i in batched], axis=0),
-        bits,
-        rounding,
-    )
-    groups = [grouped[i][0].shape[0] for i in batched]
-    for i, part in zip(batched, tf.split(batch, groups)):
+    ))
+  eligible = [k for k, (_, magnitudes, _) in enumerate(blocks) if _searched_on_histograms(magnitudes)]
+  shared = [k for k in eligible if blocks[k][1].dtype == blocks[eligible[0]][1].dtype]
+  block_thresholds = [None] * len(blocks)
+  if shared:
+    searched = _histogram_thresholds([blocks[k][1:] for k in shared], bits, rounding)
+    for k, found in zip(shared, searched):
+      block_thresholds[k] = found
+  thresholds = [None] * len(tensors)
+  for (indices, magnitudes, finite), found in zip(blocks, block_thresholds):
+    if found is None:
+      found = _optimal_grouped_thresholds(magnitudes, finite, bits, rounding)
+    groups = [grouped[i][0].shape[0] for i in indices]
+    for i, part in zip(indices, tf.split(found, groups) if len(indices) > 1 else [found]):
       thresholds[i] = part
   return [_ungroup(t, per_channel) for t in thresholds]
 
