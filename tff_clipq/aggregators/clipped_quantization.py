@@ -162,17 +162,17 @@ def build_codec(
 
   def encode(value, round_seed, client_weight):
     tensors = [tf.cast(t, tf.float32) for t in tf.nest.flatten(value)]
-    takes_part = tf.constant(True)
+    takes_part = None
     if client_weight is not None:
       # Weight 0 is how TFF's FedAvg client work marks a client whose update was non-finite (it
       # zeroes the update). Such a client, like one with a negative or non-finite weight, sends
       # only a cleared accepted flag and zeros.
       weight = tf.cast(client_weight, tf.float32)
       takes_part = tf.logical_and(tf.math.is_finite(weight), weight > 0.0)
-      tensors = [tf.where(takes_part, t, tf.zeros_like(t)) for t in tensors]
     seed = payload_lib.client_seed(round_seed, tensors)
-    quantized, floats, statistics, finite = payload_lib.encode_tensors(plan, tensors, seed)
-    accepted = tf.logical_and(finite, takes_part)
+    quantized, floats, statistics, accepted = payload_lib.encode_tensors(
+        plan, tensors, seed, takes_part
+    )
     wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
     float_weight = tf.cast(accepted, tf.float32)
     if weighting == 'inverse_error':

@@ -164,35 +164,49 @@ def client_seed(round_seed: tf.Tensor, tensors: Sequence[tf.Tensor]) -> tf.Tenso
 
 
 def encode_tensors(
-    plan: EncodingPlan, tensors: Sequence[tf.Tensor], seed: tf.Tensor
+    plan: EncodingPlan,
+    tensors: Sequence[tf.Tensor],
+    seed: tf.Tensor,
+    takes_part: Optional[tf.Tensor] = None,
 ) -> tuple[list, list, collections.OrderedDict, tf.Tensor]:
   """Encodes a client's tensors.
+
+  Args:
+    plan: the value's `EncodingPlan`.
+    tensors: the value's tensors, in the plan's order.
+    seed: stateless RNG seed [2] for stochastic rounding.
+    takes_part: optional scalar bool; False rejects the client like a non-finite input does.
 
   Returns:
     (quantized, floats, statistics, accepted): `quantized` lists an OrderedDict(codes=int32 words,
     threshold) per quantized tensor; `floats` the unquantized tensors; `statistics` per-quantized-
     tensor vectors quantization_mse, normalized_mse and clipped_fraction (the realized error of
-    this encoding); `accepted` is False when any input is non-finite, and then every part is zero.
+    this encoding); `accepted` is False when any input is non-finite or `takes_part` is False,
+    and then every part is zero. (The search and the quantizer tolerate non-finite entries, so
+    the outputs, a fraction of the inputs' size, are what gets zeroed.)
   """
   tensors = [tf.cast(t, tf.float32) for t in tensors]
   accepted = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-  safe = [tf.where(accepted, t, tf.zeros_like(t)) for t in tensors]
+  if takes_part is not None:
+    accepted = tf.logical_and(accepted, takes_part)
+  cleared = lambda t: tf.where(accepted, t, tf.zeros_like(t))
   threshold_of = {}
   for bits in sorted({plan.tensors[index].bits for index in plan.quantized_indices}):
     indices = [index for index in plan.quantized_indices if plan.tensors[index].bits == bits]
     found = thresholds.clipping_thresholds(
-        [safe[index] for index in indices], bits, plan.clipping, plan.rounding, plan.per_channel
+        [tensors[index] for index in indices], bits, plan.clipping, plan.rounding, plan.per_channel
     )
     threshold_of.update(zip(indices, found))
   quantized, mse, normalized, clipped = [], [], [], []
   for position, index in enumerate(plan.quantized_indices):
-    encoding, value, threshold = plan.tensors[index], safe[index], threshold_of[index]
+    encoding, value, threshold = plan.tensors[index], tensors[index], threshold_of[index]
     tensor_seed = seed + tf.constant([0, position], tf.int64)
     codes = quantizer.quantize(value, encoding.bits, threshold, plan.rounding, tensor_seed)
     error = tf.reduce_mean(tf.square(quantizer.dequantize(codes) - value))
     quantized.append(
         collections.OrderedDict(
-            codes=packing.pack_codes(codes.codes, encoding.bits), threshold=threshold
+            codes=cleared(packing.pack_codes(codes.codes, encoding.bits)),
+            threshold=cleared(threshold),
         )
     )
     mse.append(error)
@@ -201,11 +215,11 @@ def encode_tensors(
         tf.reduce_mean(tf.cast(tf.abs(value) > threshold * (1.0 + 1e-6), tf.float32))
     )
   statistics = collections.OrderedDict(
-      quantization_mse=tf.stack(mse) if mse else tf.zeros([0]),
-      normalized_mse=tf.stack(normalized) if normalized else tf.zeros([0]),
-      clipped_fraction=tf.stack(clipped) if clipped else tf.zeros([0]),
+      quantization_mse=cleared(tf.stack(mse)) if mse else tf.zeros([0]),
+      normalized_mse=cleared(tf.stack(normalized)) if normalized else tf.zeros([0]),
+      clipped_fraction=cleared(tf.stack(clipped)) if clipped else tf.zeros([0]),
   )
-  floats = [safe[index] for index in plan.float_indices]
+  floats = [cleared(tensors[index]) for index in plan.float_indices]
   return quantized, floats, statistics, accepted
 
 
