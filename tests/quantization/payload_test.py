@@ -33,6 +33,10 @@ class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
         [np.mean((d.numpy() - x) ** 2) for d, x in zip(decoded, quantized_inputs)],
         rtol=1e-5,
     )
+    self.assertAllClose(
+        statistics['clipped_fraction'],
+        [np.mean(np.abs(x) > part['threshold']) for x, part in zip(quantized_inputs, quantized)],
+    )
     self.assertAllEqual(floats[0], tensors[1])
     self.assertAllEqual(floats[1], tensors[3])
 

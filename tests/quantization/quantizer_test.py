@@ -184,6 +184,30 @@ class PerChannelAndSpecialValuesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(restored.shape, [0, 3])
 
 
+class MeasureTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(
+      rounding=quantization.ROUNDING_MODES, bits=(1, 2, 4, 8), per_channel=(False, True)
+  )
+  def test_measured_error_is_that_of_the_decoded_levels(self, rounding, bits, per_channel):
+    x = np.random.default_rng(bits).laplace(size=(300, 4)).astype(np.float32)
+    threshold = np.array([0.5, 1.0, 2.0, 8.0], np.float32) if per_channel else np.float32(1.2)
+    quantized, mse, clipped_fraction = quantization.quantize_and_measure(
+        x, bits, threshold, rounding, seed=[bits, 1]
+    )
+    decoded = quantization.dequantize(quantized).numpy()
+    self.assertAllClose(mse, np.mean((decoded - x) ** 2), rtol=1e-5)
+    self.assertAllClose(clipped_fraction, np.mean(np.abs(x) > threshold))
+    same = quantization.quantize(x, bits, threshold, rounding, seed=[bits, 1])
+    self.assertAllEqual(quantized.codes, same.codes)
+
+  def test_nothing_is_clipped_at_the_largest_magnitude(self):
+    x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    _, mse, clipped_fraction = quantization.quantize_and_measure(x, 3, np.max(np.abs(x)))
+    self.assertEqual(float(clipped_fraction), 0.0)
+    self.assertGreater(float(mse), 0.0)
+
+
 class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(0, 17, -1, 2.5, True, '4', None)

@@ -7,6 +7,7 @@ from tff_clipq.quantization.quantizer import dequantize
 from tff_clipq.quantization.quantizer import dequantize_codes
 from tff_clipq.quantization.quantizer import fake_quantize
 from tff_clipq.quantization.quantizer import quantize
+from tff_clipq.quantization.quantizer import quantize_and_measure
 from tff_clipq.quantization.quantizer import QuantizedTensor
 from tff_clipq.quantization.quantizer import ROUNDING_MODES
 from tff_clipq.quantization.thresholds import CLIPPING_METHODS

@@ -201,8 +201,9 @@ def encode_tensors(
   for position, index in enumerate(plan.quantized_indices):
     encoding, value, threshold = plan.tensors[index], tensors[index], threshold_of[index]
     tensor_seed = seed + tf.constant([0, position], tf.int64)
-    codes = quantizer.quantize(value, encoding.bits, threshold, plan.rounding, tensor_seed)
-    error = tf.reduce_mean(tf.square(quantizer.dequantize(codes) - value))
+    codes, error, clipped_fraction = quantizer.quantize_and_measure(
+        value, encoding.bits, threshold, plan.rounding, tensor_seed
+    )
     quantized.append(
         collections.OrderedDict(
             codes=cleared(packing.pack_codes(codes.codes, encoding.bits)),
@@ -211,9 +212,7 @@ def encode_tensors(
     )
     mse.append(error)
     normalized.append(tf.math.divide_no_nan(error, tf.reduce_mean(tf.square(value))))
-    clipped.append(
-        tf.reduce_mean(tf.cast(tf.abs(value) > threshold * (1.0 + 1e-6), tf.float32))
-    )
+    clipped.append(clipped_fraction)
   statistics = collections.OrderedDict(
       quantization_mse=cleared(tf.stack(mse)) if mse else tf.zeros([0]),
       normalized_mse=cleared(tf.stack(normalized)) if normalized else tf.zeros([0]),

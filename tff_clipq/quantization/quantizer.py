@@ -142,6 +142,34 @@ def quantize(
   Returns:
     A `QuantizedTensor`. NaN entries are encoded as the level closest to zero.
   """
+  return _quantize(x, bits, threshold, rounding, seed)[0]
+
+
+def quantize_and_measure(
+    x: tf.Tensor,
+    bits: int,
+    threshold: tf.Tensor,
+    rounding: str = 'nearest',
+    seed: SeedLike = None,
+) -> tuple[QuantizedTensor, tf.Tensor, tf.Tensor]:
+  """`quantize`, with this encoding's mean squared error and the fraction of entries clipped.
+
+  Both come from the quantizer's own intermediate values, not from decoding the codes: per entry
+  the error is the clipping error (x - clip(x))^2 plus the rounding error ((code - position)
+  step)^2, the dequantized level's distance from clip(x) up to float rounding. NaN entries count
+  as zeros, as they are encoded.
+  """
+  quantized, values, clipped, positions, codes = _quantize(x, bits, threshold, rounding, seed)
+  step = quantization_step(quantized.threshold, bits)
+  squared_error = tf.square(values - clipped) + tf.square((codes - positions) * step)
+  clipped_fraction = tf.reduce_mean(tf.cast(tf.not_equal(values, clipped), values.dtype))
+  return quantized, tf.reduce_mean(squared_error), clipped_fraction
+
+
+def _quantize(
+    x: tf.Tensor, bits: int, threshold: tf.Tensor, rounding: str, seed: SeedLike
+) -> tuple[QuantizedTensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(quantized, values, clipped values, code positions, codes as floats) in the compute dtype."""
   x = validate_float_tensor(x)
   bits = validate_bits(bits)
   rounding = validate_rounding(rounding)
@@ -153,13 +181,16 @@ def quantize(
   # (clipped / s + 1) * (2^B - 1) / 2 is exactly 0 at -s and exactly 2^B - 1 at +s, so clipped
   # values always get the outermost codes (dividing by the step could land just below them).
   half_max_code = 0.5 * float(num_levels(bits) - 1)
-  scaled = (tf.math.divide_no_nan(clipped, threshold) + 1.0) * half_max_code
+  positions = (tf.math.divide_no_nan(clipped, threshold) + 1.0) * half_max_code
   if rounding == 'nearest':
-    rounded = tf.floor(scaled + 0.5)
+    rounded = tf.floor(positions + 0.5)
   else:
-    rounded = tf.floor(scaled + _uniform_noise(tf.shape(scaled), dtype, seed))
-  codes = tf.cast(tf.clip_by_value(rounded, 0.0, float(num_levels(bits) - 1)), tf.int32)
-  return QuantizedTensor(codes=codes, threshold=threshold, bits=bits, dtype=x.dtype)
+    rounded = tf.floor(positions + _uniform_noise(tf.shape(positions), dtype, seed))
+  codes = tf.clip_by_value(rounded, 0.0, float(num_levels(bits) - 1))
+  quantized = QuantizedTensor(
+      codes=tf.cast(codes, tf.int32), threshold=threshold, bits=bits, dtype=x.dtype
+  )
+  return quantized, values, clipped, positions, codes
 
 
 def dequantize(quantized: QuantizedTensor) -> tf.Tensor:
