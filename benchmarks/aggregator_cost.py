@@ -13,8 +13,9 @@ precise:
   * clipq's encode (`payload.client_seed` + `payload.encode_tensors`) at 2 and 4 bits, stochastic
     rounding, with the MSE-optimal `octav` threshold and with `max_abs` (which isolates the cost
     of the threshold search);
-  * clipq's server side per client: `decode_quantized`, `payload_is_well_formed`, the finiteness
-    checks and the weighted sum (the core of the aggregator's `accumulate_fn`).
+  * clipq's server side per client: `payload_is_well_formed`, the weight x threshold finiteness
+    checks, `decode_quantized` (with zero thresholds if invalid) and the weighted sum (the core
+    of the aggregator's `accumulate_fn`).
 
 Everything runs in one process with one intra-op and one inter-op thread, each piece in its own
 `tf.function`, after warm-up. The pieces are timed round-robin in blocks of 10 calls (CPU time,
@@ -158,13 +159,17 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
 
       @tf.function
       def server(parts, sums, plan=plan):
-        decoded = payload.decode_quantized(plan, parts)
-        weighted = [weight * value for value in decoded]
-        valid = tf.logical_and(
-            payload.payload_is_well_formed(plan, parts),
-            tf.reduce_all([tf.reduce_all(tf.math.is_finite(w)) for w in weighted]),
-        )
-        return [s + tf.where(valid, w, tf.zeros_like(w)) for s, w in zip(sums, weighted)]
+        checks = [payload.payload_is_well_formed(plan, parts)]
+        checks += [tf.math.is_finite(weight * tf.reduce_max(p['threshold'])) for p in parts]
+        valid = tf.reduce_all(tf.stack(checks))
+        decoded = payload.decode_quantized(plan, [
+            collections.OrderedDict(
+                codes=p['codes'], threshold=tf.where(valid, p['threshold'], 0.0)
+            )
+            for p in parts
+        ])
+        client_weight = tf.where(valid, weight, 0.0)
+        return [s + client_weight * value for s, value in zip(sums, decoded)]
 
       timed[f'overhead: clipq_{bits}b_server'] = (empty, (quantized, quantized_totals), None)
       timed[f'clipq_{bits}b_server'] = (

@@ -30,8 +30,9 @@ A client whose value holds NaN or Inf, or (weighted factory) whose weight is not
 rejected at the client: it sends zeros and a cleared flag. Weight 0 is how TFF's FedAvg client
 work marks a client whose update was non-finite, so such clients never enter an average that
 ignores weights. A payload that fails the server's checks (a non-finite or negative threshold,
-error or weight, a set padding bit, a non-finite decoded value) is rejected at decode; invalid
-parts are removed with `tf.where`, so even a NaN in a rejected payload cannot reach the mean.
+error or weight, a set padding bit, a weight x threshold that overflows) is rejected at decode:
+it decodes with zero thresholds and zero weights, and its statistics are removed with
+`tf.where`, so even a NaN in a rejected payload cannot reach the mean.
 Both kinds are counted in the measurements. The small float32 tensors go to `inner_agg_factory`
 before the server sees the payload, so they cannot be checked at decode; a client that is
 rejected at the client sends them as zeros. A round in which every client is rejected yields
@@ -221,11 +222,14 @@ def build_codec(
       return tf.fill([num_quantized], wire['weight']), exact
     return tf.ones([num_quantized]), exact
 
-  def well_formed(wire, errors, decoded, weights):
+  def well_formed(wire, errors, weights):
+    """Scalar checks only: a well-formed payload decodes to finite, finitely weighted levels."""
     checks = [payload_lib.payload_is_well_formed(plan, wire['quantized'])]
-    # Finite thresholds can still decode, once weighted, to Inf (e.g. s near the float32 max).
+    # Levels lie in [-s, s], so weight x s bounds every weighted level: finite thresholds near
+    # the float32 maximum could still give Inf once weighted.
     checks += [
-        tf.reduce_all(tf.math.is_finite(weights[i] * value)) for i, value in enumerate(decoded)
+        tf.math.is_finite(weights[i] * tf.reduce_max(part['threshold']))
+        for i, part in enumerate(wire['quantized'])
     ]
     checks.append(tf.reduce_all(tf.math.is_finite(errors)))
     checks.append(tf.reduce_all(errors >= 0.0))
@@ -267,15 +271,21 @@ def build_codec(
   def accumulate_fn(accumulator, client):
     # Invalid parts are removed with tf.where, never by multiplying with 0 (NaN * 0 is NaN).
     wire, diagnostics = client['wire'], client['diagnostics']
-    decoded = payload_lib.decode_quantized(plan, wire['quantized'])
     errors = quantization_errors(client)
     accepted = wire['accepted']
     weights, exact = client_weights(wire, errors)
-    valid = tf.logical_and(accepted, well_formed(wire, errors, decoded, weights))
+    valid = tf.logical_and(accepted, well_formed(wire, errors, weights))
     malformed = tf.logical_and(accepted, tf.logical_not(valid))
     weights = tf.where(valid, weights, 0.0)
     exact = tf.logical_and(valid, exact)
-    decoded = [tf.where(valid, value, tf.zeros_like(value)) for value in decoded]
+    # An invalid payload decodes with zero thresholds, i.e. to zeros: no pass over its levels.
+    decoded = payload_lib.decode_quantized(plan, [
+        collections.OrderedDict(
+            codes=part['codes'],
+            threshold=tf.where(valid, part['threshold'], tf.zeros_like(part['threshold'])),
+        )
+        for part in wire['quantized']
+    ])
     thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
 
     def add_if_valid(key, values):
