@@ -156,10 +156,8 @@ def make_plan(
 
 def client_seed(round_seed: tf.Tensor, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
   """A stateless seed [2] from the round and the client's own data, so runs are reproducible."""
-  fingerprints = [
-      tf.bitcast(tf.fingerprint(tf.reshape(tf.bitcast(t, tf.uint8), [1, -1]))[0], tf.int64)
-      for t in tensors
-  ]
+  # Fingerprint hashes each row's bytes, whatever the dtype.
+  fingerprints = [tf.bitcast(tf.fingerprint(tf.reshape(t, [1, -1]))[0], tf.int64) for t in tensors]
   return tf.stack([tf.cast(round_seed, tf.int64), tf.math.add_n(fingerprints)])
 
 
