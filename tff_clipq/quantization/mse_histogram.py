@@ -31,7 +31,7 @@ import tensorflow as tf
 from tff_clipq.quantization import quantizer
 
 NUM_BINS = 256  # Bin width upper / 256: under 1% of a threshold in the search bracket.
-FIXED_POINT_BINS = 1024  # Bins over [0, max|x|] for the fixed point, which only centres the search.
+FIXED_POINT_BINS = 256  # Bins over [0, max|x|] for the fixed point, which only centres the search.
 _GRID_POINTS = 32  # Candidates per grid iteration; each iteration narrows the bracket 16.5x.
 
 
@@ -189,7 +189,7 @@ def fixed_point(counts: tf.Tensor, coefficient: float) -> tf.Tensor:
   The right-hand side T(s) is evaluated at every bin edge at once (suffix sums of the counts and
   of count x bin centre), and s is where T(s) - s first turns non-positive, interpolated linearly
   within that bin: iterating s <- T(s) needs one pass over the data per step (4-12 steps to 1%),
-  this one pass in all. Bins are 1/1024 of max|x| wide, so s is within a bin's width of the
+  this one pass in all. Bins are 1/256 of max|x| wide, so s is within a bin's width of the
   exact fixed point, well inside the search bracket [s/2, 2s] it centres. (All-zero groups get
   a value below one bin width: callers clamp to max |x|.)
   """
