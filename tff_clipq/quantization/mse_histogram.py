@@ -36,12 +36,13 @@ _GRID_POINTS = 32  # Candidates per grid iteration; each iteration narrows the b
 
 
 def _bin_counts(
-    magnitudes: tf.Tensor, finite: tf.Tensor, upper: tf.Tensor, num_bins: int
+    magnitudes: tf.Tensor, finite_count: tf.Tensor, upper: tf.Tensor, num_bins: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """(finite entries per bin [groups, num_bins + 1], bin index [groups, n], bin width [groups]).
 
   Bins j < num_bins cover [j, j + 1) x width of [0, upper); bin num_bins holds u >= upper.
-  `magnitudes` [groups, n] (non-finite entries are 0 with `finite` 0), `upper` [groups] >= 0.
+  `magnitudes` [groups, n] (non-finite entries are 0), `finite_count` [groups] the number of
+  finite entries per group, `upper` [groups] >= 0.
   Counting is one cheap `bincount`; per-bin sums would need a scatter-add, 10x slower on CPU.
   """
   groups = tf.shape(magnitudes)[0]
@@ -58,7 +59,7 @@ def _bin_counts(
   )
   counts = tf.reshape(counts, [groups, num_bins + 1])
   # Non-finite entries have magnitude 0, hence index 0: they are taken out of bin 0.
-  nonfinite = tf.cast(tf.shape(magnitudes)[1], magnitudes.dtype) - tf.reduce_sum(finite, axis=-1)
+  nonfinite = tf.cast(tf.shape(magnitudes)[1], magnitudes.dtype) - finite_count
   return counts - tf.pad(nonfinite[:, None], [[0, 0], [0, num_bins]]), index, width
 
 
@@ -66,14 +67,14 @@ Histogram = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
 
 
 def histogram(
-    magnitudes: tf.Tensor, finite: tf.Tensor, upper: tf.Tensor, num_bins: int = NUM_BINS
+    magnitudes: tf.Tensor, finite_count: tf.Tensor, upper: tf.Tensor, num_bins: int = NUM_BINS
 ) -> Histogram:
   """Finite entries per bin of [0, upper) [groups, num_bins], and the overflow bin's moments.
 
   Returns (counts, bin width [groups], overflow count, sum u, sum u^2 over u >= upper [groups]).
   Every part is indexed by group first, so histograms of several blocks of groups concatenate.
   """
-  counts, index, width = _bin_counts(magnitudes, finite, upper, num_bins)
+  counts, index, width = _bin_counts(magnitudes, finite_count, upper, num_bins)
   overflow = tf.where(tf.equal(index, num_bins), magnitudes, tf.zeros_like(magnitudes))
   return (
       counts[:, :num_bins],
@@ -152,10 +153,10 @@ def histogram_search(
 ) -> tf.Tensor:
   """The minimizer of the modelled MSE on [lower, upper] per group, by repeated grid search.
 
-  `histogram` is `histogram(magnitudes, finite, upper)`'s (or several concatenated); the search
-  only touches [candidates, groups, bins] tensors. Each grid iteration evaluates `_GRID_POINTS`
-  evenly spaced interior points and keeps the two cells around the best, until the bracket is
-  narrower than `relative_resolution` of its starting width.
+  `histogram` is `histogram(magnitudes, finite_count, upper)`'s (or several concatenated); the
+  search only touches [candidates, groups, bins] tensors. Each grid iteration evaluates
+  `_GRID_POINTS` evenly spaced interior points and keeps the two cells around the best, until the
+  bracket is narrower than `relative_resolution` of its starting width.
   """
   dtype = histogram[0].dtype
   divisions = _GRID_POINTS + 1
@@ -172,14 +173,14 @@ def histogram_search(
 
 
 def fixed_point_counts(
-    magnitudes: tf.Tensor, finite: tf.Tensor, num_bins: int = FIXED_POINT_BINS
+    magnitudes: tf.Tensor, finite_count: tf.Tensor, num_bins: int = FIXED_POINT_BINS
 ) -> tf.Tensor:
   """Finite entries of `magnitudes` [groups, n] (normalized to [0, 1]) per bin, [groups, bins + 1].
 
   Bins of [0, 1), plus a last one for u = 1 (the maximum), whose entries are exactly at 1.
   """
   ones = tf.ones([tf.shape(magnitudes)[0]], magnitudes.dtype)
-  return _bin_counts(magnitudes, finite, ones, num_bins)[0]
+  return _bin_counts(magnitudes, finite_count, ones, num_bins)[0]
 
 
 def fixed_point(counts: tf.Tensor, coefficient: float) -> tf.Tensor:

@@ -63,7 +63,10 @@ def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = '
 
 
 def _grouped_magnitudes(x: tf.Tensor, per_channel: bool) -> tuple[tf.Tensor, tf.Tensor]:
-  """Returns (|x|, finite mask) as [groups, n] in the compute dtype; non-finite |x| set to 0."""
+  """Returns (|x| [groups, n], finite entries per group [groups]) in the compute dtype.
+
+  Non-finite entries get magnitude 0; the statistics need only their number, not where they are.
+  """
   x = quantizer.validate_float_tensor(x)
   dtype = quantizer.compute_dtype(x.dtype)
   values = tf.cast(x, dtype)
@@ -75,7 +78,7 @@ def _grouped_magnitudes(x: tf.Tensor, per_channel: bool) -> tuple[tf.Tensor, tf.
     grouped = tf.reshape(values, [1, -1])
   finite = tf.math.is_finite(grouped)
   magnitudes = tf.where(finite, tf.abs(grouped), tf.zeros_like(grouped))
-  return magnitudes, tf.cast(finite, dtype)
+  return magnitudes, tf.reduce_sum(tf.cast(finite, dtype), axis=-1)
 
 
 def _ungroup(thresholds: tf.Tensor, per_channel: bool) -> tf.Tensor:
@@ -106,7 +109,7 @@ def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
 
 def _fixed_point_iteration(
     magnitudes: tf.Tensor,
-    finite: tf.Tensor,
+    finite_count: tf.Tensor,
     coefficient: float,
     max_iterations: int,
     tolerance: float,
@@ -116,8 +119,8 @@ def _fixed_point_iteration(
   Entries equal to s count as clipped (the derivative from below): with a strict `>` a tensor
   whose nonzero magnitudes are all equal (constant, or +-c) oscillates between |c| and 0.
   """
-  count = tf.maximum(tf.reduce_sum(finite, axis=-1), 1.0)
-  fraction_finite = tf.reduce_sum(finite, axis=-1) / count
+  count = tf.maximum(finite_count, 1.0)
+  fraction_finite = finite_count / count
   start = tf.reduce_sum(magnitudes, axis=-1) / count  # E|x|: positive unless all zero.
 
   def update(threshold: tf.Tensor) -> tf.Tensor:
@@ -153,7 +156,7 @@ def _fixed_point_iteration(
 
 
 def _exact_mse(
-    magnitudes: tf.Tensor, finite: tf.Tensor, threshold: tf.Tensor, bits: int, rounding: str
+    magnitudes: tf.Tensor, finite_count: tf.Tensor, threshold: tf.Tensor, bits: int, rounding: str
 ) -> tf.Tensor:
   """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold`.
 
@@ -178,11 +181,10 @@ def _exact_mse(
     fraction = position - tf.floor(position)
     rounding_units = fraction - tf.square(fraction)
   total = tf.shape(magnitudes, out_type=tf.int64)[-1]
-  count = tf.reduce_sum(finite, axis=-1)
-  nonfinite = tf.cast(total, magnitudes.dtype) - count
+  nonfinite = tf.cast(total, magnitudes.dtype) - finite_count
   rounding_sum = tf.reduce_sum(rounding_units, axis=-1) - 0.25 * nonfinite
   clipping_sum = tf.reduce_sum(tf.square(magnitudes - clipped), axis=-1)
-  return (clipping_sum + tf.square(step) * rounding_sum) / tf.maximum(count, 1.0)
+  return (clipping_sum + tf.square(step) * rounding_sum) / tf.maximum(finite_count, 1.0)
 
 
 def expected_quantization_mse(
@@ -199,15 +201,15 @@ def expected_quantization_mse(
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
-  magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   threshold = quantizer.as_compute_tensor(threshold, magnitudes.dtype)
   threshold = tf.broadcast_to(tf.reshape(threshold, [-1]), [tf.shape(magnitudes)[0]])
-  return _ungroup(_exact_mse(magnitudes, finite, threshold, bits, rounding), per_channel)
+  return _ungroup(_exact_mse(magnitudes, finite_count, threshold, bits, rounding), per_channel)
 
 
 def _golden_section_refinement(
     magnitudes: tf.Tensor,
-    finite: tf.Tensor,
+    finite_count: tf.Tensor,
     lower: tf.Tensor,
     upper: tf.Tensor,
     bits: int,
@@ -227,7 +229,7 @@ def _golden_section_refinement(
   """
 
   def mse(threshold):
-    return _exact_mse(magnitudes, finite, threshold, bits, rounding)
+    return _exact_mse(magnitudes, finite_count, threshold, bits, rounding)
 
   def body(iteration, low, high, left, right, left_mse, right_mse, best, best_mse):
     keep_left = left_mse <= right_mse
@@ -317,7 +319,7 @@ def _grid_points(groups, entries):
 
 def _grid_refinement(
     magnitudes: tf.Tensor,
-    finite: tf.Tensor,
+    finite_count: tf.Tensor,
     lower: tf.Tensor,
     upper: tf.Tensor,
     bits: int,
@@ -350,13 +352,13 @@ def _grid_refinement(
     cell = (high - low) / divisions
     candidates = low + fractions * (high - low)  # [points, groups]
     grid_best, grid_best_mse = _best_candidate(
-        candidates, _exact_mse(magnitudes, finite, candidates, bits, rounding)
+        candidates, _exact_mse(magnitudes, finite_count, candidates, bits, rounding)
     )
     best, best_mse = _keep_better(best, best_mse, grid_best, grid_best_mse)
     return iteration + 1, grid_best - cell, grid_best + cell, best, best_mse
 
   best, best_mse = _best_candidate(
-      anchors, _exact_mse(magnitudes, finite, anchors, bits, rounding)
+      anchors, _exact_mse(magnitudes, finite_count, anchors, bits, rounding)
   )
   state = (0, lower, upper, best, best_mse)
   if isinstance(iterations, int):  # Unrolled: no per-iteration control-flow overhead.
@@ -368,7 +370,7 @@ def _grid_refinement(
 
 def _refinement(
     magnitudes: tf.Tensor,
-    finite: tf.Tensor,
+    finite_count: tf.Tensor,
     lower: tf.Tensor,
     upper: tf.Tensor,
     bits: int,
@@ -380,7 +382,7 @@ def _refinement(
 
   Returns the point of least exact MSE among those evaluated and `anchors` [A, groups].
   """
-  arguments = (magnitudes, finite, lower, upper, bits, rounding)
+  arguments = (magnitudes, finite_count, lower, upper, bits, rounding)
 
   def golden():
     return _golden_section_refinement(*arguments, golden_iterations, anchors)
@@ -411,9 +413,11 @@ def octav_threshold(
 ) -> tf.Tensor:
   """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
   coefficient = noise_coefficient(bits, rounding, noise_model)
-  magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
-  threshold = _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance)
+  threshold = _fixed_point_iteration(
+      magnitudes, finite_count, coefficient, max_iterations, tolerance
+  )
   threshold = tf.minimum(threshold, largest)
   return _ungroup(threshold * scale, per_channel)
 
@@ -446,16 +450,16 @@ def optimal_clipping_threshold(
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
-  magnitudes, finite = _grouped_magnitudes(x, per_channel)
+  magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   threshold = _optimal_grouped_thresholds(
-      magnitudes, finite, bits, rounding, max_iterations, tolerance, refinement_iterations
+      magnitudes, finite_count, bits, rounding, max_iterations, tolerance, refinement_iterations
   )
   return _ungroup(threshold, per_channel)
 
 
 def _optimal_grouped_thresholds(
     magnitudes: tf.Tensor,
-    finite: tf.Tensor,
+    finite_count: tf.Tensor,
     bits: int,
     rounding: str,
     max_iterations: int = 100,
@@ -464,16 +468,19 @@ def _optimal_grouped_thresholds(
 ) -> tf.Tensor:
   """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups]."""
   if _searched_on_histograms(magnitudes):
-    return _histogram_thresholds([(magnitudes, finite)], bits, rounding, refinement_iterations)[0]
+    return _histogram_thresholds(
+        [(magnitudes, finite_count)], bits, rounding, refinement_iterations
+    )[0]
   coefficient = noise_coefficient(bits, rounding)
   magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
   fixed_point = tf.minimum(
-      _fixed_point_iteration(magnitudes, finite, coefficient, max_iterations, tolerance), largest
+      _fixed_point_iteration(magnitudes, finite_count, coefficient, max_iterations, tolerance),
+      largest,
   )
   lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
   anchors = tf.stack([fixed_point, largest], axis=0)  # [2, groups]
   threshold = _refinement(
-      magnitudes, finite, lower, upper, bits, rounding, refinement_iterations, anchors
+      magnitudes, finite_count, lower, upper, bits, rounding, refinement_iterations, anchors
   )
   return threshold * scale
 
@@ -489,7 +496,7 @@ def _histogram_thresholds(
     rounding: str,
     refinement_iterations: int = 11,
 ) -> list[tf.Tensor]:
-  """`_optimal_grouped_thresholds` of blocks of groups ((magnitudes, finite), each [groups, n]).
+  """`_optimal_grouped_thresholds` of blocks of groups: (magnitudes [groups, n], finite_count).
 
   Per block, one histogram pass for the fixed point, one for the MSE model and one exact
   comparison read the entries; the fixed point and the model search, whose cost is a few
@@ -528,7 +535,7 @@ def optimal_clipping_thresholds(
   Each search costs a few hundred small TensorFlow operations, whose fixed per-operation cost
   dominates for tensors of a few thousand entries (a model's other layers). Tensors with fully
   defined shapes and fewer than `_BATCH_MAX_ENTRIES` entries per group are therefore padded
-  with zero-weight entries (which, like non-finite ones, the statistics ignore) to a common length
+  with zeros outside their finite counts (ignored, like non-finite entries) to a common length
   and searched as the groups of one block; larger tensors are blocks of their own. Blocks of at
   least `HISTOGRAM_MIN_ENTRIES` entries per group then share one histogram search
   (`_histogram_thresholds`); the others are searched one by one. The result for a tensor equals
@@ -543,19 +550,19 @@ def optimal_clipping_thresholds(
       and 0 < magnitudes.shape[1] < _BATCH_MAX_ENTRIES
       and magnitudes.dtype == grouped[0][0].dtype
   ]
-  blocks = []  # (indices of the tensors, magnitudes, finite)
-  for i, (magnitudes, finite) in enumerate(grouped):
+  blocks = []  # (indices of the tensors, magnitudes, finite_count)
+  for i, (magnitudes, finite_count) in enumerate(grouped):
     if i not in batched or len(batched) == 1:
-      blocks.append(([i], magnitudes, finite))
+      blocks.append(([i], magnitudes, finite_count))
   if len(batched) > 1:
     length = max(grouped[i][0].shape[1] for i in batched)
     pad = lambda t: tf.pad(t, [[0, 0], [0, length - t.shape[1]]])
     blocks.append((
         batched,
         tf.concat([pad(grouped[i][0]) for i in batched], axis=0),
-        tf.concat([pad(grouped[i][1]) for i in batched], axis=0),
+        tf.concat([grouped[i][1] for i in batched], axis=0),
     ))
-  eligible = [k for k, (_, magnitudes, _) in enumerate(blocks) if _searched_on_histograms(magnitudes)]
+  eligible = [k for k, block in enumerate(blocks) if _searched_on_histograms(block[1])]
   shared = [k for k in eligible if blocks[k][1].dtype == blocks[eligible[0]][1].dtype]
   block_thresholds = [None] * len(blocks)
   if shared:
@@ -563,9 +570,9 @@ def optimal_clipping_thresholds(
     for k, found in zip(shared, searched):
       block_thresholds[k] = found
   thresholds = [None] * len(tensors)
-  for (indices, magnitudes, finite), found in zip(blocks, block_thresholds):
+  for (indices, magnitudes, finite_count), found in zip(blocks, block_thresholds):
     if found is None:
-      found = _optimal_grouped_thresholds(magnitudes, finite, bits, rounding)
+      found = _optimal_grouped_thresholds(magnitudes, finite_count, bits, rounding)
     groups = [grouped[i][0].shape[0] for i in indices]
     for i, part in zip(indices, tf.split(found, groups) if len(indices) > 1 else [found]):
       thresholds[i] = part
