@@ -24,7 +24,18 @@ hits every piece alike; each time is the median block mean, minus that of an emp
 call with the same inputs (inside TFF the pieces are parts of one graph, with no call overhead of
 their own).
 
-  python benchmarks/aggregator_cost.py [--clients=100:20,600:32] [--repeats=200]
+Inside TFF the aggregator also costs the runtime's work per client (one more computation call per
+client, its values' transfer). A second part times aggregation-only processes in TFF's own
+runtime (`tff_clipq.runtime`'s local worker): `--tff_clients` random model updates of the CNN's
+shapes aggregated by TFF's `MeanFactory` (what FedAvg uses), by clipq (2 and 4 bits, `octav`
+and `max_abs`) and by TFF's min-max quantizer (`EncodedSumFactory.quantize_above_threshold` in a
+`MeanFactory`), one round of each in turn (order rotated), `--tff_rounds` rounds, CPU seconds of
+this process and the worker per round. The result is CPU ms per client, and what each
+aggregator adds to `MeanFactory`'s: the aggregator's share of a FedAvg round is that divided by
+the FedAvg round's CPU per client (`round_time.py`).
+
+  python benchmarks/aggregator_cost.py [--clients=100:20,600:32] [--repeats=200] \
+      [--tff_clients=100] [--tff_rounds=20]
 
 Writes `benchmarks/results/aggregator_cost.{md,json}` (atomically).
 """
@@ -43,12 +54,16 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TensorFlow is impor
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without installing the package.
   sys.path.insert(0, _REPO_ROOT)
 
+from tff_clipq import runtime  # pylint: disable=g-import-not-at-top
+from tff_clipq.aggregators import clipped_quantization  # pylint: disable=g-import-not-at-top
 from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
 from tff_clipq.learning import models  # pylint: disable=g-import-not-at-top
 from tff_clipq.quantization import payload  # pylint: disable=g-import-not-at-top
@@ -61,6 +76,12 @@ _CLIENTS = flags.DEFINE_list(
     'clients', ['100:20', '600:32'], 'Client sizes as examples:batch_size.'
 )
 _REPEATS = flags.DEFINE_integer('repeats', 200, 'Timed calls per piece.', lower_bound=5)
+_TFF_CLIENTS = flags.DEFINE_integer(
+    'tff_clients', 100, 'Clients per aggregation round in TFF (0: skip that part).', lower_bound=0
+)
+_TFF_ROUNDS = flags.DEFINE_integer(
+    'tff_rounds', 20, 'Timed aggregation rounds per aggregator in TFF.', lower_bound=1
+)
 _MIN_SIZE_TO_QUANTIZE = 128  # As in round_time.py and the experiments: biases stay float32.
 
 
@@ -219,6 +240,67 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
   )
 
 
+def tff_aggregators() -> dict[str, tff.aggregators.WeightedAggregationFactory]:
+  """The aggregators timed inside TFF, `MeanFactory` (FedAvg's) first."""
+  factories = collections.OrderedDict(mean_factory=tff.aggregators.MeanFactory())
+  for bits in (2, 4):
+    for clipping in ('octav', 'max_abs'):
+      factories[f'clipq_{bits}b_{clipping}'] = clipped_quantization.clipped_quantization_mean(
+          bits=bits, clipping=clipping, min_size_to_quantize=_MIN_SIZE_TO_QUANTIZE
+      )
+    factories[f'tff_minmax_{bits}b'] = tff.aggregators.MeanFactory(
+        tff.aggregators.EncodedSumFactory.quantize_above_threshold(
+            quantization_bits=bits, threshold=_MIN_SIZE_TO_QUANTIZE
+        )
+    )
+  return factories
+
+
+def measure_in_tff(clients: int, rounds: int) -> dict[str, Any]:
+  """CPU ms per client of aggregation-only rounds in TFF's runtime, and the excess over the mean."""
+  model = models.create_keras_model('cnn', seed=0)
+  shapes = [tuple(v.shape) for v in model.trainable_variables]
+  value_type = tff.StructWithPythonType(
+      [tff.TensorType(np.float32, shape) for shape in shapes], list
+  )
+  rng = np.random.default_rng(0)
+  values = [
+      [(0.01 * rng.standard_normal(shape)).astype(np.float32) for shape in shapes]
+      for _ in range(clients)
+  ]
+  weights = [100.0] * clients
+  runtime.set_local_execution_context()
+  try:
+    processes = {
+        name: factory.create(value_type, tff.TensorType(np.float32))
+        for name, factory in tff_aggregators().items()
+    }
+    states = {name: process.initialize() for name, process in processes.items()}
+    cpu_s = {name: [] for name in processes}
+    names = list(processes)
+    for round_index in range(rounds + 1):  # Round 0 warms up.
+      shift = round_index % len(names)
+      for name in names[shift:] + names[:shift]:
+        start = runtime.cpu_seconds_with_workers()
+        states[name] = processes[name].next(states[name], values, weights).state
+        if round_index:
+          cpu_s[name].append(runtime.cpu_seconds_with_workers() - start)
+  finally:
+    runtime.reset_execution_context()
+  per_client = collections.OrderedDict(
+      (name, 1e3 * statistics.median(seconds) / clients) for name, seconds in cpu_s.items()
+  )
+  return collections.OrderedDict(
+      clients=clients,
+      rounds=rounds,
+      cpu_ms_per_client=per_client,
+      added_ms_per_client=collections.OrderedDict(
+          (name, ms - per_client['mean_factory']) for name, ms in per_client.items()
+          if name != 'mean_factory'
+      ),
+  )
+
+
 def markdown(report: dict[str, Any]) -> str:
   lines = [
       '# Aggregator cost per client (one CPU thread)', '',
@@ -240,6 +322,18 @@ def markdown(report: dict[str, Any]) -> str:
       f"| {o['threshold_share']:.0%} |"
       for name, o in report['overheads'].items()
   ]
+  if 'tff' in report:
+    tff_report = report['tff']
+    lines += [
+        '', f"## Inside TFF: aggregation-only rounds of {tff_report['clients']} clients", '',
+        f"CPU of this process and TFF's worker per round, median of {tff_report['rounds']} "
+        'interleaved rounds, per client.', '',
+        '| aggregator | CPU ms per client | added to MeanFactory, ms per client |',
+        '|---|---:|---:|',
+    ]
+    for name, ms in tff_report['cpu_ms_per_client'].items():
+      added = tff_report['added_ms_per_client'].get(name)
+      lines.append(f"| {name} | {ms:.2f} | {'—' if added is None else f'{added:.2f}'} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -250,6 +344,8 @@ def main(argv: list[str]) -> None:
   tf.config.threading.set_inter_op_parallelism_threads(1)
   report = measure(client_sizes, _REPEATS.value)
   report['repeats'] = _REPEATS.value
+  if _TFF_CLIENTS.value:
+    report['tff'] = measure_in_tff(_TFF_CLIENTS.value, _TFF_ROUNDS.value)
   report['tensorflow'] = tf.__version__
   output = _OUTPUT.value
   outputs.write_text(os.path.splitext(output)[0] + '.json', json.dumps(report, indent=2) + '\n')

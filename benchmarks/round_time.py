@@ -262,18 +262,6 @@ class PeakMemory:
     return {name: max(peak - self._starts[name], 0) for name, peak in self._peaks.items()}
 
 
-def _cpu_seconds(pid: Optional[int]) -> float:
-  """User + system CPU seconds of `pid` (its threads included) so far; 0 if unknown."""
-  if pid is None:
-    return 0.0
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime
-  except (OSError, IndexError, ValueError):
-    return 0.0
-
-
 def _worker_pid() -> Optional[int]:
   pids = runtime.live_worker_pids()
   return pids[-1] if pids else None
@@ -561,10 +549,10 @@ def run_benchmark(
       shift = round_index % len(variant_names)
       for name in variant_names[shift:] + variant_names[:shift]:
         worker_pid = _worker_pid()
-        cpu_start = _cpu_seconds(os.getpid()) + _cpu_seconds(worker_pid)
+        cpu_start = runtime.cpu_seconds_with_workers()
         with PeakMemory({'main': os.getpid(), 'worker': worker_pid}) as memory:
           seconds, data_seconds = timed_round(variants[name], round_data, client_ids)
-        cpu = _cpu_seconds(os.getpid()) + _cpu_seconds(worker_pid) - cpu_start
+        cpu = runtime.cpu_seconds_with_workers() - cpu_start
         memory_method = memory.method
         m = by_name[name]
         m.round_s.append(seconds)

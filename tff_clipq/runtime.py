@@ -270,6 +270,26 @@ def live_worker_pids() -> list[int]:
   return sorted(w.pid for w in workers if w.is_running())
 
 
+def process_cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of process `pid` (all its threads) so far; 0 if it is gone."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime
+  except (OSError, IndexError, ValueError):
+    return 0.0
+
+
+def cpu_seconds_with_workers() -> float:
+  """CPU seconds so far of this process plus the live workers this module started (Linux).
+
+  TFF runs computations in the worker, so a computation's cost is the change of this sum.
+  """
+  return process_cpu_seconds(os.getpid()) + sum(
+      process_cpu_seconds(pid) for pid in live_worker_pids()
+  )
+
+
 @atexit.register
 def _stop_all_workers() -> None:
   with _registry_lock:

@@ -26,7 +26,9 @@ class AggregatorCostBenchmarkTest(tf.test.TestCase):
 
   def test_tiny_run_writes_markdown_and_json(self):
     output = os.path.join(self.get_temp_dir(), 'aggregator_cost.md')
-    returncode, log = self._run('--clients=20:10', '--repeats=5', f'--output={output}')
+    returncode, log = self._run(
+        '--clients=20:10', '--repeats=5', '--tff_clients=4', '--tff_rounds=1', f'--output={output}'
+    )
     self.assertEqual(returncode, 0, msg=log[-3000:])
     with open(os.path.splitext(output)[0] + '.json') as f:
       report = json.load(f)
@@ -43,8 +45,20 @@ class AggregatorCostBenchmarkTest(tf.test.TestCase):
           overhead['ratio'], 1.0 + overhead['added_ms'] / overhead['fedavg_client_ms']
       )
     self.assertGreater(report['local_training_ms']['20:10'], 0.0)
+    in_tff = report['tff']
+    self.assertEqual(in_tff['clients'], 4)
+    expected = {'mean_factory'}
+    for bits in (2, 4):
+      expected |= {f'clipq_{bits}b_octav', f'clipq_{bits}b_max_abs', f'tff_minmax_{bits}b'}
+    self.assertEqual(set(in_tff['cpu_ms_per_client']), expected)
+    for name, added in in_tff['added_ms_per_client'].items():
+      self.assertAlmostEqual(
+          added, in_tff['cpu_ms_per_client'][name] - in_tff['cpu_ms_per_client']['mean_factory']
+      )
     with open(output) as f:
-      self.assertIn('| clipq_2b @ 20:10 |', f.read())
+      text = f.read()
+    self.assertIn('| clipq_2b @ 20:10 |', text)
+    self.assertIn('| clipq_2b_octav |', text)
 
   def test_bad_client_size_names_the_flag(self):
     returncode, log = self._run('--clients=20', '--repeats=5')
