@@ -46,11 +46,9 @@ def _bin_counts(
   Counting is one cheap `bincount`; per-bin sums would need a scatter-add, 10x slower on CPU.
   """
   # A zero `upper` (all magnitudes zero) gets unit width: every entry then lands in bin 0.
-  positive = upper > 0.0
-  width = tf.where(positive, upper / float(num_bins), tf.ones_like(upper))
-  bins_per_unit = tf.where(positive, float(num_bins) / tf.where(positive, upper, 1.0), 1.0)
+  width = tf.where(upper > 0.0, upper / float(num_bins), tf.ones_like(upper))
   # The minimum comes before the cast, so huge ratios (tiny widths) cannot overflow the integer.
-  index = tf.cast(tf.minimum(magnitudes * bins_per_unit[:, None], float(num_bins)), tf.int32)
+  index = tf.cast(tf.minimum(magnitudes * (1.0 / width)[:, None], float(num_bins)), tf.int32)
   # Each row counted on its own; every index is in range by construction.
   counts = tf.raw_ops.DenseBincount(
       input=index, size=num_bins + 1, weights=tf.zeros([0], magnitudes.dtype)
