@@ -47,11 +47,7 @@ def _encode_and_aggregate(factory):
     for payload_value in payloads:
       accumulator = codec.accumulate_fn(
           accumulator,
-          collections.OrderedDict(
-              wire=payload_value['wire'],
-              diagnostics=payload_value['diagnostics'],
-              float_weight=payload_value['float_weight'],
-          ),
+          collections.OrderedDict((key, payload_value[key]) for key in codec.aggregate_keys),
       )
     return accumulator
 
@@ -189,6 +185,37 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
       self.assertEqual(output.measurements['quantized']['rejected_nonfinite_clients'], 2)
       self.assertAllClose(output.result[0], alone.result[0])
       self.assertAllClose(output.result[1], alone.result[1])
+
+  def test_float_tensors_summed_in_the_aggregate_match_an_inner_factory(self):
+    """The default SumFactory is folded into the aggregate; any other runs as its own process."""
+    values, weights = _client_values(3), [1.0, 2.0, 3.0]
+    settings = dict(bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100)
+    folded = aggregators.clipped_quantization_mean(**settings)
+    inner = tff.aggregators.zeroing_factory(
+        zeroing_norm=1e9, inner_agg_factory=tff.aggregators.SumFactory()
+    )
+    separate = aggregators.clipped_quantization_mean(**settings, inner_agg_factory=inner)
+    folded_codec = clipped_quantization.build_codec(
+        folded.settings, tff.aggregators.SumFactory(), VALUE_TYPE, WEIGHT_TYPE
+    )
+    self.assertIsNone(folded_codec.inner_process)
+    self.assertIn('weighted_floats', folded_codec.aggregate_keys)
+    separate_codec = clipped_quantization.build_codec(
+        separate.settings, inner, VALUE_TYPE, WEIGHT_TYPE
+    )
+    self.assertIsNotNone(separate_codec.inner_process)
+    self.assertNotIn('weighted_floats', separate_codec.aggregate_keys)
+
+    folded_output = self._run(folded, values, weights)
+    separate_output = self._run(separate, values, weights)
+    expected_bias = np.tensordot(weights, np.stack([v[1] for v in values]), 1) / sum(weights)
+    for output in (folded_output, separate_output):
+      self.assertAllClose(output.result[1], expected_bias, atol=1e-5)
+    self.assertAllClose(folded_output.result[0], separate_output.result[0])
+    # The state and measurements keep the inner factory's (here empty) parts.
+    self.assertEqual(folded_output.state['float_tensors'], ())
+    self.assertEqual(folded_output.measurements['float_tensors'], ())
+    self.assertEqual(separate_output.measurements['float_tensors']['zeroed_count'], 0)
 
   def test_zero_error_client_gets_the_weight_of_the_most_accurate_client(self):
     values = _client_values(3)
