@@ -49,6 +49,10 @@ Targets (met / not met on wall-time medians, CPU ratios shown beside): ours with
 of FedAvg; QAT adding <= 25% of local training ((with QAT - without) / floor, and keras_qat /
 keras - 1); a TFF round within 1.5x of the floor; memory at most linear in K.
 
+TFF's worker runs a round's clients concurrently and by default lets every TensorFlow operation
+use all cores as well; `--worker_intra_op_threads=1` limits each operation to one thread (see
+`tff_clipq.runtime`), which the results record.
+
 Defaults (chosen so the whole run takes ~15-20 minutes on 2 shared cores): MNIST (60k train) split
 IID into 600 clients of 100 examples, batch size 20, 1 local epoch (5 steps per client), K = 10,
 50, 100, 3 timed rounds.
@@ -56,7 +60,7 @@ IID into 600 clients of 100 examples, batch size 20, 1 local epoch (5 steps per 
 Usage:
   python benchmarks/round_time.py [--clients_per_round=10,50,100] [--rounds=3] \
       [--output=benchmarks/results/round_time.md] [--variants=keras,fedavg_float,clipq_4b] \
-      [--baseline=previous_run.json]
+      [--baseline=previous_run.json] [--worker_intra_op_threads=1]
 
 Results: markdown table and JSON (same stem) written atomically (temporary file, `os.replace`);
 with `--baseline`, a before/after table against an earlier run's JSON is added.
@@ -173,6 +177,13 @@ _RETARGET = flags.DEFINE_string(
     'retarget', None,
     'JSON of an earlier run: re-evaluate its targets with this version of the benchmark and '
     'rewrite its markdown and JSON (to --output) without measuring anything.',
+    flag_values=_FLAG_VALUES,
+)
+_WORKER_INTRA_OP_THREADS = flags.DEFINE_integer(
+    'worker_intra_op_threads', 0,
+    'Threads one TensorFlow operation may use in the TFF worker (0: TensorFlow\'s default, one '
+    'per core); see `tff_clipq.runtime`.',
+    lower_bound=0,
     flag_values=_FLAG_VALUES,
 )
 _CHANGES = flags.DEFINE_string(
@@ -509,6 +520,17 @@ def timed_round(variant, round_data: RoundData, client_ids: list[str]) -> tuple[
   return end - start, built - start
 
 
+def _worker_threads_line(intra_op_threads: int) -> str:
+  threads = (
+      f'{intra_op_threads} thread(s) per TensorFlow operation' if intra_op_threads
+      else "TensorFlow's default threads per operation (one per core)"
+  )
+  return (
+      f'- TFF worker: {threads} (`--worker_intra_op_threads={intra_op_threads}`); the floor (a) '
+      "runs in this process with TensorFlow's default."
+  )
+
+
 def run_benchmark(
     variant_names: list[str],
     scales: list[int],
@@ -516,8 +538,9 @@ def run_benchmark(
     round_data: RoundData,
     workload: Workload,
     log: Callable[[str], None] = print,
+    worker_intra_op_threads: Optional[int] = None,
 ) -> tuple[dict[str, float], list[Measurement], str, dict[str, float]]:
-  """Builds every variant, then measures each scale.
+  """Builds every variant, then measures each scale (TFF's worker with `worker_intra_op_threads`).
 
   Returns:
     (build_s, measurements, memory method, main-process growth): the last gives this process's
@@ -538,7 +561,7 @@ def run_benchmark(
   memory_method = ''
   for clients_per_round in scales:
     # A fresh worker_binary per scale: its memory at scale K then holds nothing from other scales.
-    runtime.set_local_execution_context()
+    runtime.set_local_execution_context(intra_op_threads=worker_intra_op_threads)
     by_name = {name: Measurement(name, clients_per_round) for name in variant_names}
     warmup_ids = round_data.client_ids(clients_per_round, -1)
     for name in variant_names:
@@ -765,6 +788,7 @@ def render_markdown(report: dict[str, Any], baseline: Optional[dict[str, Any]], 
       '(here on 2 cores) while the floor trains them one after another, so TFF can beat the '
       'floor in wall time; CPU time compares the work done.',
       *_growth_lines(report.get('main_process_growth')),
+      _worker_threads_line(config.get('worker_intra_op_threads', 0)),
       f"- Machine: {report['environment']['cpu_count']} CPU cores (shared; load average "
       f"{report['environment']['load_average_start']} at start, "
       f"{report['environment']['load_average_end']} at end), TF {report['environment']['tensorflow']}, "
@@ -996,6 +1020,7 @@ def main(argv):
   build_s, measurements, memory_method, main_growth = run_benchmark(
       variant_names, scales, _ROUNDS.value, round_data, workload,
       log=lambda message: print(message, flush=True),
+      worker_intra_op_threads=_WORKER_INTRA_OP_THREADS.value or None,
   )
   config = collections.OrderedDict(
       dataset=_DATASET.value,
@@ -1010,6 +1035,7 @@ def main(argv):
       rounds=_ROUNDS.value,
       seed=_SEED.value,
       variants=variant_names,
+      worker_intra_op_threads=_WORKER_INTRA_OP_THREADS.value,
   )
   environment = collections.OrderedDict(
       cpu_count=os.cpu_count(),

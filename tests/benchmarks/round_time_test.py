@@ -30,7 +30,7 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
     command = [
         sys.executable, _PATH, '--dataset=synthetic', '--num_clients=4', '--examples_per_client=20',
         '--clients_per_round=2', '--rounds=1', '--variants=keras,fedavg_float,clipq_2b',
-        f'--output={output}',
+        '--worker_intra_op_threads=1', f'--output={output}',
     ]
     # Output goes to a file, not a pipe (a TFF worker could hold a pipe open).
     log_path = os.path.join(self.get_temp_dir(), 'round_time.log')
@@ -54,6 +54,8 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
       markdown = f.read()
     self.assertIn('| clipq_2b | d | 2 |', markdown)
     self.assertIn('## Targets', markdown)
+    self.assertEqual(report['config']['worker_intra_op_threads'], 1)
+    self.assertIn('`--worker_intra_op_threads=1`', markdown)
     self.assertFalse([name for name in os.listdir(self.get_temp_dir()) if name.startswith('.tmp_')])
 
     # --retarget re-evaluates the saved run without measuring: same results, same verdicts.

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Optional
 from unittest import mock
 
 from absl.testing import parameterized
@@ -236,7 +237,34 @@ class LocalContextTest(RuntimeTestCase):
     self.assertEqual(runtime.live_worker_pids(), [pid])
     self.assertAllClose(federated_total([1.0, 2.0]), 3.0)
 
+  def test_intra_op_threads_reach_the_worker_environment(self):
+    def worker_setting() -> Optional[str]:
+      (pid,) = runtime.live_worker_pids()
+      with open(f'/proc/{pid}/environ', 'rb') as environ:
+        entries = dict(
+            entry.split(b'=', 1) for entry in environ.read().split(b'\0') if b'=' in entry
+        )
+      value = entries.get(b'TF_NUM_INTRAOP_THREADS')
+      return value.decode() if value is not None else None
+
+    runtime.set_local_execution_context(intra_op_threads=1)
+    self.assertAllClose(federated_total([1.0, 2.0]), 3.0)
+    self.assertEqual(worker_setting(), '1')
+    runtime.set_local_execution_context()  # None: inherits this process's environment.
+    self.assertAllClose(federated_total([1.0, 2.0]), 3.0)
+    self.assertEqual(worker_setting(), os.environ.get('TF_NUM_INTRAOP_THREADS'))
+    runtime.reset_execution_context()  # Stops that worker: the next one is the only one.
+    with runtime.execution_context(num_local_workers=1, intra_op_threads=2):
+      self.assertAllClose(federated_total([1.0, 2.0]), 3.0)
+      self.assertEqual(worker_setting(), '2')
+
   def test_invalid_arguments(self):
+    for threads in (0, -1, 1.5, True):
+      with self.assertRaisesRegex(ValueError, '`intra_op_threads`'):
+        runtime.set_local_execution_context(intra_op_threads=threads)
+    with self.assertRaisesRegex(ValueError, '`intra_op_threads` applies to workers started here'):
+      with runtime.execution_context(['localhost:1'], intra_op_threads=1):
+        pass
     with self.assertRaisesRegex(ValueError, '`default_num_clients`.*-1'):
       runtime.set_local_execution_context(default_num_clients=-1)
     with self.assertRaisesRegex(ValueError, '`num_workers`.*0'):

@@ -147,7 +147,9 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
   _prepare_output_dir(config, runs)
   summaries = []
   with runtime.execution_context(
-      workers=config.workers or None, num_local_workers=config.num_local_workers
+      workers=config.workers or None,
+      num_local_workers=config.num_local_workers,
+      intra_op_threads=config.worker_intra_op_threads or None,
   ):
     for name, run_config in runs:
       summaries.append(_run(name, run_config, data_by_settings[run_config.data_settings]))
