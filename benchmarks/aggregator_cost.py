@@ -32,10 +32,12 @@ and `max_abs`) and by TFF's min-max quantizer (`EncodedSumFactory.quantize_above
 `MeanFactory`), one round of each in turn (order rotated), `--tff_rounds` rounds, CPU seconds of
 this process and the worker per round. The result is CPU ms per client, and what each
 aggregator adds to `MeanFactory`'s: the aggregator's share of a FedAvg round is that divided by
-the FedAvg round's CPU per client (`round_time.py`).
+the FedAvg round's CPU per client (`round_time.py`). This part runs once per worker setting in
+`--tff_intra_op_threads` (threads per TensorFlow operation; 0: TensorFlow's default, one per
+core), a fresh worker each.
 
   python benchmarks/aggregator_cost.py [--clients=100:20,600:32] [--repeats=200] \
-      [--tff_clients=100] [--tff_rounds=20]
+      [--tff_clients=100] [--tff_rounds=20] [--tff_intra_op_threads=0,1]
 
 Writes `benchmarks/results/aggregator_cost.{md,json}` (atomically).
 """
@@ -81,6 +83,11 @@ _TFF_CLIENTS = flags.DEFINE_integer(
 )
 _TFF_ROUNDS = flags.DEFINE_integer(
     'tff_rounds', 20, 'Timed aggregation rounds per aggregator in TFF.', lower_bound=1
+)
+_TFF_INTRA_OP_THREADS = flags.DEFINE_list(
+    'tff_intra_op_threads', ['0', '1'],
+    "Threads per TensorFlow operation in TFF's worker, one TFF measurement each (0: "
+    "TensorFlow's default, one per core).",
 )
 _MIN_SIZE_TO_QUANTIZE = 128  # As in round_time.py and the experiments: biases stay float32.
 
@@ -256,8 +263,24 @@ def tff_aggregators() -> dict[str, tff.aggregators.WeightedAggregationFactory]:
   return factories
 
 
-def measure_in_tff(clients: int, rounds: int) -> dict[str, Any]:
-  """CPU ms per client of aggregation-only rounds in TFF's runtime, and the excess over the mean."""
+def parse_thread_counts(specs: list[str]) -> list[int]:
+  """`--tff_intra_op_threads` as non-negative ints (0: TensorFlow's default)."""
+  try:
+    counts = [int(spec) for spec in specs]
+  except ValueError:
+    counts = [-1]
+  if not counts or min(counts) < 0:
+    raise app.UsageError(
+        f'--tff_intra_op_threads must list non-negative integers. Found {",".join(specs)!r}.'
+    )
+  return counts
+
+
+def measure_in_tff(clients: int, rounds: int, intra_op_threads: int = 0) -> dict[str, Any]:
+  """CPU ms per client of aggregation-only rounds in TFF's runtime, and the excess over the mean.
+
+  `intra_op_threads`: threads per TensorFlow operation in the worker (0: TensorFlow's default).
+  """
   model = models.create_keras_model('cnn', seed=0)
   shapes = [tuple(v.shape) for v in model.trainable_variables]
   value_type = tff.StructWithPythonType(
@@ -269,7 +292,7 @@ def measure_in_tff(clients: int, rounds: int) -> dict[str, Any]:
       for _ in range(clients)
   ]
   weights = [100.0] * clients
-  runtime.set_local_execution_context()
+  runtime.set_local_execution_context(intra_op_threads=intra_op_threads or None)
   try:
     processes = {
         name: factory.create(value_type, tff.TensorType(np.float32))
@@ -293,6 +316,7 @@ def measure_in_tff(clients: int, rounds: int) -> dict[str, Any]:
   return collections.OrderedDict(
       clients=clients,
       rounds=rounds,
+      intra_op_threads=intra_op_threads,
       cpu_ms_per_client=per_client,
       added_ms_per_client=collections.OrderedDict(
           (name, ms - per_client['mean_factory']) for name, ms in per_client.items()
@@ -322,10 +346,15 @@ def markdown(report: dict[str, Any]) -> str:
       f"| {o['threshold_share']:.0%} |"
       for name, o in report['overheads'].items()
   ]
-  if 'tff' in report:
-    tff_report = report['tff']
+  for tff_report in report.get('tff', []):
+    threads = tff_report['intra_op_threads']
+    setting = (
+        f'{threads} thread(s) per TensorFlow operation' if threads
+        else "TensorFlow's default threads per operation (one per core)"
+    )
     lines += [
-        '', f"## Inside TFF: aggregation-only rounds of {tff_report['clients']} clients", '',
+        '', f"## Inside TFF: aggregation-only rounds of {tff_report['clients']} clients, "
+        f'worker with {setting}', '',
         f"CPU of this process and TFF's worker per round, median of {tff_report['rounds']} "
         'interleaved rounds, per client.', '',
         '| aggregator | CPU ms per client | added to MeanFactory, ms per client |',
@@ -340,12 +369,15 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   client_sizes = parse_clients(_CLIENTS.value)
+  thread_counts = parse_thread_counts(_TFF_INTRA_OP_THREADS.value)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
   report = measure(client_sizes, _REPEATS.value)
   report['repeats'] = _REPEATS.value
   if _TFF_CLIENTS.value:
-    report['tff'] = measure_in_tff(_TFF_CLIENTS.value, _TFF_ROUNDS.value)
+    report['tff'] = [
+        measure_in_tff(_TFF_CLIENTS.value, _TFF_ROUNDS.value, threads) for threads in thread_counts
+    ]
   report['tensorflow'] = tf.__version__
   output = _OUTPUT.value
   outputs.write_text(os.path.splitext(output)[0] + '.json', json.dumps(report, indent=2) + '\n')

@@ -45,25 +45,30 @@ class AggregatorCostBenchmarkTest(tf.test.TestCase):
           overhead['ratio'], 1.0 + overhead['added_ms'] / overhead['fedavg_client_ms']
       )
     self.assertGreater(report['local_training_ms']['20:10'], 0.0)
-    in_tff = report['tff']
-    self.assertEqual(in_tff['clients'], 4)
-    expected = {'mean_factory'}
-    for bits in (2, 4):
-      expected |= {f'clipq_{bits}b_octav', f'clipq_{bits}b_max_abs', f'tff_minmax_{bits}b'}
-    self.assertEqual(set(in_tff['cpu_ms_per_client']), expected)
-    for name, added in in_tff['added_ms_per_client'].items():
-      self.assertAlmostEqual(
-          added, in_tff['cpu_ms_per_client'][name] - in_tff['cpu_ms_per_client']['mean_factory']
-      )
+    self.assertEqual([t['intra_op_threads'] for t in report['tff']], [0, 1])
+    for in_tff in report['tff']:
+      self.assertEqual(in_tff['clients'], 4)
+      expected = {'mean_factory'}
+      for bits in (2, 4):
+        expected |= {f'clipq_{bits}b_octav', f'clipq_{bits}b_max_abs', f'tff_minmax_{bits}b'}
+      self.assertEqual(set(in_tff['cpu_ms_per_client']), expected)
+      for name, added in in_tff['added_ms_per_client'].items():
+        self.assertAlmostEqual(
+            added, in_tff['cpu_ms_per_client'][name] - in_tff['cpu_ms_per_client']['mean_factory']
+        )
     with open(output) as f:
       text = f.read()
     self.assertIn('| clipq_2b @ 20:10 |', text)
     self.assertIn('| clipq_2b_octav |', text)
+    self.assertIn('worker with 1 thread(s) per TensorFlow operation', text)
 
   def test_bad_client_size_names_the_flag(self):
     returncode, log = self._run('--clients=20', '--repeats=5')
     self.assertNotEqual(returncode, 0)
     self.assertIn('--clients', log)
+    returncode, log = self._run('--tff_intra_op_threads=1,-2', '--repeats=5')
+    self.assertNotEqual(returncode, 0)
+    self.assertIn('--tff_intra_op_threads', log)
 
 
 if __name__ == '__main__':
