@@ -268,7 +268,7 @@ def parse_thread_counts(specs: list[str]) -> list[int]:
   try:
     counts = [int(spec) for spec in specs]
   except ValueError:
-    counts = [-1]
+    counts = None
   if not counts or min(counts) < 0:
     raise app.UsageError(
         f'--tff_intra_op_threads must list non-negative integers. Found {",".join(specs)!r}.'
