@@ -347,11 +347,7 @@ def markdown(report: dict[str, Any]) -> str:
       for name, o in report['overheads'].items()
   ]
   for tff_report in report.get('tff', []):
-    threads = tff_report['intra_op_threads']
-    setting = (
-        f'{threads} thread(s) per TensorFlow operation' if threads
-        else "TensorFlow's default threads per operation (one per core)"
-    )
+    setting = runtime.describe_intra_op_threads(tff_report['intra_op_threads'])
     lines += [
         '', f"## Inside TFF: aggregation-only rounds of {tff_report['clients']} clients, "
         f'worker with {setting}', '',

@@ -521,13 +521,10 @@ def timed_round(variant, round_data: RoundData, client_ids: list[str]) -> tuple[
 
 
 def _worker_threads_line(intra_op_threads: int) -> str:
-  threads = (
-      f'{intra_op_threads} thread(s) per TensorFlow operation' if intra_op_threads
-      else "TensorFlow's default threads per operation (one per core)"
-  )
   return (
-      f'- TFF worker: {threads} (`--worker_intra_op_threads={intra_op_threads}`); the floor (a) '
-      "runs in this process with TensorFlow's default."
+      f'- TFF worker: {runtime.describe_intra_op_threads(intra_op_threads)} '
+      f"(`--worker_intra_op_threads={intra_op_threads}`); the floor (a) runs in this process "
+      "with TensorFlow's default."
   )
 
 

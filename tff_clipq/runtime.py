@@ -470,6 +470,13 @@ def _check_int(value: object, name: str, minimum: Optional[int] = None) -> None:
     raise ValueError(f'`{name}` should be an integer{bound}. Found {value!r}.')
 
 
+def describe_intra_op_threads(intra_op_threads: Optional[int]) -> str:
+  """How a worker started with `intra_op_threads` (None or 0: TensorFlow's default) threads ops."""
+  if intra_op_threads:
+    return f'{intra_op_threads} thread(s) per TensorFlow operation'
+  return "TensorFlow's default threads per operation (one per core)"
+
+
 def _check_intra_op_threads(value: object) -> None:
   if value is not None:
     _check_int(value, 'intra_op_threads', minimum=1)
