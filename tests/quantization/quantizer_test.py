@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_clipq import quantization
+from tff_clipq.quantization import quantizer
 
 ALL_BITS = tuple(range(1, 17))
 FLOAT_DTYPES = (tf.float16, tf.float32, tf.float64)
@@ -134,6 +135,26 @@ class RoundingTest(tf.test.TestCase, parameterized.TestCase):
       return quantization.quantize(values, 3, 1.0, 'stochastic', seed=seed).codes
 
     self.assertAllEqual(graph_codes(x, tf.constant([1, 2])), codes([1, 2]))
+
+  @parameterized.parameters((tf.float32, 40_001), (tf.float64, 6), (tf.float32, 0))
+  def test_rounding_noise_is_uniform_on_16_bit_midpoints(self, dtype, size):
+    noise = quantizer._uniform_noise(tf.constant([size]), dtype, [3, 4]).numpy()
+    self.assertEqual(noise.shape, (size,))
+    self.assertEqual(noise.dtype, dtype.as_numpy_dtype)
+    if not size:
+      return
+    steps = noise * 2**quantizer.NOISE_BITS - 0.5  # k in (k + 1/2) / 2^16.
+    self.assertAllEqual(steps, np.round(steps))
+    self.assertAllInRange(steps, 0, 2**quantizer.NOISE_BITS - 1)
+    if size > 1000:
+      # Both 16-bit halves of each generator word are uniform: chi-square over 64 buckets
+      # (63 degrees of freedom; 120 is far beyond its 99.99th percentile) and a mean of 1/2.
+      counts = np.bincount((noise * 64).astype(int), minlength=64)
+      expected = size / 64
+      self.assertLess(np.sum((counts - expected) ** 2 / expected), 120)
+      self.assertAllClose(noise.mean(), 0.5, atol=5 / np.sqrt(12 * size))
+      # Neighbours (the two halves of one word, and adjacent words) are uncorrelated.
+      self.assertLess(abs(np.corrcoef(noise[:-1], noise[1:])[0, 1]), 5 / np.sqrt(size))
 
   def test_unseeded_stochastic_rounding_varies(self):
     x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
