@@ -14,8 +14,8 @@ precise:
     rounding, with the MSE-optimal `octav` threshold and with `max_abs` (which isolates the cost
     of the threshold search);
   * clipq's server side per client: `payload_is_well_formed`, the weight x threshold finiteness
-    checks, `decode_quantized` (with zero thresholds if invalid) and the weighted sum (the core
-    of the aggregator's `accumulate_fn`).
+    checks and the weighted sum of the levels, `payload.weighted_levels` (with zero thresholds if
+    invalid): the core of the aggregator's `accumulate_fn`.
 
 Everything runs in one process with one intra-op and one inter-op thread, each piece in its own
 `tf.function`, after warm-up. The pieces are timed round-robin in blocks of 10 calls (CPU time,
@@ -190,14 +190,17 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
         checks = [payload.payload_is_well_formed(plan, parts)]
         checks += [tf.math.is_finite(weight * tf.reduce_max(p['threshold'])) for p in parts]
         valid = tf.reduce_all(tf.stack(checks))
-        decoded = payload.decode_quantized(plan, [
-            collections.OrderedDict(
-                codes=p['codes'], threshold=tf.where(valid, p['threshold'], 0.0)
-            )
-            for p in parts
-        ])
         client_weight = tf.where(valid, weight, 0.0)
-        return [s + client_weight * value for s, value in zip(sums, decoded)]
+        return [
+            s + payload.weighted_levels(
+                encoding,
+                collections.OrderedDict(
+                    codes=p['codes'], threshold=tf.where(valid, p['threshold'], 0.0)
+                ),
+                client_weight,
+            )
+            for s, encoding, p in zip(sums, plan.quantized, parts)
+        ]
 
       timed[f'overhead: clipq_{bits}b_server'] = (empty, (quantized, quantized_totals), None)
       timed[f'clipq_{bits}b_server'] = (

@@ -40,6 +40,18 @@ class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(floats[0], tensors[1])
     self.assertAllEqual(floats[1], tensors[3])
 
+  @parameterized.product(bits=(1, 2, 3, 4, 8, 16), per_channel=(False, True))
+  def test_weighted_levels_are_the_weighted_decoded_levels(self, bits, per_channel):
+    plan = payload.make_plan(SHAPES, bits, min_size_to_quantize=100, per_channel=per_channel)
+    quantized, _, _, _ = payload.encode_tensors(plan, client_tensors(1), self.seed)
+    decoded = payload.decode_quantized(plan, quantized)
+    for encoding, part, levels in zip(plan.quantized, quantized, decoded):
+      weighted = payload.weighted_levels(encoding, part, tf.constant(2.5))
+      self.assertEqual(weighted.shape, encoding.shape)
+      self.assertAllClose(weighted, 2.5 * levels.numpy(), rtol=1e-6, atol=1e-7)
+      zero_weight = payload.weighted_levels(encoding, part, tf.constant(0.0))
+      self.assertAllEqual(zero_weight, tf.zeros(encoding.shape))
+
   @parameterized.named_parameters(
       ('nan', np.nan, True), ('inf', np.inf, True), ('not_taking_part', 0.0, False)
   )

@@ -287,14 +287,14 @@ def build_codec(
     malformed = tf.logical_and(accepted, tf.logical_not(valid))
     weights = tf.where(valid, weights, 0.0)
     exact = tf.logical_and(valid, exact)
-    # An invalid payload decodes with zero thresholds, i.e. to zeros: no pass over its levels.
-    decoded = payload_lib.decode_quantized(plan, [
+    # An invalid payload's levels are formed with zero thresholds, i.e. are zeros.
+    parts = [
         collections.OrderedDict(
             codes=part['codes'],
             threshold=tf.where(valid, part['threshold'], tf.zeros_like(part['threshold'])),
         )
         for part in wire['quantized']
-    ])
+    ]
     thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
 
     def add_if_valid(key, values):
@@ -306,14 +306,23 @@ def build_codec(
     )
     return collections.OrderedDict(
         weighted_sum=[
-            total + weights[i] * value
-            for i, (total, value) in enumerate(zip(accumulator['weighted_sum'], decoded))
+            total + payload_lib.weighted_levels(encoding, part, weights[i])
+            for i, (total, encoding, part) in enumerate(
+                zip(accumulator['weighted_sum'], plan.quantized, parts)
+            )
         ],
         weight_sum=accumulator['weight_sum'] + weights,
         # A zero-error tensor is rare: tf.cond skips the full-size work for all others.
         exact_sum=[
-            tf.cond(exact[i], lambda total=total, value=value: total + value, lambda total=total: total)
-            for i, (total, value) in enumerate(zip(accumulator['exact_sum'], decoded))
+            tf.cond(
+                exact[i],
+                lambda total=total, encoding=encoding, part=part: total
+                + payload_lib.weighted_levels(encoding, part, 1.0),
+                lambda total=total: total,
+            )
+            for i, (total, encoding, part) in enumerate(
+                zip(accumulator['exact_sum'], plan.quantized, parts)
+            )
         ],
         exact_count=accumulator['exact_count'] + tf.cast(exact, tf.float32),
         weight_min=tf.where(
