@@ -207,6 +207,17 @@ class PerChannelAndSpecialValuesTest(tf.test.TestCase, parameterized.TestCase):
 
 class MeasureTest(tf.test.TestCase, parameterized.TestCase):
 
+  @parameterized.product(rounding=quantization.ROUNDING_MODES, per_channel=(False, True))
+  def test_all_finite_promise_changes_nothing_for_finite_input(self, rounding, per_channel):
+    x = np.random.default_rng(6).normal(size=(50, 4)).astype(np.float32)
+    threshold = [0.8, 1.0, 1.2, 1.5] if per_channel else 1.1
+    measure = lambda all_finite: quantizer.quantize_and_measure(
+        x, 3, threshold, rounding, seed=[1, 2], all_finite=all_finite
+    )
+    (promised, *promised_stats), (checked, *checked_stats) = measure(True), measure(False)
+    self.assertAllEqual(promised.codes, checked.codes)
+    self.assertAllClose(promised_stats, checked_stats, rtol=1e-6)
+
   @parameterized.product(
       rounding=quantization.ROUNDING_MODES, bits=(1, 2, 4, 8), per_channel=(False, True)
   )

@@ -394,6 +394,22 @@ class BatchedThresholdsTest(tf.test.TestCase, parameterized.TestCase):
               rtol=2e-3,
           )
 
+  @parameterized.product(rounding=quantization.ROUNDING_MODES, per_channel=(False, True))
+  def test_all_finite_promise_changes_nothing_for_finite_tensors(self, rounding, per_channel):
+    rng = np.random.default_rng(5)
+    tensors = [
+        (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
+        rng.laplace(size=(400, 100)).astype(np.float32),
+        rng.uniform(-3.0, 1.0, size=(100, 10)).astype(np.float32),
+    ]
+    for bits in (2, 4):
+      promised = thresholds.clipping_thresholds(
+          tensors, bits, 'octav', rounding, per_channel, all_finite=True
+      )
+      checked = thresholds.clipping_thresholds(tensors, bits, 'octav', rounding, per_channel)
+      for with_promise, without in zip(promised, checked):
+        self.assertAllEqual(with_promise, without)
+
   def test_tensors_of_unknown_shape_and_empty_ones(self):
     rng = np.random.default_rng(4)
     small = rng.standard_normal(300).astype(np.float32)

@@ -69,14 +69,21 @@ def histogram(
   Returns (counts, bin width [groups], overflow count, sum u, sum u^2 over u >= upper [groups]).
   Every part is indexed by group first, so histograms of several blocks of groups concatenate.
   """
-  counts, index, width = _bin_counts(magnitudes, finite_count, upper, num_bins)
-  overflow = tf.where(tf.equal(index, num_bins), magnitudes, tf.zeros_like(magnitudes))
+  counts, _, width = _bin_counts(magnitudes, finite_count, upper, num_bins)
+  overflow_count = counts[:, num_bins]
+  # The overflow's moments from its excess over `upper`, v = max(u - upper, 0): sum u =
+  # sum v + upper K and sum u^2 = sum v^2 + 2 upper sum v + upper^2 K for its K entries (all
+  # terms positive). No per-entry select; an entry that rounding puts on the other side of
+  # `upper` from its bin changes them by a float rounding error only.
+  excess = tf.nn.relu(magnitudes - upper[:, None])
+  excess_sum = tf.reduce_sum(excess, axis=-1)
+  excess_square_sum = tf.reduce_sum(tf.square(excess), axis=-1)
   return (
       counts[:, :num_bins],
       width,
-      counts[:, num_bins],
-      tf.reduce_sum(overflow, axis=-1),
-      tf.reduce_sum(tf.square(overflow), axis=-1),
+      overflow_count,
+      excess_sum + upper * overflow_count,
+      excess_square_sum + upper * (2.0 * excess_sum + upper * overflow_count),
   )
 
 

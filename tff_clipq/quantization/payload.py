@@ -180,27 +180,33 @@ def encode_tensors(
     threshold) per quantized tensor; `floats` the unquantized tensors; `statistics` per-quantized-
     tensor vectors quantization_mse, normalized_mse and clipped_fraction (the realized error of
     this encoding); `accepted` is False when any input is non-finite or `takes_part` is False,
-    and then every part is zero. (The search and the quantizer tolerate non-finite entries, so
-    the outputs, a fraction of the inputs' size, are what gets zeroed.)
+    and then every part is zero. (A rejected client's tensors are searched and quantized as
+    zeros, so the search and the quantizer skip their per-entry handling of non-finite entries.)
   """
   tensors = [tf.cast(t, tf.float32) for t in tensors]
   accepted = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
   if takes_part is not None:
     accepted = tf.logical_and(accepted, takes_part)
   cleared = lambda t: tf.where(accepted, t, tf.zeros_like(t))
+  # x * 1 = x, and multiply_no_nan gives 0 for a zero factor even where x is NaN or Inf.
+  finite = {
+      index: tf.math.multiply_no_nan(tensors[index], tf.cast(accepted, tf.float32))
+      for index in plan.quantized_indices
+  }
   threshold_of = {}
   for bits in sorted({plan.tensors[index].bits for index in plan.quantized_indices}):
     indices = [index for index in plan.quantized_indices if plan.tensors[index].bits == bits]
     found = thresholds.clipping_thresholds(
-        [tensors[index] for index in indices], bits, plan.clipping, plan.rounding, plan.per_channel
+        [finite[index] for index in indices], bits, plan.clipping, plan.rounding,
+        plan.per_channel, all_finite=True,
     )
     threshold_of.update(zip(indices, found))
   quantized, mse, normalized, clipped = [], [], [], []
   for position, index in enumerate(plan.quantized_indices):
-    encoding, value, threshold = plan.tensors[index], tensors[index], threshold_of[index]
+    encoding, value, threshold = plan.tensors[index], finite[index], threshold_of[index]
     tensor_seed = seed + tf.constant([0, position], tf.int64)
     codes, error, clipped_fraction = quantizer.quantize_and_measure(
-        value, encoding.bits, threshold, plan.rounding, tensor_seed
+        value, encoding.bits, threshold, plan.rounding, tensor_seed, all_finite=True
     )
     quantized.append(
         collections.OrderedDict(
@@ -209,7 +215,8 @@ def encode_tensors(
         )
     )
     mse.append(error)
-    normalized.append(tf.math.divide_no_nan(error, tf.reduce_mean(tf.square(value))))
+    mean_square = 2.0 * tf.nn.l2_loss(value) / max(encoding.num_elements, 1)
+    normalized.append(tf.math.divide_no_nan(error, mean_square))
     clipped.append(clipped_fraction)
   statistics = collections.OrderedDict(
       quantization_mse=cleared(tf.stack(mse)) if mse else tf.zeros([0]),

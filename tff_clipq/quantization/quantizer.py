@@ -171,23 +171,39 @@ def quantize_and_measure(
     threshold: tf.Tensor,
     rounding: str = 'nearest',
     seed: SeedLike = None,
+    all_finite: bool = False,
 ) -> tuple[QuantizedTensor, tf.Tensor, tf.Tensor]:
   """`quantize`, with this encoding's mean squared error and the fraction of entries clipped.
 
   Both come from the quantizer's own intermediate values, not from decoding the codes: per entry
   the error is the clipping error (x - clip(x))^2 plus the rounding error ((code - position)
   step)^2, the dequantized level's distance from clip(x) up to float rounding. NaN entries count
-  as zeros, as they are encoded.
+  as zeros, as they are encoded. `all_finite=True` promises there are none (the caller has
+  checked) and skips their per-entry handling.
   """
-  quantized, values, clipped, positions, codes = _quantize(x, bits, threshold, rounding, seed)
+  quantized, values, clipped, positions, codes = _quantize(
+      x, bits, threshold, rounding, seed, all_finite
+  )
   step = quantization_step(quantized.threshold, bits)
-  squared_error = tf.square(values - clipped) + tf.square((codes - positions) * step)
+  # Per-tensor thresholds: `tf.nn.l2_loss` (half a sum of squares) is one operation where a
+  # square and a mean are two.
+  square_mean = (
+      (lambda t: 2.0 * tf.nn.l2_loss(t) / tf.cast(tf.maximum(tf.size(t), 1), t.dtype))
+      if step.shape.rank == 0
+      else lambda t: tf.reduce_mean(tf.square(t))
+  )
+  error = square_mean(values - clipped) + square_mean((codes - positions) * step)
   clipped_fraction = tf.reduce_mean(tf.cast(tf.not_equal(values, clipped), values.dtype))
-  return quantized, tf.reduce_mean(squared_error), clipped_fraction
+  return quantized, error, clipped_fraction
 
 
 def _quantize(
-    x: tf.Tensor, bits: int, threshold: tf.Tensor, rounding: str, seed: SeedLike
+    x: tf.Tensor,
+    bits: int,
+    threshold: tf.Tensor,
+    rounding: str,
+    seed: SeedLike,
+    all_finite: bool = False,
 ) -> tuple[QuantizedTensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
   """(quantized, values, clipped values, code positions, codes as floats) in the compute dtype."""
   x = validate_float_tensor(x)
@@ -196,7 +212,8 @@ def _quantize(
   dtype = compute_dtype(x.dtype)
   threshold = validate_threshold(threshold, x)
   values = tf.cast(x, dtype)
-  values = tf.where(tf.math.is_nan(values), tf.zeros_like(values), values)
+  if not all_finite:
+    values = tf.where(tf.math.is_nan(values), tf.zeros_like(values), values)
   clipped = tf.clip_by_value(values, -threshold, threshold)
   # (clipped / s + 1) * (2^B - 1) / 2 is exactly 0 at -s and exactly 2^B - 1 at +s, so clipped
   # values always get the outermost codes (dividing by the step could land just below them).

@@ -64,10 +64,13 @@ def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = '
   return rounding_factor / (3.0 * (quantizer.num_levels(bits) - 1) ** 2)
 
 
-def _grouped_magnitudes(x: tf.Tensor, per_channel: bool) -> tuple[tf.Tensor, tf.Tensor]:
+def _grouped_magnitudes(
+    x: tf.Tensor, per_channel: bool, all_finite: bool = False
+) -> tuple[tf.Tensor, tf.Tensor]:
   """Returns (|x| [groups, n], finite entries per group [groups]) in the compute dtype.
 
   Non-finite entries get magnitude 0; the statistics need only their number, not where they are.
+  `all_finite` promises there are none and skips the per-entry test and select.
   """
   x = quantizer.validate_float_tensor(x)
   dtype = quantizer.compute_dtype(x.dtype)
@@ -78,6 +81,9 @@ def _grouped_magnitudes(x: tf.Tensor, per_channel: bool) -> tuple[tf.Tensor, tf.
     grouped = tf.transpose(tf.reshape(values, [-1, tf.shape(values)[-1]]))
   else:
     grouped = tf.reshape(values, [1, -1])
+  if all_finite:
+    entries = tf.cast(tf.shape(grouped)[1], dtype)
+    return tf.abs(grouped), tf.fill(tf.shape(grouped)[:1], entries)
   finite = tf.math.is_finite(grouped)
   magnitudes = tf.where(finite, tf.abs(grouped), tf.zeros_like(grouped))
   return magnitudes, tf.reduce_sum(tf.cast(finite, dtype), axis=-1)
@@ -186,15 +192,21 @@ def _exact_mse(
   codes_per_unit = tf.math.divide_no_nan(tf.constant(half_max_code, magnitudes.dtype), threshold)
   clipped = tf.minimum(magnitudes, threshold)
   position = clipped * codes_per_unit + half_max_code
+  if position.shape.rank == 2 and position.shape[0] == 1:
+    # One group at one threshold, [1, n] entries: `tf.nn.l2_loss` (half the sum of squares of
+    # all entries) is one operation where a square and a sum are two.
+    square_sum = lambda t: tf.reshape(2.0 * tf.nn.l2_loss(t), [1])
+  else:
+    square_sum = lambda t: tf.reduce_sum(tf.square(t), axis=-1)
   if rounding == 'nearest':
-    rounding_units = tf.square(position - tf.round(position))
+    rounding_sum = square_sum(position - tf.round(position))
   else:
     fraction = position - tf.floor(position)
-    rounding_units = fraction - tf.square(fraction)
+    rounding_sum = tf.reduce_sum(fraction, axis=-1) - square_sum(fraction)
   total = tf.shape(magnitudes, out_type=tf.int64)[-1]
   nonfinite = tf.cast(total, magnitudes.dtype) - finite_count
-  rounding_sum = tf.reduce_sum(rounding_units, axis=-1) - 0.25 * nonfinite
-  clipping_sum = tf.reduce_sum(tf.square(magnitudes - clipped), axis=-1)
+  rounding_sum -= 0.25 * nonfinite
+  clipping_sum = square_sum(magnitudes - clipped)
   return (clipping_sum + tf.square(step) * rounding_sum) / tf.maximum(finite_count, 1.0)
 
 
@@ -539,7 +551,11 @@ def _histogram_thresholds(
 
 
 def optimal_clipping_thresholds(
-    tensors: Sequence[tf.Tensor], bits: int, rounding: str = 'nearest', per_channel: bool = False
+    tensors: Sequence[tf.Tensor],
+    bits: int,
+    rounding: str = 'nearest',
+    per_channel: bool = False,
+    all_finite: bool = False,
 ) -> list[tf.Tensor]:
   """`optimal_clipping_threshold` of each tensor, with the searches shared where possible.
 
@@ -550,11 +566,13 @@ def optimal_clipping_thresholds(
   and searched as the groups of one block; larger tensors are blocks of their own. Blocks of at
   least `HISTOGRAM_MIN_ENTRIES` entries per group then share one histogram search
   (`_histogram_thresholds`); the others are searched one by one. The result for a tensor equals
-  its own search's up to the search resolution.
+  its own search's up to the search resolution. `all_finite=True` promises that every entry is
+  finite (the caller has checked), which skips the handling of non-finite entries; with a
+  non-finite entry the thresholds are then undefined.
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
-  grouped = [_grouped_magnitudes(x, per_channel) for x in tensors]
+  grouped = [_grouped_magnitudes(x, per_channel, all_finite) for x in tensors]
   batched = [
       i for i, (magnitudes, _) in enumerate(grouped)
       if magnitudes.shape.is_fully_defined()
@@ -624,8 +642,12 @@ def clipping_thresholds(
     method: Union[str, float] = 'octav',
     rounding: str = 'nearest',
     per_channel: bool = False,
+    all_finite: bool = False,
 ) -> list[tf.Tensor]:
-  """`clipping_threshold` of each tensor; 'octav' searches small tensors together (faster)."""
+  """`clipping_threshold` of each tensor; 'octav' searches small tensors together (faster).
+
+  `all_finite`: as in `optimal_clipping_thresholds` (used by 'octav' only).
+  """
   if method == 'octav':
-    return optimal_clipping_thresholds(tensors, bits, rounding, per_channel)
+    return optimal_clipping_thresholds(tensors, bits, rounding, per_channel, all_finite)
   return [clipping_threshold(x, bits, method, rounding, per_channel) for x in tensors]
