@@ -32,7 +32,10 @@ from tff_clipq.quantization import quantizer
 
 NUM_BINS = 256  # Bin width upper / 256: under 1% of a threshold in the search bracket.
 FIXED_POINT_BINS = 256  # Bins over [0, max|x|] for the fixed point, which only centres the search.
-_GRID_POINTS = 32  # Candidates per grid iteration; each iteration narrows the bracket 16.5x.
+# Candidates per grid iteration, which narrows the bracket 6.5x. Three iterations on [12, groups,
+# bins] tensors cost less than two on [32, ...] for the same resolution (the CNN's update: about
+# 0.06 ms less per encode) and than four on [8, ...].
+_GRID_POINTS = 12
 
 
 def _bin_counts(
