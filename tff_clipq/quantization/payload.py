@@ -215,7 +215,7 @@ def encode_tensors(
         )
     )
     mse.append(error)
-    mean_square = 2.0 * tf.nn.l2_loss(value) / max(encoding.num_elements, 1)
+    mean_square = quantizer.square_sum(value) / max(encoding.num_elements, 1)
     normalized.append(tf.math.divide_no_nan(error, mean_square))
     clipped.append(clipped_fraction)
   statistics = collections.OrderedDict(

@@ -73,6 +73,11 @@ def quantization_step(threshold: tf.Tensor, bits: int) -> tf.Tensor:
   return 2.0 * threshold / float(num_levels(bits) - 1)
 
 
+def square_sum(t: tf.Tensor) -> tf.Tensor:
+  """Sum of squares of all entries of `t`, in one operation (`tf.nn.l2_loss` is half of it)."""
+  return 2.0 * tf.nn.l2_loss(t)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedTensor:
   """Integer codes of a quantized tensor, with what is needed to dequantize them.
@@ -185,10 +190,9 @@ def quantize_and_measure(
       x, bits, threshold, rounding, seed, all_finite
   )
   step = quantization_step(quantized.threshold, bits)
-  # Per-tensor thresholds: `tf.nn.l2_loss` (half a sum of squares) is one operation where a
-  # square and a mean are two.
+  # Per-tensor thresholds: one operation (`square_sum`) where a square and a mean are two.
   square_mean = (
-      (lambda t: 2.0 * tf.nn.l2_loss(t) / tf.cast(tf.maximum(tf.size(t), 1), t.dtype))
+      (lambda t: square_sum(t) / tf.cast(tf.maximum(tf.size(t), 1), t.dtype))
       if step.shape.rank == 0
       else lambda t: tf.reduce_mean(tf.square(t))
   )

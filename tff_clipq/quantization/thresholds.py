@@ -193,9 +193,9 @@ def _exact_mse(
   clipped = tf.minimum(magnitudes, threshold)
   position = clipped * codes_per_unit + half_max_code
   if position.shape.rank == 2 and position.shape[0] == 1:
-    # One group at one threshold, [1, n] entries: `tf.nn.l2_loss` (half the sum of squares of
-    # all entries) is one operation where a square and a sum are two.
-    square_sum = lambda t: tf.reshape(2.0 * tf.nn.l2_loss(t), [1])
+    # One group at one threshold, [1, n] entries: one operation (`quantizer.square_sum`) where
+    # a square and a sum are two.
+    square_sum = lambda t: tf.reshape(quantizer.square_sum(t), [1])
   else:
     square_sum = lambda t: tf.reduce_sum(tf.square(t), axis=-1)
   if rounding == 'nearest':
