@@ -1,44 +1,49 @@
-"""Accuracy vs communication: the paper's MNIST study and the baselines, on the same clients.
+"""Accuracy against uploaded bits: clipq's defaults, the paper's settings, each ingredient, TFF.
 
-For every (dataset, partition, seed) setting this runs one study (`tff_clipq.experiments.program.
-run_study`) of the methods below, all on the same clients, client sampling and seed:
+For every (dataset, partition, payload, seed) this runs one study (`program.run_study`) of the
+chosen method set, all on the same clients, client sampling and seed, and reports per method the
+mean and standard deviation over seeds of the final test accuracy of the float global model and
+of the quantized global model (its weights through the run's B-bit quantizer, as deployed).
 
-  * float32 FedAvg (`tff.aggregators.MeanFactory`);
-  * clipq (octav clipping, inverse-error weighting, QAT) with nearest and with stochastic rounding
-    at 1, 2, 3, 4 and 8 bits, and at the paper's per-layer 4-2-2-4;
-  * clipq at 2 bits, stochastic, with FedAvg (example-count) weighting instead;
-  * clipq at 2 bits, stochastic, without QAT;
-  * conventional max_abs (unclipped) quantization at 2 bits, nearest and stochastic (with QAT);
-  * TFF's built-in min-max stochastic quantization (`EncodedSumFactory.quantize_above_threshold`)
-    at 1, 2 and 4 bits.
+Setting (the defaults issue's): the paper's CNN, 100 clients (IID, or Dirichlet(0.3) label
+skew), 5 clients per round, 1 local epoch, batch 32, client SGD 0.01 with momentum 0.9, server
+SGD 1.0; 20 rounds when clients upload updates, 10 when they upload weights (the quickstart's).
 
-Clients upload their trained weights (the paper's setting), so quantization error enters the
-model itself. Settings: MNIST and Fashion-MNIST (60k/10k), IID and Dirichlet(0.3) label skew.
-The default size finishes in under an hour on 2 CPU cores; `--full` runs the full-size version
-(more rounds, more clients per round, three seeds).
+Method sets (`--methods`):
+  * main (default, about an hour on 2 cores with the default grid): float32; clipq with its
+    defaults (max_abs, stochastic, FedAvg weights, no QAT) at 1, 2 and 4 bits; clipq with the
+    paper's settings (octav, stochastic, inverse-error weights, QAT) at 2 bits; TFF min-max at
+    1 and 2 bits;
+  * ablation: each ingredient switched on the defaults and off the paper's settings at 1 and 2
+    bits, the mean-optimal threshold, the scale-free and uniform weightings, and the Hadamard
+    rotation;
+  * curve: 1, 2, 3, 4 bits and the paper's per-layer 4-2-2-4 for the defaults, the paper's
+    settings and TFF min-max (4-2-2-4: clipq only).
 
-  python benchmarks/accuracy_vs_bits.py [--full] [--datasets=mnist,fashion_mnist]
-      [--partitions=iid,dirichlet] [--output_dir=runs/accuracy_vs_bits]
-      [--qat_threshold_refresh_steps=0] [--methods='<sweep>' --results=<prefix>]
+  python benchmarks/accuracy_vs_bits.py [--methods=main|ablation|curve]
+      [--datasets=mnist,fashion_mnist] [--partitions=iid,dirichlet] [--payloads=update,weights]
+      [--seeds=0,1,2] [--output_dir=runs/accuracy_vs_bits] [--resume]
 
-`--methods` replaces the study's methods (an ablation, say); docs/results.md gives the command of
-the ablation it reports.
-
-Writes each study under output_dir/<dataset>-<partition>-seed<k>/ (CSV, JSON, plots), and the
-combined tables to `benchmarks/results/accuracy_vs_bits.{md,json}` (atomically).
+Writes each study under output_dir/<methods>/<dataset>-<partition>-<payload>-seed<k>/ and the
+combined table, goal verdicts and figure to `benchmarks/results/accuracy_vs_bits_<methods>.{md,
+json,png}` (atomically, after every study, so an interrupted run leaves its completed part).
+Data come from the runner's source chain (`--data_dir`, $TFF_CLIPQ_MNIST_DIR, ...).
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 import shlex
+import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,163 +51,296 @@ from tff_clipq.experiments import config as config_lib  # pylint: disable=g-impo
 from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
 from tff_clipq.experiments import program  # pylint: disable=g-import-not-at-top
 
-_FULL = flags.DEFINE_bool('full', False, 'Full-size study: 30 rounds, 10 clients/round, 3 seeds.')
-_DATASETS = flags.DEFINE_list('datasets', ['mnist', 'fashion_mnist'], 'Datasets to run.')
-_PARTITIONS = flags.DEFINE_list('partitions', ['iid', 'dirichlet'], 'Partitions to run.')
-_SEEDS = flags.DEFINE_list('seeds', None, 'Seeds (default: 0; with --full: 0,1,2).')
+DEFAULTS = 'aggregator=clipq,clipping=max_abs,rounding=stochastic,weighting=example_count,qat=false'
+PAPER = 'aggregator=clipq,clipping=octav,rounding=stochastic,weighting=inverse_error,qat=true'
+FLOAT = 'aggregator=float,qat=false'
+TFF_MINMAX = 'aggregator=tff_encoded,qat=false'
+
+
+def _swap(base: str, **changes: str) -> str:
+  """`base` with some of its `flag=value` overrides replaced (or added)."""
+  items = collections.OrderedDict(item.split('=') for item in base.split(','))
+  items.update(changes)
+  return ','.join(f'{key}={value}' for key, value in items.items())
+
+
+# (label, sweep overrides); a label names the method in every table and figure.
+def _method_set(name: str) -> list[tuple[str, str]]:
+  if name == 'main':
+    return [
+        ('float32', FLOAT),
+        *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in ('1', '2', '4')),
+        ('clipq paper, 2 b', f'{PAPER},bits=2'),
+        *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in ('1', '2')),
+    ]
+  if name == 'ablation':
+    methods = []
+    for b in ('1', '2'):
+      methods += [
+          (f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}'),
+          (f'defaults + octav, {b} b', _swap(DEFAULTS, clipping='octav', bits=b)),
+          (f'defaults + mean_optimal, {b} b', _swap(DEFAULTS, clipping='mean_optimal', bits=b)),
+          (f'defaults + inverse_error, {b} b', _swap(DEFAULTS, weighting='inverse_error', bits=b)),
+          (f'defaults + inverse_normalized_error, {b} b',
+           _swap(DEFAULTS, weighting='inverse_normalized_error', bits=b)),
+          (f'defaults + uniform weights, {b} b', _swap(DEFAULTS, weighting='uniform', bits=b)),
+          (f'defaults + QAT, {b} b', _swap(DEFAULTS, qat='true', bits=b)),
+          (f'defaults + nearest, {b} b', _swap(DEFAULTS, rounding='nearest', bits=b)),
+          (f'defaults + hadamard, {b} b', _swap(DEFAULTS, rotation='hadamard', bits=b)),
+          (f'defaults + hadamard + octav, {b} b',
+           _swap(DEFAULTS, rotation='hadamard', clipping='octav', bits=b)),
+          (f'clipq paper, {b} b', f'{PAPER},bits={b}'),
+          (f'paper - QAT, {b} b', _swap(PAPER, qat='false', bits=b)),
+          (f'paper - octav (max_abs), {b} b', _swap(PAPER, clipping='max_abs', bits=b)),
+          (f'paper - inverse_error (FedAvg weights), {b} b',
+           _swap(PAPER, weighting='example_count', bits=b)),
+      ]
+    return [('float32', FLOAT)] + methods
+  if name == 'curve':
+    widths = ('1', '2', '3', '4', '4-2-2-4')
+    return [
+        ('float32', FLOAT),
+        *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in widths),
+        *((f'clipq paper, {b} b', f'{PAPER},bits={b}') for b in widths),
+        *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in widths[:-1]),
+    ]
+  raise ValueError(f'--methods must be one of main, ablation, curve. Found {name!r}.')
+
+
+METHOD_SETS = ('main', 'ablation', 'curve')
+
+_METHODS = flags.DEFINE_enum('methods', 'main', METHOD_SETS, 'Method set (module docstring).')
+_DATASETS = flags.DEFINE_list('datasets', ['mnist', 'fashion_mnist'], 'Datasets.')
+_PARTITIONS = flags.DEFINE_list('partitions', ['iid', 'dirichlet'], 'Partitions.')
+_PAYLOADS = flags.DEFINE_list('payloads', ['update', 'weights'], 'What clients upload.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (one study each).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Dataset directory (else the source chain).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/accuracy_vs_bits', 'Where studies go.')
 _RESULTS = flags.DEFINE_string(
-    'results', 'benchmarks/results/accuracy_vs_bits', 'Path prefix of the combined .md/.json.'
+    'results', 'benchmarks/results/accuracy_vs_bits', 'Path prefix of the results; the method '
+    'set is appended (accuracy_vs_bits_main.md, ...).'
 )
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue interrupted studies.')
-_METHODS = flags.DEFINE_string(
-    'methods', None,
-    "Methods to run instead of the study's, as a `--sweep` string ('; '-separated settings), "
-    'e.g. for an ablation; use with its own --output_dir and --results.',
-)
-_QAT_REFRESH = flags.DEFINE_integer(
-    'qat_threshold_refresh_steps', config_lib.ExperimentConfig.qat_threshold_refresh_steps,
-    'QAT threshold recomputation every this many local steps (0: once per client round, the '
-    'default, as in the table in docs/results.md).', lower_bound=0,
-)
 
-CLIPQ = 'aggregator=clipq,clipping=octav,weighting=inverse_error,qat=true'
-METHODS = [
-    'aggregator=float,qat=false',
-    *(f'{CLIPQ},bits={bits},rounding={rounding}'
-      for bits in ('1', '2', '3', '4', '8', '4-2-2-4') for rounding in ('nearest', 'stochastic')),
-    'aggregator=clipq,clipping=octav,weighting=example_count,qat=true,bits=2,rounding=stochastic',
-    'aggregator=clipq,clipping=octav,weighting=inverse_error,qat=false,bits=2,rounding=stochastic',
-    *(f'aggregator=clipq,clipping=max_abs,weighting=inverse_error,qat=true,bits=2,rounding={r}'
-      for r in ('nearest', 'stochastic')),
-    *(f'aggregator=tff_encoded,qat=false,bits={bits}' for bits in ('1', '2', '4')),
-]
+ROUNDS = {'update': 20, 'weights': 10}
 
 
-def study_config(dataset: str, partition: str, seed: int, full: bool) -> config_lib.ExperimentConfig:
-  """The base settings of one study; the methods are its sweep."""
+def study_config(
+    dataset: str, partition: str, payload: str, seed: int, methods: list[tuple[str, str]]
+) -> config_lib.ExperimentConfig:
+  """One (dataset, partition, payload, seed) study; the methods are its sweep."""
+  rounds = ROUNDS[payload]
   return config_lib.ExperimentConfig(
       dataset=dataset,
+      data_dir=_DATA_DIR.value,
       partition=partition,
       dirichlet_alpha=0.3,
       num_clients=100,
-      clients_per_round=10 if full else 5,
-      rounds=30 if full else 10,
+      clients_per_round=5,
+      rounds=rounds,
       local_epochs=1,
       batch_size=32,
       client_learning_rate=0.01,
       client_momentum=0.9,
+      server_learning_rate=1.0,
       model='cnn',
-      payload='weights',
-      qat_threshold_refresh_steps=_QAT_REFRESH.value,
+      payload=payload,
       seed=seed,
-      eval_every=1,
-      max_eval_examples=0 if full else 5000,
-      output_dir=os.path.join(_OUTPUT_DIR.value, f'{dataset}-{partition}-seed{seed}'),
+      eval_every=rounds,  # The final model only: the table reports final accuracy.
+      output_dir=os.path.join(
+          _OUTPUT_DIR.value, _METHODS.value, f'{dataset}-{partition}-{payload}-seed{seed}'
+      ),
       resume=_RESUME.value,
-      sweep=_METHODS.value or '; '.join(METHODS),
+      sweep='; '.join(overrides for _, overrides in methods),
   )
 
 
-def _method_key(summary: dict[str, Any]) -> str:
-  config = summary['config']
-  if config['aggregator'] == 'float':
-    return 'float32'
-  if config['aggregator'] == 'tff_encoded':
-    return f"TFF min-max stochastic, {config['bits']} b"
-  parts = [f"{config['clipping']}", config['rounding'], f"{config['bits']} b"]
-  if config['weighting'] != 'inverse_error':
-    parts.append(f"{config['weighting']} weights")
-  if not config['qat']:
-    parts.append('no QAT')
-  return 'clipq ' + ', '.join(parts)
+def setting_name(dataset: str, partition: str, payload: str) -> str:
+  skew = 'Dirichlet(0.3)' if partition == 'dirichlet' else 'IID'
+  return f'{dataset}, {skew}, {payload} payload ({ROUNDS[payload]} rounds)'
 
 
-def combined_table(studies: dict[str, list[dict[str, Any]]]) -> str:
-  """One markdown table per setting: final/best accuracy, upload, compression, time."""
+def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return float(np.mean(values)), float(np.std(values))
+
+
+def aggregate(
+    runs: dict[str, dict[str, list[dict[str, Any]]]], labels: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+  """Per setting and method: mean/std over seeds of the float and quantized model's accuracy."""
+  table = collections.OrderedDict()
+  for setting, by_label in runs.items():
+    rows = []
+    for label in labels:
+      summaries = by_label.get(label, [])
+      if not summaries:
+        continue
+      accuracy = _mean_std([s['final_test_accuracy'] for s in summaries])
+      quantized = _mean_std([s.get('final_quantized_test_accuracy') for s in summaries])
+      rows.append(dict(
+          method=label,
+          seeds=[s['config']['seed'] for s in summaries],
+          accuracies=[s['final_test_accuracy'] for s in summaries],
+          accuracy_mean=accuracy[0], accuracy_std=accuracy[1],
+          quantized_accuracy_mean=quantized[0], quantized_accuracy_std=quantized[1],
+          client_upload_bits=summaries[0]['client_upload_bits'],
+          bits_per_coordinate=summaries[0]['bits_per_coordinate'],
+          wall_seconds=float(np.mean([s['wall_seconds'] for s in summaries])),
+      ))
+    table[setting] = rows
+  return table
+
+
+def _percent(mean: Optional[float], std: Optional[float]) -> str:
+  return '-' if mean is None else f'{100 * mean:.1f} ± {100 * std:.1f}'
+
+
+def markdown_tables(table: dict[str, list[dict[str, Any]]]) -> str:
   lines = []
-  for setting, summaries in studies.items():
+  for setting, rows in table.items():
+    reference = next((r['accuracy_mean'] for r in rows if r['method'] == 'float32'), None)
     lines += [f'### {setting}', '',
-              '| method | final acc. | best acc. | upload per client (bits) | total upload (Mbit) '
-              '| compression vs float32 | wall time (s) |',
+              '| method | bits / coordinate | accuracy (%) | vs float32 (pp) '
+              '| quantized model (%) | seeds | s / run |',
               '|---|---:|---:|---:|---:|---:|---:|']
-    for summary in summaries:
+    for r in rows:
+      delta = '-' if reference is None else f'{100 * (r["accuracy_mean"] - reference):+.1f}'
       lines.append(
-          f"| {_method_key(summary)} | {summary['final_test_accuracy']:.4f} "
-          f"| {summary['best_test_accuracy']:.4f} | {summary['client_upload_bits']:,} "
-          f"| {summary['total_upload_bits'] / 1e6:.2f} | {summary['compression_ratio']:.1f} "
-          f"| {summary['wall_seconds']:.0f} |"
+          f'| {r["method"]} | {r["bits_per_coordinate"]:.3g} '
+          f'| {_percent(r["accuracy_mean"], r["accuracy_std"])} | {delta} '
+          f'| {_percent(r["quantized_accuracy_mean"], r["quantized_accuracy_std"])} '
+          f'| {len(r["seeds"])} | {r["wall_seconds"]:.0f} |'
       )
     lines.append('')
   return '\n'.join(lines)
 
 
-def write_plot(studies: dict[str, list[dict[str, Any]]], path: str) -> None:
-  """Final test accuracy vs bits uploaded per client and round, one panel per setting."""
+def goal_verdicts(table: dict[str, list[dict[str, Any]]]) -> list[str]:
+  """The defaults issue's goals, checked on the rows present (mean of seeds)."""
+  verdicts = []
+  for setting, rows in table.items():
+    by_method = {r['method']: r['accuracy_mean'] for r in rows}
+    reference = by_method.get('float32')
+    if reference is None:
+      continue
+    iid, update = ', IID,' in setting, 'update payload' in setting
+    for bits in ('1', '2'):
+      ours = by_method.get(f'clipq defaults, {bits} b')
+      if ours is None or (not update and bits == '1'):
+        continue
+      gap = 100 * (reference - ours)
+      allowed = 0.3 if (update and iid) else 1.0
+      verdict = 'met' if gap <= allowed else 'missed'
+      line = (f'{setting}, {bits} b: defaults {100 * ours:.1f}% vs float32 {100 * reference:.1f}%'
+              f' (gap {gap:+.1f} pp, goal <= {allowed} pp): {verdict}')
+      tff = by_method.get(f'TFF min-max, {bits} b')
+      if update and iid and tff is not None:
+        margin = 100 * (ours - tff)
+        line += (f'; vs TFF min-max {100 * tff:.1f}% (margin {margin:+.1f} pp, goal >= 1 pp): '
+                 f'{"met" if margin >= 1.0 else "missed"}')
+      verdicts.append(line)
+  return verdicts
+
+
+FAMILIES = collections.OrderedDict([
+    ('float32', ('black', 's')),
+    ('clipq defaults', ('tab:blue', 'o')),
+    ('clipq paper', ('tab:red', 'v')),
+    ('TFF min-max', ('tab:green', '^')),
+])
+
+
+def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
+  """Accuracy (mean ± std over seeds) against bits uploaded per client, one panel per setting."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  families = collections.OrderedDict([
-      ('float32', ('black', 's')),
-      ('clipq octav, nearest', ('tab:red', 'v')),
-      ('clipq octav, stochastic', ('tab:blue', 'o')),
-      ('clipq max_abs', ('tab:orange', 'D')),
-      ('TFF min-max stochastic', ('tab:green', '^')),
-  ])
-  figure, axes = plt.subplots(
-      1, len(studies), figsize=(5 * len(studies), 4), squeeze=False, sharey=True
-  )
-  for panel, (setting, summaries) in zip(axes[0], studies.items()):
-    for family, (color, marker) in families.items():
-      points = [
-          (s['client_upload_bits'], s['final_test_accuracy'], _method_key(s))
-          for s in summaries if _method_key(s).startswith(family)
-      ]
-      if points:
-        panel.scatter([p[0] for p in points], [p[1] for p in points], color=color,
-                      marker=marker, label=family)
-        for bits, accuracy, key in points:
-          note = key[len(family):].strip(', ')
-          if note:
-            panel.annotate(note, (bits, accuracy), fontsize=6, xytext=(3, 2),
-                           textcoords='offset points')
+  columns = min(len(table), 4)
+  rows_count = -(-len(table) // columns)
+  figure, axes = plt.subplots(rows_count, columns, figsize=(4.5 * columns, 3.6 * rows_count),
+                              squeeze=False)
+  for panel, (setting, rows) in zip(axes.flat, table.items()):
+    for family, (color, marker) in FAMILIES.items():
+      points = [r for r in rows if r['method'] == family or r['method'].startswith(family + ',')]
+      if not points:
+        continue
+      points.sort(key=lambda r: r['client_upload_bits'])
+      panel.errorbar([r['client_upload_bits'] for r in points],
+                     [100 * r['accuracy_mean'] for r in points],
+                     yerr=[100 * r['accuracy_std'] for r in points],
+                     color=color, marker=marker, capsize=2, label=family,
+                     linestyle='-' if len(points) > 1 else 'none')
+    others = [r for r in rows if not any(
+        r['method'] == f or r['method'].startswith(f + ',') for f in FAMILIES)]
+    if others:
+      panel.scatter([r['client_upload_bits'] for r in others],
+                    [100 * r['accuracy_mean'] for r in others], color='gray', marker='.',
+                    label='other clipq variants')
     panel.set_xscale('log')
-    panel.set_title(setting, fontsize=9)
-    panel.set_xlabel('bits uploaded per client per round')
+    panel.set_title(setting, fontsize=8)
+    panel.set_xlabel('bits uploaded per client per round', fontsize=8)
+    panel.set_ylabel('final test accuracy (%)', fontsize=8)
     panel.grid(alpha=0.3)
-  axes[0][0].set_ylabel('final test accuracy')
-  axes[0][-1].legend(fontsize='x-small', loc='lower right')
+    panel.legend(fontsize='xx-small', loc='lower right')
+  for panel in list(axes.flat)[len(table):]:
+    panel.set_visible(False)
+  figure.tight_layout()
   try:
     with outputs.atomic_file(path, 'wb') as file:
-      figure.savefig(file, format='png', dpi=110, bbox_inches='tight')
+      figure.savefig(file, format='png', dpi=110)
   finally:
     plt.close(figure)
 
 
+def _commit() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
 def main(argv: list[str]) -> None:
   del argv
-  seeds = [int(s) for s in (_SEEDS.value or (['0', '1', '2'] if _FULL.value else ['0']))]
-  studies: dict[str, list[dict[str, Any]]] = collections.OrderedDict()
+  methods = _method_set(_METHODS.value)
+  labels = [label for label, _ in methods]
+  label_of = {config_lib.run_name(dict(item.split('=') for item in overrides.split(','))): label
+              for label, overrides in methods}
+  seeds = [int(s) for s in _SEEDS.value]
+  prefix = f'{_RESULTS.value}_{_METHODS.value}'
+  command = 'python benchmarks/accuracy_vs_bits.py' + ''.join(
+      ' ' + shlex.quote(arg) for arg in sys.argv[1:])
+  runs: dict[str, dict[str, list[dict[str, Any]]]] = collections.OrderedDict()
   start = time.time()
-  command_flags = ''.join(' ' + shlex.quote(arg) for arg in sys.argv[1:])
   for dataset in _DATASETS.value:
     for partition in _PARTITIONS.value:
-      for seed in seeds:
-        config = study_config(dataset, partition, seed, _FULL.value)
-        name = f'{dataset}, {partition}' + (', Dirichlet alpha 0.3' if partition == 'dirichlet' else '') + f', seed {seed}'
-        studies[name] = program.run_study(config)
-        outputs.write_json(_RESULTS.value + '.json', {
-            setting: [{k: v for k, v in s.items() if k != 'history'} for s in summaries]
-            for setting, summaries in studies.items()
-        })
-        table = combined_table(studies)
-        with outputs.atomic_file(_RESULTS.value + '.md') as f:
-          f.write('# Accuracy vs uploaded bits\n\n'
-                  f'Generated by `python benchmarks/accuracy_vs_bits.py{command_flags}` '
-                  f'({(time.time() - start) / 60:.0f} min so far on this machine).\n\n' + table)
-        write_plot(studies, _RESULTS.value + '.png')
-        print(table, flush=True)
+      for payload in _PAYLOADS.value:
+        setting = setting_name(dataset, partition, payload)
+        for seed in seeds:
+          config = study_config(dataset, partition, payload, seed, methods)
+          for summary in program.run_study(config):
+            runs.setdefault(setting, collections.OrderedDict()).setdefault(
+                label_of[summary['run']], []).append(summary)
+          table = aggregate(runs, labels)
+          verdicts = goal_verdicts(table)
+          outputs.write_json(prefix + '.json', dict(command=command, commit=_commit(),
+                                                    table=table, goals=verdicts))
+          header = (
+              f'# Accuracy vs uploaded bits: method set `{_METHODS.value}`\n\n'
+              f'`{command}` at commit {_commit()}, {datetime.date.today().isoformat()}, '
+              f'{(time.time() - start) / 60:.0f} min on this machine so far. Final test accuracy '
+              'of the float global model, mean ± std over seeds; "quantized model" is the same '
+              'model with its weights through the run\'s B-bit quantizer (nearest rounding).\n\n'
+          )
+          goals = ''.join(f'- {line}\n' for line in verdicts)
+          outputs.write_text(prefix + '.md', header + markdown_tables(table) + (
+              f'\n## Goals\n\n{goals}' if goals else ''))
+          write_figure(table, prefix + '.png')
+          print(markdown_tables(table), flush=True)
 
 
 if __name__ == '__main__':

@@ -81,7 +81,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_inverse_error_mean_matches_numpy_reference(self):
     values = _client_values(3)
     factory = aggregators.clipped_quantization_mean(
-        bits=2, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+        bits=2, clipping='octav', rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
     )
     output = self._run(factory, values, [5.0, 1.0, 1.0])
     reconstructions = [_numpy_nearest_reconstruction(v[0], 2) for v in values]
@@ -104,7 +104,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     reconstructions = np.stack([_numpy_nearest_reconstruction(v[0], 4) for v in values])
     biases = np.stack([v[1] for v in values])
     weighted = aggregators.clipped_quantization_mean(
-        bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100
+        bits=4, clipping='octav', rounding='nearest', weighting='example_count', min_size_to_quantize=100
     )
     output = self._run(weighted, values, list(counts))
     self.assertAllClose(
@@ -112,7 +112,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     )
     self.assertAllClose(output.result[1], np.tensordot(counts, biases, 1) / counts.sum(), atol=1e-4)
     uniform = aggregators.unweighted_clipped_quantization_mean(
-        bits=4, rounding='nearest', weighting='uniform', min_size_to_quantize=100
+        bits=4, clipping='octav', rounding='nearest', weighting='uniform', min_size_to_quantize=100
     )
     output = self._run(uniform, values)
     self.assertAllClose(output.result[0], reconstructions.mean(axis=0), rtol=1e-3, atol=1e-4)
@@ -221,7 +221,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     values = _client_values(3)
     values[2][0] = np.zeros([12, 10], np.float32)  # Quantized exactly: e_i = 0.
     factory = aggregators.unweighted_clipped_quantization_mean(
-        bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+        bits=4, clipping='octav', rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
     )
     output = self._run(factory, values)
     reconstructions = [_numpy_nearest_reconstruction(v[0], 4) for v in values[:2]]
@@ -310,6 +310,127 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     output = self._run(robust, values, [1.0, 1.0, 1.0])
     self.assertEqual(output.measurements['zeroed_count'], 1)
     self.assertLess(np.abs(output.result[0]).max(), 10.0)
+
+  def test_inverse_normalized_error_weights_are_scale_free(self):
+    values = _client_values(3)  # Client i's matrix is scaled by 1 + i.
+    factory = aggregators.clipped_quantization_mean(
+        bits=2, clipping='octav', rounding='nearest', weighting='inverse_normalized_error', min_size_to_quantize=100
+    )
+    output = self._run(factory, values, [5.0, 1.0, 1.0])
+    reconstructions = [_numpy_nearest_reconstruction(v[0], 2) for v in values]
+    normalized = np.array([
+        np.mean((r - v[0]) ** 2) / np.mean(v[0] ** 2) for r, v in zip(reconstructions, values)
+    ])
+    weights = 1.0 / normalized
+    expected = np.tensordot(weights, np.stack(reconstructions), axes=1) / weights.sum()
+    self.assertAllClose(output.result[0], expected, rtol=1e-3, atol=1e-4)
+    # Scaling one client's value leaves its weight unchanged (1 / e_i would shrink it 100x).
+    scaled = [values[0], [values[1][0] * 10.0, values[1][1]], values[2]]
+    spread = self._run(factory, scaled, [1.0, 1.0, 1.0]).measurements['quantized']
+    self.assertAllClose(spread['weight_max_over_min'], weights.max() / weights.min(), rtol=1e-3)
+    self.assertAllClose(spread['normalized_mse'], normalized.mean(), rtol=1e-3)
+    # The normalized errors replace e_i on the wire: same upload size as 'inverse_error'.
+    inverse = aggregators.clipped_quantization_mean(
+        bits=2, clipping='octav', rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+    )
+    self.assertEqual(
+        output.measurements['quantized']['client_upload_bits'],
+        self._run(inverse, values, [1.0] * 3).measurements['quantized']['client_upload_bits'],
+    )
+
+  def test_fedavg_is_example_count_weighting(self):
+    factory = aggregators.clipped_quantization_mean(weighting='fedavg')
+    self.assertEqual(factory.settings.weighting, 'example_count')
+
+  def test_defaults_are_unclipped_stochastic_fedavg(self):
+    weighted = aggregators.clipped_quantization_mean(bits=2).settings
+    self.assertEqual(
+        (weighted.clipping, weighted.rounding, weighted.weighting),
+        ('max_abs', 'stochastic', 'example_count'),
+    )
+    self.assertEqual(aggregators.unweighted_clipped_quantization_mean().settings.weighting, 'uniform')
+
+  def test_mean_optimal_state_learns_the_number_of_clients(self):
+    values = _client_values(4)
+    factory = aggregators.clipped_quantization_mean(
+        bits=2, clipping='mean_optimal', weighting='example_count', min_size_to_quantize=100
+    )
+    process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
+    state = process.initialize()
+    self.assertEqual(state['num_clients'], 1.0)
+    first = process.next(state, values, [1.0, 1.0, 1.0, 1.0])
+    self.assertAllClose(first.state['num_clients'], 4.0)
+    self.assertAllClose(first.measurements['quantized']['effective_clients'], 4.0)
+    # Unequal weights: (sum w)^2 / sum w^2 clients.
+    second = process.next(first.state, values[:3], [1.0, 1.0, 2.0])
+    self.assertAllClose(second.state['num_clients'], 16.0 / 6.0)
+    # A round without an accepted client keeps the count.
+    third = process.next(second.state, values[:2], [0.0, 0.0])
+    self.assertAllClose(third.state['num_clients'], 16.0 / 6.0)
+    self.assertEqual(third.state['round_seed'], 3)
+
+  def test_mean_optimal_clips_less_with_more_clients(self):
+    values = _client_values(1)
+    factory = aggregators.clipped_quantization_mean(
+        bits=1, clipping='mean_optimal', weighting='uniform', min_size_to_quantize=100
+    )
+    encode_fn, _ = _encode_and_aggregate(factory)
+    thresholds = [
+        float(encode_fn(values[0], 0, 1.0, k)['wire']['quantized'][0]['threshold'])
+        for k in (1.0, 5.0, 30.0)
+    ]
+    octav = float(quantization.clipping_threshold(
+        tf.constant(values[0][0]), 1, 'octav', 'stochastic'
+    ))
+    self.assertAllClose(thresholds[0], octav, rtol=1e-5)
+    self.assertLess(thresholds[0], thresholds[1])
+    self.assertLess(thresholds[1], thresholds[2])
+    self.assertLessEqual(thresholds[2], np.abs(values[0][0]).max() * (1 + 1e-6))
+
+  def test_sum_form_returns_the_sum(self):
+    values = _client_values(3)
+    factory = aggregators.clipped_quantization_sum(
+        bits=16, clipping='max_abs', rounding='nearest', min_size_to_quantize=100
+    )
+    output = self._run(factory, values)
+    self.assertAllClose(output.result[0], np.sum([v[0] for v in values], axis=0), atol=1e-3)
+    self.assertAllClose(output.result[1], np.sum([v[1] for v in values], axis=0), atol=1e-5)
+    self.assertEqual(output.measurements['quantized']['accepted_clients'], 3)
+
+  def test_rotation_composes_in_weighted_fed_avg_aggregator(self):
+    """TFF's MeanFactory(HadamardTransformFactory(our sum)): the weighted mean, rotated."""
+    values, weights = _client_values(3), [1.0, 2.0, 3.0]
+    rotated = tff.aggregators.MeanFactory(
+        value_sum_factory=tff.aggregators.HadamardTransformFactory(
+            aggregators.clipped_quantization_sum(
+                bits=16, clipping='max_abs', rounding='stochastic', min_size_to_quantize=100
+            )
+        )
+    )
+    output = self._run(rotated, values, weights)
+    for index in range(2):
+      expected = np.tensordot(weights, np.stack([v[index] for v in values]), 1) / sum(weights)
+      self.assertAllClose(output.result[index], expected, atol=1e-3)
+    # The quantizer sees the rotated, zero-padded tensors: 120 -> 128 entries.
+    inner = output.measurements['mean_value']['hd']['quantized']
+    self.assertEqual(inner['accepted_clients'], 3)
+    self.assertEqual(inner['client_upload_bits'], 128 * 16 + 32 + 8 + 16 * 32)
+    # At 1 bit the rotation spreads the error over every coordinate: unbiased on average.
+    one_bit = tff.aggregators.MeanFactory(
+        value_sum_factory=tff.aggregators.HadamardTransformFactory(
+            aggregators.clipped_quantization_sum(bits=1, min_size_to_quantize=100)
+        )
+    )
+    process = one_bit.create(VALUE_TYPE, WEIGHT_TYPE)
+    state, results = process.initialize(), []
+    for _ in range(40):
+      output = process.next(state, values, weights)
+      state = output.state
+      results.append(output.result[0])
+    expected = np.tensordot(weights, np.stack([v[0] for v in values]), 1) / sum(weights)
+    single_error = np.mean((results[0] - expected) ** 2)
+    averaged_error = np.mean((np.mean(results, axis=0) - expected) ** 2)
+    self.assertLess(averaged_error, single_error / 10.0)
 
   def test_bad_arguments_raise_clear_errors(self):
     with self.assertRaisesRegex(ValueError, '`weighting`'):

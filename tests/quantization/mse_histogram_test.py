@@ -9,8 +9,13 @@ from tff_clipq.quantization import quantizer
 from tff_clipq.quantization import thresholds
 
 
-def numpy_mse_sum(magnitudes: np.ndarray, threshold: float, bits: int, rounding: str) -> float:
-  """Exact (expected, if stochastic) sum of squared errors, from the quantizer's definition."""
+def numpy_mse_sum(
+    magnitudes: np.ndarray, threshold: float, bits: int, rounding: str, rounding_weight=1.0
+) -> float:
+  """Exact (expected, if stochastic) sum of squared errors, from the quantizer's definition.
+
+  The rounding error is multiplied by `rounding_weight` (1/K: the error of the mean of K copies).
+  """
   step = 2.0 * threshold / (2**bits - 1)
   position = (np.minimum(magnitudes, threshold) + threshold) / step
   fraction = position - np.floor(position)
@@ -18,7 +23,9 @@ def numpy_mse_sum(magnitudes: np.ndarray, threshold: float, bits: int, rounding:
     rounding_error = (step * np.minimum(fraction, 1.0 - fraction)) ** 2
   else:
     rounding_error = step**2 * fraction * (1.0 - fraction)
-  return float(np.sum(rounding_error + np.maximum(magnitudes - threshold, 0.0) ** 2))
+  return float(
+      np.sum(rounding_weight * rounding_error + np.maximum(magnitudes - threshold, 0.0) ** 2)
+  )
 
 
 def magnitudes_of(distribution: str, size: int = 20000, seed: int = 0) -> np.ndarray:
@@ -157,6 +164,100 @@ class SearchTest(tf.test.TestCase, parameterized.TestCase):
     both = search(np.stack([wide, narrow]), [0.05, 0.01], [0.9, 0.3])
     self.assertAllClose(both, [search(wide[None], [0.05], [0.9])[0],
                                search(narrow[None], [0.01], [0.3])[0]])
+
+
+class RoundingWeightTest(tf.test.TestCase, parameterized.TestCase):
+  """`rounding_weight` (1/K for the mean of K clients' copies) in the model, search, fixed point."""
+
+  @parameterized.product(
+      rounding=quantizer.ROUNDING_MODES,
+      bits=(1, 2, 3, 4),
+      weight=(0.2, 1.0 / 30.0, 'tensor'),
+  )
+  def test_weighted_model_matches_exact_weighted_mse(self, rounding, bits, weight):
+    magnitudes = magnitudes_of('laplace')
+    upper = 0.6
+    value = 0.2 if weight == 'tensor' else weight
+    rounding_weight = tf.constant(value, tf.float64) if weight == 'tensor' else weight
+    candidates = np.linspace(0.05, upper, 12)
+    modelled = mse_histogram._modelled_squared_error(
+        histogram_of(magnitudes, upper),
+        tf.constant(candidates[:, None], tf.float64),
+        bits,
+        rounding,
+        rounding_weight,
+    ).numpy()[:, 0]
+    exact = [numpy_mse_sum(magnitudes, s, bits, rounding, value) for s in candidates]
+    self.assertAllClose(modelled, exact, rtol=3e-3)
+
+  def test_unit_weight_changes_nothing(self):
+    magnitudes = magnitudes_of('gaussian')
+    histogram = histogram_of(magnitudes, 0.6)
+    candidates = tf.constant(np.linspace(0.05, 0.6, 12)[:, None], tf.float64)
+    for rounding in quantizer.ROUNDING_MODES:
+      self.assertAllEqual(
+          mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding, 1.0),
+          mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding),
+      )
+      # As a tensor (known only at run time) it is one multiplication by 1: equal to rounding.
+      self.assertAllClose(
+          mse_histogram._modelled_squared_error(
+              histogram, candidates, 2, rounding, tf.constant(1.0, tf.float64)
+          ),
+          mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding),
+          rtol=1e-12,
+      )
+
+  @parameterized.product(
+      distribution=('gaussian', 'laplace'), bits=(1, 2, 4), num_clients=(5, 30)
+  )
+  def test_weighted_search_finds_the_exact_minimum(self, distribution, bits, num_clients):
+    magnitudes = magnitudes_of(distribution)
+    lower, upper = 0.05, 1.0
+    found = mse_histogram.histogram_search(
+        histogram_of(magnitudes, upper),
+        tf.constant([lower], tf.float64),
+        tf.constant([upper], tf.float64),
+        bits,
+        'stochastic',
+        relative_resolution=1e-3,
+        rounding_weight=1.0 / num_clients,
+    ).numpy()[0]
+    grid = np.linspace(lower, upper, 2000)
+    mse = lambda s: numpy_mse_sum(magnitudes, s, bits, 'stochastic', 1.0 / num_clients)
+    best = min(mse(s) for s in grid)
+    self.assertLessEqual(mse(found), 1.01 * best)
+    unweighted = mse_histogram.histogram_search(
+        histogram_of(magnitudes, upper),
+        tf.constant([lower], tf.float64),
+        tf.constant([upper], tf.float64),
+        bits,
+        'stochastic',
+        relative_resolution=1e-3,
+    ).numpy()[0]
+    self.assertGreater(found, unweighted)  # Less rounding noise: less clipping.
+
+  @parameterized.product(
+      distribution=('gaussian', 'laplace'), bits=(1, 2, 4, 8), num_clients=(5, 30)
+  )
+  def test_weighted_fixed_point_matches_the_iterated_one(self, distribution, bits, num_clients):
+    magnitudes = magnitudes_of(distribution)
+    coefficient = thresholds.noise_coefficient(bits, 'stochastic')
+    magnitudes_tensor = tf.constant(magnitudes[None], tf.float64)
+    finite_count = tf.constant([magnitudes.size], tf.float64)
+    counts = mse_histogram.fixed_point_counts(magnitudes_tensor, finite_count)
+    weight = 1.0 / num_clients
+    found = mse_histogram.fixed_point(counts, coefficient, weight).numpy()[0]
+    as_tensor = mse_histogram.fixed_point(
+        counts, coefficient, tf.constant(weight, tf.float64)
+    ).numpy()[0]
+    folded = mse_histogram.fixed_point(counts, coefficient * weight).numpy()[0]
+    self.assertEqual(found, folded)
+    self.assertAllClose(as_tensor, found, rtol=1e-12)
+    iterated = thresholds._fixed_point_iteration(
+        magnitudes_tensor, finite_count, coefficient, 1000, 1e-9, rounding_weight=weight
+    ).numpy()[0]
+    self.assertNear(found, iterated, 1.0 / mse_histogram.FIXED_POINT_BINS)
 
 
 if __name__ == '__main__':

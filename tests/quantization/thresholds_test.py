@@ -458,5 +458,268 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
     )
 
 
+# The error of the mean of K clients' copies (`num_clients`, clipping method 'mean_optimal').
+CLIENT_COUNTS = (1, 5, 30)
+# Sizes of the two search paths: the histogram search (>= 1024 entries) and the exact one.
+MEAN_SIZES = (2000, 600)
+
+
+def numpy_mean_mse(
+    x: np.ndarray, thresholds: np.ndarray, bits: int, num_clients: float
+) -> np.ndarray:
+  """Exact expected squared error per entry of the mean of `num_clients` copies of x, each
+  quantized with independent stochastic rounding; one value per threshold.
+
+  From the definition: copy k is clip(x) + n_k with E n_k = 0 and Var n_k = step^2 p (1 - p) at
+  fractional code position p, independent across copies; the mean's error is the (shared)
+  clipping error plus the mean of the n_k, whose variance is Var n / K.
+  """
+  magnitudes = np.abs(np.asarray(x, np.float64)).reshape(1, -1)
+  thresholds = np.asarray(thresholds, np.float64).reshape(-1, 1)
+  step = 2.0 * thresholds / (2**bits - 1)
+  shifted = np.minimum(magnitudes, thresholds) + thresholds
+  position = np.divide(shifted, step, out=np.zeros_like(shifted), where=step > 0)
+  fraction = position - np.floor(position)
+  rounding_variance = step**2 * fraction * (1.0 - fraction)
+  clipping_error = np.maximum(magnitudes - thresholds, 0.0) ** 2
+  return np.mean(clipping_error + rounding_variance / num_clients, axis=1)
+
+
+def brute_force_mean_mse(x: np.ndarray, bits: int, num_clients: float) -> float:
+  """The lowest `numpy_mean_mse` over GRID_POINTS thresholds evenly spaced in (0, max|x|]."""
+  grid = np.linspace(0.0, np.max(np.abs(x)), GRID_POINTS + 1)[1:]
+  chunks = np.array_split(grid, GRID_POINTS // 16)
+  return min(np.min(numpy_mean_mse(x, chunk, bits, num_clients)) for chunk in chunks)
+
+
+def simulated_mean_errors(
+    x: np.ndarray, threshold: float, bits: int, uniforms: np.ndarray
+) -> np.ndarray:
+  """Monte Carlo: squared error per entry of the mean of K stochastically quantized copies of x.
+
+  `uniforms` [repeats, K, n] are the rounding draws (the same ones for every threshold: common
+  random numbers). Levels -s + k * 2s / (2^B - 1); code floor(position + U). Returns [repeats].
+  """
+  x = np.asarray(x, np.float64)
+  step = 2.0 * threshold / (2**bits - 1)
+  position = (np.clip(x, -threshold, threshold) + threshold) / step
+  codes = np.minimum(np.floor(position + uniforms), 2**bits - 1)
+  mean = np.mean(-threshold + codes * step, axis=1)  # The server's average: [repeats, n].
+  return np.mean((mean - x) ** 2, axis=-1)
+
+
+def mean_optimal(x, bits, num_clients, rounding='stochastic', **kwargs) -> float:
+  return float(
+      quantization.clipping_threshold(
+          x, bits, 'mean_optimal', rounding, num_clients=num_clients, **kwargs
+      )
+  )
+
+
+class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(
+      distribution=('gaussian', 'student_t3'), num_clients=CLIENT_COUNTS, bits=(1, 2, 3, 4)
+  )
+  def test_monte_carlo_agrees_with_exact_expectation(self, distribution, num_clients, bits):
+    x = sample(distribution, 2000, seed=7)
+    repeats = 48
+    uniforms = np.random.default_rng(11).random((repeats, num_clients, x.size))
+    for threshold in (mean_optimal(x, bits, num_clients), 0.5 * np.max(np.abs(x))):
+      with self.subTest(threshold=threshold):
+        simulated = simulated_mean_errors(x, threshold, bits, uniforms)
+        standard_error = np.std(simulated, ddof=1) / np.sqrt(repeats)
+        exact = numpy_mean_mse(x, [threshold], bits, num_clients)[0]
+        self.assertLess(abs(np.mean(simulated) - exact), 5 * standard_error)
+        # The library's expected MSE of the mean is that expectation.
+        ours = quantization.expected_quantization_mse(
+            x, threshold, bits, 'stochastic', num_clients=num_clients
+        )
+        self.assertAllClose(ours, exact, rtol=1e-9, atol=0.0)
+        self.assertLess(abs(np.mean(simulated) - float(ours)), 5 * standard_error)
+
+  @parameterized.product(
+      distribution=('gaussian', 'student_t3'),
+      num_clients=CLIENT_COUNTS,
+      bits=(1, 2, 3, 4),
+      size=MEAN_SIZES,
+  )
+  def test_mean_optimal_within_two_percent_of_brute_force(
+      self, distribution, num_clients, bits, size
+  ):
+    x = sample(distribution, size, seed=3)
+    threshold = mean_optimal(x, bits, num_clients)
+    ours = numpy_mean_mse(x, [threshold], bits, num_clients)[0]
+    self.assertLessEqual(ours, 1.02 * brute_force_mean_mse(x, bits, num_clients))
+
+  @parameterized.product(bits=(1, 2, 3, 4), size=MEAN_SIZES)
+  def test_mean_optimal_beats_octav_for_many_clients(self, bits, size):
+    # Why the method exists: 'octav' clips for one copy's rounding noise, which averaging over
+    # 30 clients mostly removes; the clipping error it accepted for it stays.
+    x = sample('gaussian', size, seed=5)
+    octav = float(quantization.clipping_threshold(x, bits, 'octav', 'stochastic'))
+    ours = mean_optimal(x, bits, 30)
+    self.assertGreater(ours, octav)
+    self.assertLess(
+        numpy_mean_mse(x, [ours], bits, 30)[0], 0.7 * numpy_mean_mse(x, [octav], bits, 30)[0]
+    )
+
+  def test_averaged_fake_quantize_matches_expected_mse_of_the_mean(self):
+    # End to end with the library's own stochastic quantizer: K seeds, averaged.
+    x = sample('student_t3', 2000, seed=9)
+    bits, num_clients, repeats = 2, 5, 12
+    threshold = mean_optimal(x, bits, num_clients)
+    errors = []
+    for repeat in range(repeats):
+      copies = [
+          quantization.fake_quantize(x, bits, threshold, 'stochastic', seed=[repeat, client])
+          for client in range(num_clients)
+      ]
+      errors.append(np.mean((np.mean(copies, axis=0) - x) ** 2))
+    expected = quantization.expected_quantization_mse(
+        x, threshold, bits, 'stochastic', num_clients=num_clients
+    )
+    standard_error = np.std(errors, ddof=1) / np.sqrt(repeats)
+    self.assertLess(abs(np.mean(errors) - float(expected)), 5 * standard_error)
+
+  @parameterized.product(
+      distribution=('gaussian', 'student_t3'), bits=(1, 2, 3, 4), size=MEAN_SIZES
+  )
+  def test_more_clients_clip_less(self, distribution, bits, size):
+    x = sample(distribution, size, seed=4)
+    found = [mean_optimal(x, bits, k) for k in (1, 2, 5, 30, 1000)]
+    for fewer, more in zip(found, found[1:]):
+      self.assertGreaterEqual(more, fewer)
+    self.assertLessEqual(found[-1], np.max(np.abs(x)))
+
+  @parameterized.product(
+      rounding=quantization.ROUNDING_MODES, size=MEAN_SIZES, per_channel=(False, True)
+  )
+  def test_one_client_equals_octav(self, rounding, size, per_channel):
+    x = sample('student_t3', size, seed=6).reshape(-1, 4 if per_channel else 1)
+    octav = quantization.clipping_threshold(x, 3, 'octav', rounding, per_channel)
+    for one in (1, 1.0, np.int64(1)):
+      self.assertAllEqual(
+          quantization.clipping_threshold(x, 3, 'mean_optimal', rounding, per_channel, one), octav
+      )
+    self.assertAllEqual(
+        quantization.expected_quantization_mse(x, octav, 3, rounding, per_channel, 1),
+        quantization.expected_quantization_mse(x, octav, 3, rounding, per_channel),
+    )
+    self.assertAllEqual(
+        thresholds.clipping_thresholds([x, 2 * x], 3, 'mean_optimal', rounding, per_channel),
+        thresholds.clipping_thresholds([x, 2 * x], 3, 'octav', rounding, per_channel),
+    )
+
+  @parameterized.parameters(*MEAN_SIZES)
+  def test_nearest_rounding_ignores_num_clients(self, size):
+    x = sample('gaussian', size, seed=8)
+    for bits in (1, 3):
+      one = quantization.clipping_threshold(x, bits, 'mean_optimal', 'nearest')
+      for many in (5, 30.0, tf.constant(30.0)):
+        with self.subTest(bits=bits, num_clients=many):
+          self.assertAllEqual(
+              quantization.clipping_threshold(x, bits, 'mean_optimal', 'nearest', num_clients=many),
+              one,
+          )
+          self.assertAllEqual(
+              quantization.expected_quantization_mse(x, one, bits, 'nearest', num_clients=many),
+              quantization.expected_quantization_mse(x, one, bits, 'nearest'),
+          )
+
+  @parameterized.product(
+      size=MEAN_SIZES, static_shape=(True, False), form=('per_tensor', 'per_channel', 'batched')
+  )
+  def test_num_clients_as_a_tensor_in_tf_function(self, size, static_shape, form):
+    x = sample('student_t3', size, seed=10).astype(np.float32).reshape(-1, 4)
+    spec_shape = x.shape if static_shape else [None, 4]
+    per_channel = form == 'per_channel'
+
+    @tf.function(
+        input_signature=[tf.TensorSpec(spec_shape, tf.float32), tf.TensorSpec([], tf.float32)]
+    )
+    def found(values, num_clients):
+      if form == 'batched':
+        return thresholds.clipping_thresholds(
+            [values, 3.0 * values], 2, 'mean_optimal', 'stochastic', num_clients=num_clients
+        )
+      return [
+          quantization.clipping_threshold(
+              values, 2, 'mean_optimal', 'stochastic', per_channel, num_clients=num_clients
+          ),
+          quantization.expected_quantization_mse(
+              values, 1.0, 2, 'stochastic', num_clients=num_clients
+          ),
+      ]
+
+    for num_clients in (1.0, 5.0, 30.0):
+      with self.subTest(num_clients=num_clients):
+        first, second = found(x, num_clients)
+        eager = quantization.clipping_threshold(
+            x, 2, 'mean_optimal', 'stochastic', per_channel, num_clients=num_clients
+        )
+        # The exact MSE is jagged in the threshold: a differently fused graph may move the
+        # threshold slightly, its MSE must not move.
+        self.assertAllClose(first, eager, rtol=1e-2)
+        if form == 'per_tensor':
+          self.assertAllClose(
+              numpy_mean_mse(x, [first], 2, num_clients),
+              numpy_mean_mse(x, [eager], 2, num_clients),
+              rtol=1e-3,
+          )
+          self.assertAllClose(second, numpy_mean_mse(x, [1.0], 2, num_clients)[0], rtol=1e-5)
+        if form == 'batched':
+          self.assertAllClose(second, 3.0 * eager, rtol=1e-2)
+    # A tensor below 1 (or NaN) is clamped to 1 inside the graph.
+    for below in (0.5, 0.0, -3.0, np.nan):
+      with self.subTest(num_clients=below):
+        self.assertAllClose(found(x, below)[0], found(x, 1.0)[0], rtol=1e-6)
+
+  @parameterized.product(per_channel=(False, True), size=(600, 40000))
+  def test_batched_mean_optimal_matches_each_tensor_alone(self, per_channel, size):
+    rng = np.random.default_rng(12)
+    tensors = [
+        (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
+        rng.laplace(size=(size // 100, 100)).astype(np.float32),
+        rng.standard_t(3, size=(100, 10)).astype(np.float32),
+    ]
+    for bits in (1, 3):
+      found = thresholds.clipping_thresholds(
+          tensors, bits, 'mean_optimal', 'stochastic', per_channel, num_clients=5
+      )
+      for x, threshold in zip(tensors, found):
+        with self.subTest(bits=bits, shape=x.shape):
+          alone = quantization.clipping_threshold(
+              x, bits, 'mean_optimal', 'stochastic', per_channel, num_clients=5
+          )
+          mse = functools.partial(
+              quantization.expected_quantization_mse,
+              x, bits=bits, rounding='stochastic', per_channel=per_channel, num_clients=5,
+          )
+          self.assertAllClose(mse(threshold=threshold), mse(threshold=alone), rtol=2e-3)
+
+  @parameterized.parameters(0, 0.5, -1, float('nan'), float('inf'), True)
+  def test_invalid_num_clients_raise_naming_num_clients(self, num_clients):
+    x = [1.0, 2.0]
+    for function in (
+        lambda: quantization.optimal_clipping_threshold(x, 2, num_clients=num_clients),
+        lambda: thresholds.optimal_clipping_thresholds([x], 2, num_clients=num_clients),
+        lambda: quantization.clipping_threshold(
+            x, 2, 'mean_optimal', 'stochastic', num_clients=num_clients
+        ),
+        lambda: quantization.clipping_threshold(x, 2, 'octav', num_clients=num_clients),
+        lambda: thresholds.clipping_thresholds([x], 2, 'mean_optimal', num_clients=num_clients),
+        lambda: quantization.expected_quantization_mse(x, 1.0, 2, num_clients=num_clients),
+    ):
+      with self.assertRaisesRegex(ValueError, r'`num_clients`.*' + repr(num_clients)):
+        function()
+
+  def test_non_scalar_or_non_numeric_num_clients_tensor_raises(self):
+    with self.assertRaisesRegex(ValueError, '`num_clients`'):
+      quantization.clipping_threshold([1.0, 2.0], 2, 'mean_optimal', num_clients=[5.0, 6.0])
+    with self.assertRaisesRegex(TypeError, '`num_clients`'):
+      quantization.clipping_threshold([1.0, 2.0], 2, 'mean_optimal', num_clients=tf.constant('5'))
+
+
 if __name__ == '__main__':
   tf.test.main()

@@ -18,8 +18,17 @@ sum_i w_i x_i / sum_i w_i with
   * 'inverse_error': w_i = 1 / e_i (Bozorgasl & Chen 2024): clients never reveal their example
     counts. A tensor quantized exactly (e_i = 0, e.g. all zeros) gets the weight of the round's
     most accurate other client for that tensor (or 1 if there is none): finite, never dominant;
-  * 'example_count': w_i = the client's weight (FedAvg);
+  * 'inverse_normalized_error': w_i = 1 / (e_i / mean(x_i^2)), the scale-free variant: e_i grows
+    with the size of a client's value, so 1 / e_i down-weights the clients whose updates move
+    most; the normalized error does not. Same wire size and privacy as 'inverse_error';
+  * 'example_count' (alias 'fedavg'): w_i = the client's weight (FedAvg);
   * 'uniform': w_i = 1.
+
+With `clipping='mean_optimal'` the clients clip at the threshold that minimizes the error of the
+mean of K clients (`tff_clipq.quantization.clipping_threshold`): K is learned by the process, as
+TFF's adaptive factories learn their norms: its state holds the effective number of clients of
+the last round's mean, (sum w)^2 / sum w^2 of the weights the float tensors are averaged with
+(1 before the first round), and broadcasts it with the round's seed.
 
 Tensors smaller than `min_size_to_quantize` (biases) stay float32; they are weighted by the
 example count ('example_count') or uniformly (otherwise, since their error is zero), multiplied
@@ -54,8 +63,12 @@ import tensorflow_federated as tff
 
 from tff_clipq.quantization import payload as payload_lib
 
-WEIGHTINGS = ('inverse_error', 'example_count', 'uniform')
-UNWEIGHTED_WEIGHTINGS = ('inverse_error', 'uniform')
+WEIGHTINGS = ('inverse_error', 'inverse_normalized_error', 'example_count', 'uniform')
+UNWEIGHTED_WEIGHTINGS = ('inverse_error', 'inverse_normalized_error', 'uniform')
+# Other names users type for a weighting.
+WEIGHTING_ALIASES = {'fedavg': 'example_count'}
+# Weightings whose clients send a per-tensor error (1 / error is the weight).
+INVERSE_ERROR_WEIGHTINGS = ('inverse_error', 'inverse_normalized_error')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +82,12 @@ class QuantizationSettings:
   min_size_to_quantize: int
   per_channel: bool
   seed: int
+  sum_result: bool = False  # The sum form: weighted sum, not divided by the weights' sum.
+
+  @property
+  def mean_aware(self) -> bool:
+    """Whether clients need the number of clients averaged (the process learns it)."""
+    return self.clipping == 'mean_optimal'
 
   def plan_for(self, value_type: tff.types.Type) -> payload_lib.EncodingPlan:
     shapes = [tuple(t.shape) for t in _flat_tensor_types(value_type)]
@@ -108,8 +127,9 @@ def _bits_of_type(type_spec: tff.types.Type) -> int:
 
 def _validate_settings(
     bits, clipping, rounding, weighting, allowed_weightings, min_size_to_quantize, per_channel,
-    seed,
+    seed, sum_result=False,
 ) -> QuantizationSettings:
+  weighting = WEIGHTING_ALIASES.get(weighting, weighting)
   if weighting not in allowed_weightings:
     raise ValueError(f'`weighting` must be one of {allowed_weightings}. Found {weighting!r}.')
   if not isinstance(per_channel, bool):
@@ -124,6 +144,7 @@ def _validate_settings(
       min_size_to_quantize=min_size_to_quantize,
       per_channel=per_channel,
       seed=seed,
+      sum_result=sum_result,
   )
 
 
@@ -172,8 +193,10 @@ def build_codec(
   client_inputs = [value_type, tff.TensorType(np.int64)]
   if weight_type is not None:
     client_inputs.append(weight_type)
+  if settings.mean_aware:
+    client_inputs.append(tff.TensorType(np.float32))  # The number of clients averaged.
 
-  def encode(value, round_seed, client_weight):
+  def encode(value, round_seed, client_weight, num_clients=None):
     tensors = [tf.cast(t, tf.float32) for t in tf.nest.flatten(value)]
     takes_part = None
     if client_weight is not None:
@@ -184,20 +207,22 @@ def build_codec(
       takes_part = tf.logical_and(tf.math.is_finite(weight), weight > 0.0)
     seed = payload_lib.client_seed(round_seed, tensors)
     quantized, floats, statistics, accepted = payload_lib.encode_tensors(
-        plan, tensors, seed, takes_part
+        plan, tensors, seed, takes_part, num_clients
     )
     wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
     float_weight = tf.cast(accepted, tf.float32)
     if weighting == 'inverse_error':
       wire['errors'] = statistics['quantization_mse']
+    elif weighting == 'inverse_normalized_error':
+      wire['errors'] = statistics['normalized_mse']
     elif weighting == 'example_count':
       wire['weight'] = tf.where(accepted, weight, 0.0)
       float_weight = wire['weight']
-    diagnostics = collections.OrderedDict(
-        normalized_mse=statistics['normalized_mse'],
-        clipped_fraction=statistics['clipped_fraction'],
-    )
-    if weighting != 'inverse_error':  # Otherwise e_i is on the wire already.
+    # What the wire does not carry already.
+    diagnostics = collections.OrderedDict(clipped_fraction=statistics['clipped_fraction'])
+    if weighting != 'inverse_normalized_error':
+      diagnostics['normalized_mse'] = statistics['normalized_mse']
+    if weighting != 'inverse_error':
       diagnostics['quantization_mse'] = statistics['quantization_mse']
     return collections.OrderedDict(
         wire=wire,
@@ -206,12 +231,26 @@ def build_codec(
         weighted_floats=[f * float_weight for f in floats],
     )
 
-  if weight_type is None:
+  if weight_type is None and settings.mean_aware:
+    encode_fn = tff.tensorflow.computation(
+        lambda value, round_seed, num_clients: encode(value, round_seed, None, num_clients),
+        *client_inputs,
+    )
+  elif weight_type is None:
     encode_fn = tff.tensorflow.computation(
         lambda value, round_seed: encode(value, round_seed, None), *client_inputs
     )
+  elif settings.mean_aware:
+    encode_fn = tff.tensorflow.computation(
+        lambda value, round_seed, weight, num_clients: encode(
+            value, round_seed, weight, num_clients
+        ),
+        *client_inputs,
+    )
   else:
-    encode_fn = tff.tensorflow.computation(encode, *client_inputs)
+    encode_fn = tff.tensorflow.computation(
+        lambda value, round_seed, weight: encode(value, round_seed, weight), *client_inputs
+    )
   encoded_type = encode_fn.type_signature.result
   wire_type = encoded_type['wire']
   client_upload_bits = _bits_of_type(wire_type) + sum(
@@ -219,14 +258,18 @@ def build_codec(
   )
   diagnostic_bits = _bits_of_type(encoded_type['diagnostics'])
 
-  def quantization_errors(client):
-    if weighting == 'inverse_error':
+  def statistic(client, key, wire_weighting):
+    """A per-tensor statistic: on the wire under `wire_weighting`, else a diagnostic."""
+    if weighting == wire_weighting:
       return client['wire']['errors']
-    return client['diagnostics']['quantization_mse']
+    return client['diagnostics'][key]
 
   def client_weights(wire, errors):
-    """(weights, exact) per quantized tensor; `exact` marks zero-error tensors (weighted later)."""
-    if weighting == 'inverse_error':
+    """(weights, exact) per quantized tensor; `exact` marks zero-error tensors (weighted later).
+
+    `errors` are what the weighting inverts (e_i, or e_i normalized); ignored otherwise.
+    """
+    if weighting in INVERSE_ERROR_WEIGHTINGS:
       exact = tf.equal(errors, 0.0)
       return tf.where(exact, 0.0, 1.0 / tf.where(exact, 1.0, errors)), exact
     exact = tf.zeros([num_quantized], tf.bool)
@@ -264,6 +307,7 @@ def build_codec(
         weight_min=tf.fill([num_quantized], np.float32(np.inf)),
         weight_max=vector,
         float_weight_sum=tf.constant(0.0),
+        float_weight_square_sum=tf.constant(0.0),
         accepted=tf.constant(0),
         rejected_nonfinite=tf.constant(0),
         rejected_malformed=tf.constant(0),
@@ -279,11 +323,15 @@ def build_codec(
   @tff.tensorflow.computation(accumulator_type, aggregate_input_type)
   def accumulate_fn(accumulator, client):
     # Invalid parts are removed with tf.where, never by multiplying with 0 (NaN * 0 is NaN).
-    wire, diagnostics = client['wire'], client['diagnostics']
-    errors = quantization_errors(client)
+    wire = client['wire']
+    errors = statistic(client, 'quantization_mse', 'inverse_error')
+    normalized_errors = statistic(client, 'normalized_mse', 'inverse_normalized_error')
     accepted = wire['accepted']
-    weights, exact = client_weights(wire, errors)
-    valid = tf.logical_and(accepted, well_formed(wire, errors, weights))
+    weights, exact = client_weights(
+        wire, normalized_errors if weighting == 'inverse_normalized_error' else errors
+    )
+    checked_errors = tf.concat([errors, normalized_errors], axis=0)
+    valid = tf.logical_and(accepted, well_formed(wire, checked_errors, weights))
     malformed = tf.logical_and(accepted, tf.logical_not(valid))
     weights = tf.where(valid, weights, 0.0)
     exact = tf.logical_and(valid, exact)
@@ -332,13 +380,14 @@ def build_codec(
         ),
         weight_max=tf.maximum(accumulator['weight_max'], weights),
         float_weight_sum=accumulator['float_weight_sum'] + float_weight,
+        float_weight_square_sum=accumulator['float_weight_square_sum'] + tf.square(float_weight),
         accepted=accumulator['accepted'] + tf.cast(valid, tf.int32),
         rejected_nonfinite=accumulator['rejected_nonfinite']
         + tf.cast(tf.logical_not(accepted), tf.int32),
         rejected_malformed=accumulator['rejected_malformed'] + tf.cast(malformed, tf.int32),
         quantization_mse=add_if_valid('quantization_mse', errors),
-        normalized_mse=add_if_valid('normalized_mse', diagnostics['normalized_mse']),
-        clipped_fraction=add_if_valid('clipped_fraction', diagnostics['clipped_fraction']),
+        normalized_mse=add_if_valid('normalized_mse', normalized_errors),
+        clipped_fraction=add_if_valid('clipped_fraction', client['diagnostics']['clipped_fraction']),
         clipping_threshold=add_if_valid(
             'clipping_threshold', tf.stack(thresholds) if thresholds else tf.zeros([0])
         ),
@@ -373,15 +422,17 @@ def build_codec(
     # A zero-error client (its tensor was exactly representable, e.g. all zeros) counts with the
     # weight of the round's most accurate other client: finite, and never dominating.
     exact_weight = tf.where(accumulator['weight_max'] > 0.0, accumulator['weight_max'], 1.0)
+    # The sum form divides by nothing (its weights are 1 or 0, and nothing is exact).
+    divide = (lambda total, _: total) if settings.sum_result else tf.math.divide_no_nan
     means = [
-        tf.math.divide_no_nan(
+        divide(
             total + exact_weight[i] * accumulator['exact_sum'][i],
             accumulator['weight_sum'][i] + exact_weight[i] * accumulator['exact_count'][i],
         )
         for i, total in enumerate(accumulator['weighted_sum'])
     ]
     float_means = [
-        tf.math.divide_no_nan(total, accumulator['float_weight_sum'])
+        divide(total, accumulator['float_weight_sum'])
         for total in (tf.nest.flatten(float_sums) if float_sums is not None else [])
     ]
     ordered = [None] * len(plan.tensors)
@@ -408,6 +459,11 @@ def build_codec(
         compression_ratio=tf.constant(32.0 * plan.num_coordinates / client_upload_bits, tf.float32),
         diagnostic_bits_per_client=tf.constant(diagnostic_bits, tf.int64),
         accepted_clients=accumulator['accepted'],
+        # (sum w)^2 / sum w^2: the number of equally weighted clients whose mean would have the
+        # same rounding-noise variance (the float tensors' weights; 0 if none was accepted).
+        effective_clients=tf.math.divide_no_nan(
+            tf.square(accumulator['float_weight_sum']), accumulator['float_weight_square_sum']
+        ),
         rejected_nonfinite_clients=accumulator['rejected_nonfinite'],
         rejected_malformed_clients=accumulator['rejected_malformed'],
         quantization_mse=summary(per_tensor_mean('quantization_mse')),
@@ -448,9 +504,15 @@ def _build_process(
   def initial_seed():
     return tf.constant(settings.seed, tf.int64)
 
+  @tff.tensorflow.computation
+  def initial_num_clients():
+    return tf.constant(1.0, tf.float32)
+
   @tff.federated_computation
   def init_fn():
     state = collections.OrderedDict(round_seed=tff.federated_eval(initial_seed, tff.SERVER))
+    if settings.mean_aware:
+      state['num_clients'] = tff.federated_eval(initial_num_clients, tff.SERVER)
     if inner_process is not None:
       state['float_tensors'] = inner_process.initialize()
     elif floats_summed_here:
@@ -461,11 +523,18 @@ def _build_process(
   def next_seed(seed):
     return seed + 1
 
+  @tff.tensorflow.computation(np.float32, np.float32)
+  def next_num_clients(num_clients, effective_clients):
+    # A round in which no client was accepted teaches nothing: keep the last value.
+    return tf.where(effective_clients >= 1.0, effective_clients, num_clients)
+
   state_type = init_fn.type_signature.result
 
   def next_body(state, value, weight):
     round_seed = tff.federated_broadcast(state['round_seed'])
     encode_args = (value, round_seed) if weight is None else (value, round_seed, weight)
+    if settings.mean_aware:
+      encode_args += (tff.federated_broadcast(state['num_clients']),)
     encoded = tff.federated_map(codec.encode_fn, encode_args)
     if len(codec.aggregate_keys) == len(codec.encode_fn.type_signature.result):
       # Everything the clients encode is aggregated: no per-client selection and zip, which
@@ -488,6 +557,12 @@ def _build_process(
         new_state['float_tensors'] = state['float_tensors']
       float_sums = float_measurements = tff.federated_value((), tff.SERVER)
     result, measurements = tff.federated_map(codec.finalize_fn, (accumulated, float_sums))
+    if settings.mean_aware:
+      new_state['num_clients'] = tff.federated_map(
+          next_num_clients, (state['num_clients'], measurements.effective_clients)
+      )
+      new_state.move_to_end('num_clients', last=False)
+      new_state.move_to_end('round_seed', last=False)  # The order of `init_fn`'s state.
     measurements = tff.federated_zip(
         collections.OrderedDict(quantized=measurements, float_tensors=float_measurements)
     )
@@ -514,7 +589,7 @@ def _build_process(
 class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory):
   """Weighted mean over clipped, B-bit quantized client values (see the module docstring).
 
-  With 'inverse_error' or 'uniform' weighting the client weights handed to `next` only decide,
+  With any weighting but 'example_count' the client weights handed to `next` only decide,
   at the client, whether it takes part (weight > 0); they never leave the clients. Only
   'example_count' sends them.
   """
@@ -522,9 +597,9 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
   def __init__(
       self,
       bits: Union[payload_lib.BitsSpec, str] = 4,
-      clipping: Union[str, float] = 'octav',
+      clipping: Union[str, float] = 'max_abs',
       rounding: str = 'stochastic',
-      weighting: str = 'inverse_error',
+      weighting: str = 'example_count',
       min_size_to_quantize: int = 128,
       per_channel: bool = False,
       seed: int = 0,
@@ -535,10 +610,13 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
     Args:
       bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
         value order (a sequence or a string like '4-2-2-4').
-      clipping: 'octav' (MSE-optimal for this quantizer and rounding), 'octav_paper' (the
-        paper's noise model), 'max_abs' (no clipping), or a fixed positive threshold.
-      rounding: 'nearest' or 'stochastic'.
-      weighting: 'inverse_error', 'example_count' or 'uniform'.
+      clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal
+        for this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
+        'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
+        threshold.
+      rounding: 'stochastic' (unbiased; the default) or 'nearest'.
+      weighting: 'example_count' (alias 'fedavg'; the default), 'inverse_error' (the paper's),
+        'inverse_normalized_error' or 'uniform'.
       min_size_to_quantize: tensors with fewer elements are sent in float32.
       per_channel: one threshold per slice of each tensor's last axis.
       seed: first round's seed for stochastic rounding (advanced every round).
@@ -563,20 +641,21 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
 
 
 class UnweightedClippedQuantizationMeanFactory(tff.aggregators.UnweightedAggregationFactory):
-  """Unweighted counterpart of `ClippedQuantizationMeanFactory` ('inverse_error' or 'uniform')."""
+  """Unweighted counterpart of `ClippedQuantizationMeanFactory` (no 'example_count')."""
 
   def __init__(
       self,
       bits: Union[payload_lib.BitsSpec, str] = 4,
-      clipping: Union[str, float] = 'octav',
+      clipping: Union[str, float] = 'max_abs',
       rounding: str = 'stochastic',
-      weighting: str = 'inverse_error',
+      weighting: str = 'uniform',
       min_size_to_quantize: int = 128,
       per_channel: bool = False,
       seed: int = 0,
       inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
   ):
-    """Same arguments as `ClippedQuantizationMeanFactory`, without 'example_count'."""
+    """Same arguments as `ClippedQuantizationMeanFactory`, without 'example_count' (default
+    weighting 'uniform')."""
     self._settings = _validate_settings(
         bits, clipping, rounding, weighting, UNWEIGHTED_WEIGHTINGS, min_size_to_quantize,
         per_channel, seed,
@@ -604,11 +683,59 @@ def _check_inner(
   return inner_agg_factory
 
 
+class ClippedQuantizationSumFactory(tff.aggregators.UnweightedAggregationFactory):
+  """Sum of clipped, B-bit quantized client values: the inner factory of TFF's wrappers.
+
+  The same encoding as `ClippedQuantizationMeanFactory` with uniform weights, returning the sum
+  instead of the mean, so it composes where TFF expects a sum: as `value_sum_factory` of
+  `tff.aggregators.MeanFactory` (which weights at the clients and divides at the server), or as
+  `inner_agg_factory` of `tff.aggregators.HadamardTransformFactory` (random rotation first).
+  """
+
+  def __init__(
+      self,
+      bits: Union[payload_lib.BitsSpec, str] = 4,
+      clipping: Union[str, float] = 'max_abs',
+      rounding: str = 'stochastic',
+      min_size_to_quantize: int = 128,
+      per_channel: bool = False,
+      seed: int = 0,
+      inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+  ):
+    """Arguments as in `ClippedQuantizationMeanFactory`, without `weighting`."""
+    self._settings = _validate_settings(
+        bits, clipping, rounding, 'uniform', ('uniform',), min_size_to_quantize, per_channel,
+        seed, sum_result=True,
+    )
+    self._inner_agg_factory = _check_inner(inner_agg_factory)
+
+  @property
+  def settings(self) -> QuantizationSettings:
+    return self._settings
+
+  def create(self, value_type: tff.types.Type) -> tff.templates.AggregationProcess:
+    return _build_process(self._settings, self._inner_agg_factory, value_type, None)
+
+
+def clipped_quantization_sum(
+    bits: Union[payload_lib.BitsSpec, str] = 4,
+    clipping: Union[str, float] = 'max_abs',
+    rounding: str = 'stochastic',
+    **kwargs,
+) -> ClippedQuantizationSumFactory:
+  """The sum form, e.g. `tff.aggregators.HadamardTransformFactory(clipped_quantization_sum(2))`.
+
+  Further keyword arguments (min_size_to_quantize, per_channel, seed, inner_agg_factory) are
+  those of `ClippedQuantizationSumFactory`.
+  """
+  return ClippedQuantizationSumFactory(bits, clipping, rounding, **kwargs)
+
+
 def clipped_quantization_mean(
     bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'octav',
+    clipping: Union[str, float] = 'max_abs',
     rounding: str = 'stochastic',
-    weighting: str = 'inverse_error',
+    weighting: str = 'example_count',
     **kwargs,
 ) -> ClippedQuantizationMeanFactory:
   """The weighted factory, for `tff.learning.algorithms.build_weighted_fed_avg(model_aggregator=...)`.
@@ -621,9 +748,9 @@ def clipped_quantization_mean(
 
 def unweighted_clipped_quantization_mean(
     bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'octav',
+    clipping: Union[str, float] = 'max_abs',
     rounding: str = 'stochastic',
-    weighting: str = 'inverse_error',
+    weighting: str = 'uniform',
     **kwargs,
 ) -> UnweightedClippedQuantizationMeanFactory:
   """The unweighted factory, for `tff.learning.algorithms.build_unweighted_fed_avg`."""

@@ -51,7 +51,8 @@ class ConfigError(ValueError):
 class ExperimentConfig:
   """One experiment (or, with `sweep`, a study of several runs); fields are the flags.
 
-  Defaults: 10 rounds of 4-bit clipq FedAvg on MNIST with the paper's CNN; see `define_flags`
+  Defaults: 10 rounds of 4-bit clipq FedAvg on MNIST with the paper's CNN, unclipped (max_abs)
+  stochastic rounding, FedAvg weights, no QAT (measured best; docs/results.md); see `define_flags`
   for each field's meaning. `bits` is a width (`4`) or one width per model layer with weights
   (`4-2-2-4`); `clipping` is a method name or a fixed positive threshold (`0.05`).
   """
@@ -80,13 +81,14 @@ class ExperimentConfig:
   # Upload compression.
   aggregator: str = 'clipq'
   bits: str = '4'
-  clipping: str = 'octav'
+  clipping: str = 'max_abs'
   rounding: str = 'stochastic'
-  weighting: str = 'inverse_error'
+  weighting: str = 'example_count'
   min_size_to_quantize: int = 128
   per_channel: bool = False
+  rotation: str = 'none'
   payload: str = 'update'
-  qat: bool = True
+  qat: bool = False
   qat_threshold_refresh_steps: int = 0
   # Evaluation and outputs.
   eval_every: int = 1
@@ -125,6 +127,7 @@ class ExperimentConfig:
         weighting=self.weighting,
         min_size_to_quantize=self.min_size_to_quantize,
         per_channel=self.per_channel,
+        rotation=self.rotation,
     )
 
   def process_config(
@@ -276,6 +279,7 @@ def _validate(config: ExperimentConfig) -> None:
     )
   _choice(config, 'rounding', quantizer.ROUNDING_MODES)
   _choice(config, 'weighting', aggregators.WEIGHTINGS)
+  _choice(config, 'rotation', process_lib.ROTATIONS)
   _at_least(config, 'min_size_to_quantize', 0)
   _at_least(config, 'qat_threshold_refresh_steps', 0)
   _choice(config, 'payload', process_lib.PAYLOADS)
@@ -418,11 +422,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        'Smaller tensors (biases) travel in float32.', **fv)
   flags.DEFINE_boolean('per_channel', default('per_channel'),
                        'One clipping threshold per output channel (clipq).', **fv)
+  flags.DEFINE_enum('rotation', default('rotation'), process_lib.ROTATIONS,
+                    'Random Hadamard rotation of each tensor before clipq quantizes it (TFF\'s '
+                    'HadamardTransformFactory; weighting example_count or uniform).', **fv)
   flags.DEFINE_enum('payload', default('payload'), process_lib.PAYLOADS,
                     'What clients upload: model updates or trained weights (the paper).', **fv)
   flags.DEFINE_boolean('qat', default('qat'),
                        'Quantization-aware client training for the quantizing aggregators '
-                       '(float runs train without it).', **fv)
+                       '(float runs train without it). Off by default: it lowers the float '
+                       'model\'s accuracy (docs/results.md).', **fv)
   flags.DEFINE_integer('qat_threshold_refresh_steps', default('qat_threshold_refresh_steps'),
                        'QAT recomputes each clipping threshold every this many local steps; 0: '
                        'once per client round, at its first step.', **fv)

@@ -33,6 +33,7 @@ TABLE_COLUMNS = (
     ('method', 'method'),
     ('final_test_accuracy', 'final acc.'),
     ('best_test_accuracy', 'best acc.'),
+    ('final_quantized_test_accuracy', 'quantized model acc.'),
     ('total_upload_bits', 'total upload bits'),
     ('compression_ratio', 'compression vs float32'),
     ('wall_seconds', 'wall time (s)'),

@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -279,6 +279,23 @@ class _Checkpoints:
     return round_num, tf.nest.pack_sequence_as(self._initial_state, leaves), history
 
 
+def quantized_measurements(aggregator_measurements: Any) -> Optional[Any]:
+  """clipq's measurements (the `quantized` entry) wherever TFF's wrappers nested them.
+
+  Plain clipq reports them at the top; inside `MeanFactory` and `HadamardTransformFactory` they
+  sit under `mean_value` and the rotation's key. None when no clipq aggregator reported.
+  """
+  if not hasattr(aggregator_measurements, 'items'):
+    return None
+  if 'quantized' in aggregator_measurements:
+    return aggregator_measurements['quantized']
+  for value in aggregator_measurements.values():
+    found = quantized_measurements(value)
+    if found is not None:
+      return found
+  return None
+
+
 def _round_metrics(
     output: tff.learning.templates.LearningProcessOutput,
     method: str,
@@ -293,17 +310,20 @@ def _round_metrics(
       train_loss=float(train['loss']),
   )
   if method == 'clipq':
-    quantized = output.metrics['aggregator']['quantized']
+    quantized = quantized_measurements(output.metrics['aggregator'])
+    accepted = int(quantized['accepted_clients'])
+    rejected = (int(quantized['rejected_nonfinite_clients'])
+                + int(quantized['rejected_malformed_clients']))
+    # Per model coordinate: a rotation's zero padding is sent but is not the model's.
     metrics.update(
-        round_upload_bits=int(quantized['round_upload_bits']),
-        bits_per_coordinate=float(quantized['bits_per_coordinate']),
-        compression_ratio=float(quantized['compression_ratio']),
+        round_upload_bits=(accepted + rejected) * client_upload_bits,
+        bits_per_coordinate=client_upload_bits / num_coordinates,
+        compression_ratio=32.0 * num_coordinates / client_upload_bits,
         quantization_mse=float(quantized['quantization_mse']),
         normalized_mse=float(quantized['normalized_mse']),
         clipped_fraction=float(quantized['clipped_fraction']),
-        accepted_clients=int(quantized['accepted_clients']),
-        rejected_clients=int(quantized['rejected_nonfinite_clients'])
-        + int(quantized['rejected_malformed_clients']),
+        accepted_clients=accepted,
+        rejected_clients=rejected,
     )
   else:
     metrics.update(
@@ -344,6 +364,7 @@ def _summary(
   evaluated = [row for row in history if row.get('test_accuracy') is not None]
   best = max(evaluated, key=lambda row: row['test_accuracy'], default=None)
   last = history[-1] if history else {}
+  deployed = [row for row in evaluated if row.get('quantized_test_accuracy') is not None]
   return dict(
       run=name,
       method=process_config.aggregator.label,
@@ -352,6 +373,8 @@ def _summary(
       final_test_loss=evaluated[-1]['test_loss'] if evaluated else None,
       best_test_accuracy=best['test_accuracy'] if best else None,
       best_round=best['round'] if best else None,
+      # The global model with its weights through the run's B-bit quantizer (None for float).
+      final_quantized_test_accuracy=deployed[-1]['quantized_test_accuracy'] if deployed else None,
       final_train_accuracy=last.get('train_accuracy'),
       total_upload_bits=last.get('cumulative_upload_bits', 0),
       client_upload_bits=client_upload_bits,
@@ -422,6 +445,12 @@ def _run(
       if round_num % run_config.eval_every == 0 or round_num == run_config.rounds:
         test = process_lib.evaluate(process, state, evaluation_model, test_batches)
         metrics.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
+        if run_config.aggregator != 'float':
+          deployed = process_lib.evaluate(
+              process, state, evaluation_model, test_batches, deployed_by=process_config
+          )
+          metrics.update(quantized_test_accuracy=deployed['accuracy'],
+                         quantized_test_loss=deployed['loss'])
       metrics['round_seconds'] = time.monotonic() - started
       history.append(dict(round=round_num, **metrics))
       # Release before checkpointing: a crash in between re-runs the round and replaces its row.

@@ -32,6 +32,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_clipq import aggregators
+from tff_clipq.learning import deployment
 from tff_clipq.learning import models
 from tff_clipq.learning import qat as qat_lib
 from tff_clipq.quantization import packing
@@ -40,6 +41,9 @@ from tff_clipq.quantization import payload as payload_lib
 AGGREGATORS = ('float', 'clipq', 'tff_encoded')
 PAYLOADS = ('update', 'weights')
 OPTIMIZERS = ('sgd', 'adam')
+ROTATIONS = ('none', 'hadamard')
+# Weightings that a rotation composes with: TFF's MeanFactory weights at the clients and sums.
+ROTATION_WEIGHTINGS = ('example_count', 'uniform')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,19 +57,37 @@ class AggregatorConfig:
     bits: one width, or one per model layer as 'a-b-c-d' (the paper's 4-2-2-4).
     clipping, rounding, weighting, per_channel: as in `ClippedQuantizationMeanFactory`.
     min_size_to_quantize: smaller tensors (biases) travel in float32, for every method.
+    rotation: 'hadamard' rotates each tensor with TFF's `HadamardTransformFactory` (flattened,
+      zero-padded to a power of two, random signs) before clipq quantizes it; 'none' does not.
   """
 
   method: str = 'clipq'
   bits: Union[int, str] = 4
-  clipping: Union[str, float] = 'octav'
+  clipping: Union[str, float] = 'max_abs'
   rounding: str = 'stochastic'
-  weighting: str = 'inverse_error'
+  weighting: str = 'example_count'
   min_size_to_quantize: int = 128
   per_channel: bool = False
+  rotation: str = 'none'
 
   def __post_init__(self):
     if self.method not in AGGREGATORS:
       raise ValueError(f'`method` must be one of {AGGREGATORS}. Found {self.method!r}.')
+    object.__setattr__(
+        self, 'weighting', aggregators.WEIGHTING_ALIASES.get(self.weighting, self.weighting)
+    )
+    if self.rotation not in ROTATIONS:
+      raise ValueError(f'`rotation` must be one of {ROTATIONS}. Found {self.rotation!r}.')
+    if self.rotation != 'none' and self.method != 'clipq':
+      raise ValueError(f'`rotation` applies to the clipq aggregator. Found method {self.method!r}.')
+    if self.rotation != 'none' and self.weighting not in ROTATION_WEIGHTINGS:
+      raise ValueError(
+          f'`rotation` composes with weighting {" or ".join(ROTATION_WEIGHTINGS)} (TFF\'s '
+          f'MeanFactory around the rotation weights at the clients). Found {self.weighting!r}.'
+      )
+    if self.rotation != 'none' and self.per_channel:
+      raise ValueError('`per_channel` thresholds need the tensors\' channels, which a rotation '
+                       'mixes: use one or the other.')
     bits = payload_lib.validate_encoding_settings(
         self.bits, self.min_size_to_quantize, self.clipping, self.rounding
     )
@@ -81,7 +103,8 @@ class AggregatorConfig:
       return 'float32'
     if self.method == 'tff_encoded':
       return f'tff_minmax-{self.bits}b'
-    return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}'
+    rotated = '-hadamard' if self.rotation != 'none' else ''
+    return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}{rotated}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +116,7 @@ class ProcessConfig:
   num_classes: int = 10
   aggregator: AggregatorConfig = AggregatorConfig()
   payload: str = 'update'
-  qat: bool = True
+  qat: bool = False
   qat_threshold_refresh_steps: int = 0
   client_optimizer: str = 'sgd'
   client_learning_rate: float = 0.01
@@ -117,6 +140,12 @@ class ProcessConfig:
     for name in ('client_momentum', 'server_momentum'):
       if not 0 <= getattr(self, name) < 1:
         raise ValueError(f'`{name}` must be in [0, 1). Found {getattr(self, name)!r}.')
+    if self.uses_qat and self.aggregator.clipping == 'mean_optimal':
+      raise ValueError(
+          '`qat` trains through the upload\'s quantizer, but the mean_optimal threshold depends '
+          'on the number of clients the server averages, which a client does not know while it '
+          'trains: use another `clipping` with `qat`.'
+      )
 
   @property
   def uses_qat(self) -> bool:
@@ -168,6 +197,19 @@ def build_model_aggregator(config: ProcessConfig) -> tff.aggregators.WeightedAgg
   agg = config.aggregator
   if agg.method == 'float':
     return tff.aggregators.MeanFactory(no_nan_division=True)
+  if agg.rotation == 'hadamard':
+    # TFF's composition: MeanFactory weights at the clients, the rotation wraps our sum.
+    quantized_sum = aggregators.clipped_quantization_sum(
+        bits=bits_per_tensor(config),
+        clipping=agg.clipping,
+        rounding=agg.rounding,
+        min_size_to_quantize=agg.min_size_to_quantize,
+        seed=config.seed,
+    )
+    return tff.aggregators.MeanFactory(
+        value_sum_factory=tff.aggregators.HadamardTransformFactory(quantized_sum),
+        no_nan_division=True,
+    )
   if agg.method == 'tff_encoded':
     # quantize_above_threshold quantizes tensors with more than `threshold` elements.
     encoded = tff.aggregators.EncodedSumFactory.quantize_above_threshold(
@@ -197,6 +239,8 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
   agg = config.aggregator
   if agg.method == 'float':
     return 32 * sum(int(np.prod(shape)) for shape in shapes) + 32
+  if agg.rotation == 'hadamard':  # Each tensor flattened and zero-padded to a power of two.
+    shapes = [(1 << max(int(np.prod(shape)) - 1, 0).bit_length(),) for shape in shapes]
   plan = payload_lib.make_plan(
       shapes,
       bits_per_tensor(config) if agg.method == 'clipq' else int(payload_lib.parse_bits(agg.bits)),
@@ -213,9 +257,12 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
   )
   weighting_bits = {
       'inverse_error': 32 * len(plan.quantized),
+      'inverse_normalized_error': 32 * len(plan.quantized),
       'example_count': 32,
       'uniform': 0,
   }[agg.weighting]
+  if agg.rotation == 'hadamard':  # MeanFactory sums each client's weight in float32.
+    weighting_bits = 32
   accepted_flag_bits = 8
   codes = sum(packing.WORD_BITS * t.packed_words for t in plan.quantized)
   return codes + thresholds + weighting_bits + accepted_flag_bits + float_bits
@@ -331,10 +378,26 @@ def build_evaluation_model(config: ProcessConfig) -> tf.keras.Model:
 
 
 def assign_trainable_weights(
-    process: tff.learning.templates.LearningProcess, state, keras_model: tf.keras.Model
+    process: tff.learning.templates.LearningProcess,
+    state,
+    keras_model: tf.keras.Model,
+    deployed_by: Optional[ProcessConfig] = None,
 ) -> None:
-  """Copies the global model's trainable weights (same order as TFF's) into `keras_model`."""
-  trainable = process.get_model_weights(state).trainable
+  """Copies the global model's trainable weights (same order as TFF's) into `keras_model`.
+
+  With `deployed_by`, the weights go through that run's B-bit quantizer first
+  (`deployment.quantize_weights`).
+  """
+  trainable = list(process.get_model_weights(state).trainable)
+  if deployed_by is not None:
+    agg = deployed_by.aggregator
+    trainable = deployment.quantize_weights(
+        trainable,
+        bits_per_tensor(deployed_by),
+        'max_abs' if agg.method == 'tff_encoded' else agg.clipping,
+        agg.min_size_to_quantize,
+        agg.per_channel,
+    )
   for variable, value in zip(keras_model.trainable_variables, trainable, strict=True):
     variable.assign(value)
 
@@ -344,12 +407,18 @@ def evaluate(
     state,
     keras_model: tf.keras.Model,
     test_data: tf.data.Dataset,
+    deployed_by: Optional[ProcessConfig] = None,
 ) -> collections.OrderedDict:
   """Centralized held-out loss and accuracy of the global model.
 
-  `test_data` is batched and yields OrderedDict(x=..., y=...), the clients' element structure.
+  Args:
+    process: the run's learning process.
+    state: its state, whose model is evaluated.
+    keras_model: a compiled model of the same architecture (`build_evaluation_model`).
+    test_data: batched, yielding OrderedDict(x=..., y=...), the clients' element structure.
+    deployed_by: evaluate the model quantized as this run deploys it (see `deployment`).
   """
-  assign_trainable_weights(process, state, keras_model)
+  assign_trainable_weights(process, state, keras_model, deployed_by)
   features_and_labels = test_data.map(lambda batch: (batch['x'], batch['y']))
   loss, accuracy = keras_model.evaluate(features_and_labels, verbose=0)
   return collections.OrderedDict(loss=float(loss), accuracy=float(accuracy))

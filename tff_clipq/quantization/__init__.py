@@ -12,8 +12,10 @@ from tff_clipq.quantization.quantizer import QuantizedTensor
 from tff_clipq.quantization.quantizer import ROUNDING_MODES
 from tff_clipq.quantization.thresholds import CLIPPING_METHODS
 from tff_clipq.quantization.thresholds import clipping_threshold
+from tff_clipq.quantization.thresholds import clipping_thresholds
 from tff_clipq.quantization.thresholds import expected_quantization_mse
 from tff_clipq.quantization.thresholds import max_abs_threshold
 from tff_clipq.quantization.thresholds import noise_coefficient
 from tff_clipq.quantization.thresholds import octav_threshold
 from tff_clipq.quantization.thresholds import optimal_clipping_threshold
+from tff_clipq.quantization.thresholds import optimal_clipping_thresholds

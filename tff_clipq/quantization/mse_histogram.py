@@ -20,11 +20,16 @@ widths, and close to the exact average of phi where bins are wider than a step (
 `thresholds` searches this model, then compares its minimizer with the fixed point and max |x| on
 the exact MSE. `fixed_point` solves the OCTAV fixed-point equation that centres the search on a
 histogram too (one pass instead of one per iteration).
+
+`rounding_weight` (default 1) multiplies the rounding term of the model and the noise coefficient
+of the fixed point: 1/K models the error of the mean of K stochastically rounded copies, whose
+independent rounding noise averages out while their clipping error does not (see `thresholds`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import tensorflow as tf
 
@@ -62,6 +67,13 @@ def _bin_counts(
 
 
 Histogram = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
+# A Python float, or a scalar tensor of the histogram's dtype (known only at run time).
+RoundingWeight = Union[float, tf.Tensor]
+
+
+def is_unit_weight(rounding_weight: RoundingWeight) -> bool:
+  """Whether `rounding_weight` is the Python constant 1 (then no operation is spent on it)."""
+  return not tf.is_tensor(rounding_weight) and rounding_weight == 1.0
 
 
 def histogram(
@@ -113,9 +125,15 @@ def _scaled_rounding_antiderivative(position: tf.Tensor, rounding: str) -> tf.Te
 
 
 def _modelled_squared_error(
-    histogram: Histogram, thresholds: tf.Tensor, bits: int, rounding: str
+    histogram: Histogram,
+    thresholds: tf.Tensor,
+    bits: int,
+    rounding: str,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Modelled sum of squared errors [candidates, groups] at `thresholds` [candidates, groups].
+
+  The rounding part is multiplied by `rounding_weight` (1/K: the error of the mean of K copies).
 
   Each bin [e_k, e_k+1) holds its n_k entries uniformly spread, so it contributes
   (n_k / width) (F(e_k+1) - F(e_k)) with F(e) = step^3 Phi(t(min(e, s))) + max(e - s, 0)^3 / 3,
@@ -139,9 +157,13 @@ def _modelled_squared_error(
   above = tf.maximum(edges - s, 0.0)
   clipping_sum = tf.reduce_sum(tf.square(above) * above * edge_weights, axis=-1)
   step = thresholds / half_max_code
-  binned = (
-      tf.square(step) * step * rounding_sum / _ANTIDERIVATIVE_SCALE[rounding] + clipping_sum / 3.0
-  ) / width
+  if is_unit_weight(rounding_weight):
+    rounding_part = tf.square(step) * step * rounding_sum / _ANTIDERIVATIVE_SCALE[rounding]
+  else:  # One scalar factor: the weight folded into the antiderivative's scale.
+    rounding_part = tf.square(step) * step * rounding_sum * (
+        rounding_weight / _ANTIDERIVATIVE_SCALE[rounding]
+    )
+  binned = (rounding_part + clipping_sum / 3.0) / width
   overflow = (
       overflow_square_sum - 2.0 * thresholds * overflow_sum + overflow_count * tf.square(thresholds)
   )
@@ -155,8 +177,11 @@ def histogram_search(
     bits: int,
     rounding: str,
     relative_resolution: float,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """The minimizer of the modelled MSE on [lower, upper] per group, by repeated grid search.
+
+  `rounding_weight` multiplies the modelled rounding error (`_modelled_squared_error`).
 
   `histogram` is `histogram(magnitudes, finite_count, upper)`'s (or several concatenated); the
   search only touches [candidates, groups, bins] tensors. Each grid iteration evaluates
@@ -170,7 +195,7 @@ def histogram_search(
   low, high = lower, upper
   for _ in range(iterations):  # At least one, so `best` is always set.
     candidates = low + fractions * (high - low)  # [points, groups]
-    errors = _modelled_squared_error(histogram, candidates, bits, rounding)
+    errors = _modelled_squared_error(histogram, candidates, bits, rounding, rounding_weight)
     best = tf.gather(tf.transpose(candidates), tf.argmin(errors, axis=0), batch_dims=1)
     cell = (high - low) / float(divisions)
     low, high = tf.maximum(best - cell, lower), tf.minimum(best + cell, upper)
@@ -188,9 +213,13 @@ def fixed_point_counts(
   return _bin_counts(magnitudes, finite_count, ones, num_bins)[0]
 
 
-def fixed_point(counts: tf.Tensor, coefficient: float) -> tf.Tensor:
+def fixed_point(
+    counts: tf.Tensor, coefficient: float, rounding_weight: RoundingWeight = 1.0
+) -> tf.Tensor:
   """The OCTAV fixed point s = E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group, from
   `fixed_point_counts` (of one block of groups, or several concatenated).
+
+  The noise coefficient used is c = `coefficient` x `rounding_weight` (1/K for the mean of K).
 
   The right-hand side T(s) is evaluated at every bin edge at once (suffix sums of the counts and
   of count x bin centre), and s is where T(s) - s first turns non-positive, interpolated linearly
@@ -200,6 +229,8 @@ def fixed_point(counts: tf.Tensor, coefficient: float) -> tf.Tensor:
   a value below one bin width: callers clamp to max |x|.)
   """
   dtype = counts.dtype
+  if not is_unit_weight(rounding_weight):
+    coefficient = coefficient * rounding_weight
   num_bins = counts.shape[-1] - 1
   centres = tf.concat([(tf.range(num_bins, dtype=dtype) + 0.5) / float(num_bins), [1.0]], axis=0)
   total = tf.reduce_sum(counts, axis=-1, keepdims=True)

@@ -124,7 +124,7 @@ def make_plan(
       quantized tensor (those with at least `min_size_to_quantize` elements; e.g. the paper's
       4-2-2-4 for the four kernels of its CNN) or one entry per tensor.
     min_size_to_quantize: tensors with fewer elements travel in float32.
-    clipping: 'octav', 'octav_paper', 'max_abs' or a fixed positive threshold.
+    clipping: 'octav', 'octav_paper', 'max_abs', 'mean_optimal' or a fixed positive threshold.
     rounding: 'nearest' or 'stochastic'.
     per_channel: one threshold per slice of the last axis instead of one per tensor.
   """
@@ -166,6 +166,7 @@ def encode_tensors(
     tensors: Sequence[tf.Tensor],
     seed: tf.Tensor,
     takes_part: Optional[tf.Tensor] = None,
+    num_clients: Optional[tf.Tensor] = None,
 ) -> tuple[list, list, collections.OrderedDict, tf.Tensor]:
   """Encodes a client's tensors.
 
@@ -174,6 +175,8 @@ def encode_tensors(
     tensors: the value's tensors, in the plan's order.
     seed: stateless RNG seed [2] for stochastic rounding.
     takes_part: optional scalar bool; False rejects the client like a non-finite input does.
+    num_clients: the number of clients whose values the server averages, for
+      `clipping='mean_optimal'` (scalar; None means 1); other clipping methods ignore it.
 
   Returns:
     (quantized, floats, statistics, accepted): `quantized` lists an OrderedDict(codes=int32 words,
@@ -198,7 +201,7 @@ def encode_tensors(
     indices = [index for index in plan.quantized_indices if plan.tensors[index].bits == bits]
     found = thresholds.clipping_thresholds(
         [finite[index] for index in indices], bits, plan.clipping, plan.rounding,
-        plan.per_channel, all_finite=True,
+        plan.per_channel, all_finite=True, num_clients=1 if num_clients is None else num_clients,
     )
     threshold_of.update(zip(indices, found))
   quantized, mse, normalized, clipped = [], [], [], []

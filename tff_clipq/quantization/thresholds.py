@@ -25,11 +25,25 @@ than max |x|'s.
 All functions accept a tensor of any shape; with `per_channel=True` one threshold is computed for
 each slice along the last axis (a Keras kernel's output channels). Non-finite entries are ignored
 in the statistics; a tensor with no nonzero finite entry gets threshold 0.
+
+The error of the mean (`num_clients`, clipping method 'mean_optimal'). In federated averaging
+K clients with alike values each send a quantized copy and the server averages them. Their
+clipping errors have the same sign and do not average out, while stochastic rounding noise is
+unbiased and independent across clients: its variance is divided by K. For K copies of x, each
+stochastically rounded, the squared error of the mean per entry is exactly
+
+    J_K(s) = E[(|x| - s)^2 1{|x| > s}] + (1/K) E[rounding variance],
+
+the exact expected MSE with its rounding term weighted by 1/K (`rounding_weight` inside, also
+c -> c/K in the fixed point). Its minimizer clips less as K grows (max |x| as K -> infinity);
+K = 1 is 'octav'. Nearest rounding's error is deterministic, shared by identical copies and not
+reduced by averaging, so there K has no effect.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Union
 
 import tensorflow as tf
@@ -38,7 +52,7 @@ from tff_clipq.quantization import mse_histogram
 from tff_clipq.quantization import quantizer
 
 NOISE_MODELS = ('matched', 'paper')
-CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs')
+CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs', 'mean_optimal')
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 _UNROLLED_FIXED_POINT_UPDATES = 3
 # Groups this large (static shape) are refined on the histogram model (`mse_histogram`): one pass
@@ -62,6 +76,49 @@ def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = '
     raise ValueError(f'`noise_model` must be one of {NOISE_MODELS}. Found {noise_model!r}.')
   rounding_factor = 1.0 if rounding == 'nearest' else 2.0
   return rounding_factor / (3.0 * (quantizer.num_levels(bits) - 1) ** 2)
+
+
+# 1/K, the weight of the rounding error in the error of the mean of K copies: a Python float, or a
+# scalar tensor of the compute dtype (known at run time). The Python constant 1.0 (one client,
+# nearest rounding) costs no operation anywhere.
+RoundingWeight = mse_histogram.RoundingWeight
+_is_unit_weight = mse_histogram.is_unit_weight
+NumClients = Union[float, tf.Tensor]
+
+
+def validate_num_clients(num_clients: NumClients) -> NumClients:
+  """A finite Python number >= 1 as a float, or a scalar numeric tensor (clamped to >= 1 later).
+
+  Raises ValueError naming `num_clients` for a Python number < 1, a non-finite one, a bool or a
+  tensor of known rank other than 0; TypeError for a non-numeric tensor.
+  """
+  if isinstance(num_clients, bool) or (
+      isinstance(num_clients, numbers.Number) and not isinstance(num_clients, numbers.Real)
+  ):
+    raise ValueError(f'`num_clients` must be a finite number >= 1. Found {num_clients!r}.')
+  if isinstance(num_clients, numbers.Real):
+    if not (math.isfinite(num_clients) and num_clients >= 1):
+      raise ValueError(f'`num_clients` must be a finite number >= 1. Found {num_clients!r}.')
+    return float(num_clients)
+  tensor = tf.convert_to_tensor(num_clients)
+  if not (tensor.dtype.is_floating or tensor.dtype.is_integer):
+    raise TypeError(f'`num_clients` must be a number. Found a tensor of dtype {tensor.dtype.name}.')
+  if tensor.shape.rank is not None and tensor.shape.rank != 0:
+    raise ValueError(f'`num_clients` must be a scalar. Found shape {tensor.shape}.')
+  return tensor
+
+
+def _rounding_weight(num_clients: NumClients, rounding: str, dtype: tf.DType) -> RoundingWeight:
+  """1/K for stochastic rounding (a tensor K clamped to >= 1, NaN to 1); 1.0 for nearest.
+
+  `num_clients` as returned by `validate_num_clients`.
+  """
+  if rounding == 'nearest':
+    return 1.0  # Deterministic rounding error: identical copies share it, averaging keeps it.
+  if not tf.is_tensor(num_clients):
+    return 1.0 / num_clients
+  clients = tf.cast(num_clients, dtype)
+  return 1.0 / tf.where(clients >= 1.0, clients, tf.ones_like(clients))
 
 
 def _grouped_magnitudes(
@@ -121,12 +178,17 @@ def _fixed_point_iteration(
     coefficient: float,
     max_iterations: int,
     tolerance: float,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Iterates s <- E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group; returns [groups].
+
+  c = `coefficient` x `rounding_weight` (1/K: the error of the mean of K copies).
 
   Entries equal to s count as clipped (the derivative from below): with a strict `>` a tensor
   whose nonzero magnitudes are all equal (constant, or +-c) oscillates between |c| and 0.
   """
+  if not _is_unit_weight(rounding_weight):
+    coefficient = coefficient * rounding_weight
   count = tf.maximum(finite_count, 1.0)
   fraction_finite = finite_count / count
   start = tf.reduce_sum(magnitudes, axis=-1) / count  # E|x|: positive unless all zero.
@@ -164,9 +226,16 @@ def _fixed_point_iteration(
 
 
 def _exact_mse(
-    magnitudes: tf.Tensor, finite_count: tf.Tensor, threshold: tf.Tensor, bits: int, rounding: str
+    magnitudes: tf.Tensor,
+    finite_count: tf.Tensor,
+    threshold: tf.Tensor,
+    bits: int,
+    rounding: str,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold`.
+
+  The rounding error is multiplied by `rounding_weight` (1/K: the mean of K copies' error).
 
   `threshold` is [groups], or [candidates, groups] to evaluate several thresholds per group in one
   pass; the result has the shape of `threshold`. This is the search's inner loop, so it works in
@@ -182,7 +251,7 @@ def _exact_mse(
     # TensorFlow's scalar fast path; [candidates, 1, 1] against [1, n] takes the general
     # broadcast, about 2.5x slower per entry.
     return tf.stack([
-        _exact_mse(magnitudes, finite_count, threshold[c], bits, rounding)
+        _exact_mse(magnitudes, finite_count, threshold[c], bits, rounding, rounding_weight)
         for c in range(candidates)
     ])
   step = quantizer.quantization_step(threshold, bits)
@@ -207,7 +276,10 @@ def _exact_mse(
   nonfinite = tf.cast(total, magnitudes.dtype) - finite_count
   rounding_sum -= 0.25 * nonfinite
   clipping_sum = square_sum(magnitudes - clipped)
-  return (clipping_sum + tf.square(step) * rounding_sum) / tf.maximum(finite_count, 1.0)
+  rounding_scale = tf.square(step)
+  if not _is_unit_weight(rounding_weight):
+    rounding_scale = rounding_scale * rounding_weight
+  return (clipping_sum + rounding_scale * rounding_sum) / tf.maximum(finite_count, 1.0)
 
 
 def expected_quantization_mse(
@@ -216,18 +288,29 @@ def expected_quantization_mse(
     bits: int,
     rounding: str = 'nearest',
     per_channel: bool = False,
+    num_clients: NumClients = 1,
 ) -> tf.Tensor:
   """Exact mean squared error of quantize/dequantize at `threshold` (expected, if stochastic).
 
   For nearest rounding this is the MSE the quantizer produces; for stochastic rounding it is its
   expectation over the rounding noise (variance step^2 p (1 - p) at fractional position p).
+
+  With `num_clients` = K (a number >= 1, or a scalar tensor clamped to >= 1) it is the expected
+  squared error per entry of the mean of K independent quantizations of x: clipping error plus
+  the rounding variance / K for stochastic rounding; nearest rounding ignores K (its error is
+  the same in every copy).
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
+  num_clients = validate_num_clients(num_clients)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
+  rounding_weight = _rounding_weight(num_clients, rounding, magnitudes.dtype)
   threshold = quantizer.as_compute_tensor(threshold, magnitudes.dtype)
   threshold = tf.broadcast_to(tf.reshape(threshold, [-1]), [tf.shape(magnitudes)[0]])
-  return _ungroup(_exact_mse(magnitudes, finite_count, threshold, bits, rounding), per_channel)
+  return _ungroup(
+      _exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight),
+      per_channel,
+  )
 
 
 def _golden_section_refinement(
@@ -239,6 +322,7 @@ def _golden_section_refinement(
     rounding: str,
     iterations: int,
     anchors: tf.Tensor,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Golden-section search of the exact MSE on [lower, upper] per group; returns the best point.
 
@@ -252,7 +336,7 @@ def _golden_section_refinement(
   """
 
   def mse(threshold):
-    return _exact_mse(magnitudes, finite_count, threshold, bits, rounding)
+    return _exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight)
 
   def body(iteration, low, high, left, right, left_mse, right_mse, best, best_mse):
     keep_left = left_mse <= right_mse
@@ -350,6 +434,7 @@ def _grid_refinement(
     points,
     golden_iterations: int,
     anchors: tf.Tensor,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Repeated grid search of the exact MSE on [lower, upper] per group; returns the best point.
 
@@ -359,6 +444,10 @@ def _grid_refinement(
   result is the point of least exact MSE among all points evaluated and `anchors` [A, groups].
   """
   dtype = magnitudes.dtype
+
+  def mse(threshold):
+    return _exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight)
+
   # (2 / divisions)^iterations <= g^golden_iterations.
   golden_log_width = golden_iterations * math.log(_GOLDEN_RATIO_CONJUGATE)
   if isinstance(points, int):
@@ -374,15 +463,11 @@ def _grid_refinement(
   def body(iteration, low, high, best, best_mse):
     cell = (high - low) / divisions
     candidates = low + fractions * (high - low)  # [points, groups]
-    grid_best, grid_best_mse = _best_candidate(
-        candidates, _exact_mse(magnitudes, finite_count, candidates, bits, rounding)
-    )
+    grid_best, grid_best_mse = _best_candidate(candidates, mse(candidates))
     best, best_mse = _keep_better(best, best_mse, grid_best, grid_best_mse)
     return iteration + 1, grid_best - cell, grid_best + cell, best, best_mse
 
-  best, best_mse = _best_candidate(
-      anchors, _exact_mse(magnitudes, finite_count, anchors, bits, rounding)
-  )
+  best, best_mse = _best_candidate(anchors, mse(anchors))
   state = (0, lower, upper, best, best_mse)
   if isinstance(iterations, int):  # Unrolled: no per-iteration control-flow overhead.
     for _ in range(iterations):
@@ -400,27 +485,35 @@ def _refinement(
     rounding: str,
     golden_iterations: int,
     anchors: tf.Tensor,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Grid search for the smallest groups, golden-section search otherwise (same resolution).
 
-  Returns the point of least exact MSE among those evaluated and `anchors` [A, groups].
+  Returns the point of least exact MSE (its rounding term weighted by `rounding_weight`) among
+  those evaluated and `anchors` [A, groups].
   """
   arguments = (magnitudes, finite_count, lower, upper, bits, rounding)
 
   def golden():
-    return _golden_section_refinement(*arguments, golden_iterations, anchors)
+    return _golden_section_refinement(
+        *arguments, golden_iterations, anchors, rounding_weight=rounding_weight
+    )
 
   groups, entries = magnitudes.shape
   if groups is not None and entries is not None:
     points = _grid_points(int(groups), int(entries))
     if not points:
       return golden()
-    return _grid_refinement(*arguments, points, golden_iterations, anchors)
+    return _grid_refinement(
+        *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
+    )
   shape = tf.shape(magnitudes)
   points = _grid_points(shape[0], shape[1])  # The same choice, made at run time.
   return tf.cond(
       points > 0,
-      lambda: _grid_refinement(*arguments, points, golden_iterations, anchors),
+      lambda: _grid_refinement(
+          *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
+      ),
       golden,
   )
 
@@ -453,8 +546,14 @@ def optimal_clipping_threshold(
     max_iterations: int = 100,
     tolerance: float = 1e-2,
     refinement_iterations: int = 11,
+    num_clients: NumClients = 1,
 ) -> tf.Tensor:
   """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
+
+  With `num_clients` = K (a number >= 1, or a scalar tensor, clamped to >= 1, known at run time)
+  it minimizes the error of the mean of K independently quantized copies of x instead
+  (`expected_quantization_mse(..., num_clients=K)`): the rounding term weighted by 1/K for
+  stochastic rounding; nearest rounding ignores K.
 
   The OCTAV fixed point with the noise term of this quantizer and rounding mode, refined on
   [s/2, min(2s, max|x|)]: for groups of at least `HISTOGRAM_MIN_ENTRIES` entries (static shape),
@@ -473,9 +572,11 @@ def optimal_clipping_threshold(
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
+  num_clients = validate_num_clients(num_clients)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   threshold = _optimal_grouped_thresholds(
-      magnitudes, finite_count, bits, rounding, max_iterations, tolerance, refinement_iterations
+      magnitudes, finite_count, bits, rounding, max_iterations, tolerance, refinement_iterations,
+      rounding_weight=_rounding_weight(num_clients, rounding, magnitudes.dtype),
   )
   return _ungroup(threshold, per_channel)
 
@@ -488,22 +589,29 @@ def _optimal_grouped_thresholds(
     max_iterations: int = 100,
     tolerance: float = 1e-2,
     refinement_iterations: int = 11,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
-  """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups]."""
+  """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups].
+
+  `rounding_weight`: 1/K for the mean of K copies (`_rounding_weight`), in the magnitudes' dtype.
+  """
   if _searched_on_histograms(magnitudes):
     return _histogram_thresholds(
-        [(magnitudes, finite_count)], bits, rounding, refinement_iterations
+        [(magnitudes, finite_count)], bits, rounding, refinement_iterations, rounding_weight
     )[0]
   coefficient = noise_coefficient(bits, rounding)
   magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
   fixed_point = tf.minimum(
-      _fixed_point_iteration(magnitudes, finite_count, coefficient, max_iterations, tolerance),
+      _fixed_point_iteration(
+          magnitudes, finite_count, coefficient, max_iterations, tolerance, rounding_weight
+      ),
       largest,
   )
   lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
   anchors = tf.stack([fixed_point, largest], axis=0)  # [2, groups]
   threshold = _refinement(
-      magnitudes, finite_count, lower, upper, bits, rounding, refinement_iterations, anchors
+      magnitudes, finite_count, lower, upper, bits, rounding, refinement_iterations, anchors,
+      rounding_weight=rounding_weight,
   )
   return threshold * scale
 
@@ -518,8 +626,11 @@ def _histogram_thresholds(
     bits: int,
     rounding: str,
     refinement_iterations: int = 11,
+    rounding_weight: RoundingWeight = 1.0,
 ) -> list[tf.Tensor]:
   """`_optimal_grouped_thresholds` of blocks of groups: (magnitudes [groups, n], finite_count).
+
+  `rounding_weight` (1/K, the blocks' dtype) weights the rounding error everywhere.
 
   Per block, one histogram pass for the fixed point, one for the MSE model and one exact
   comparison read the entries; the fixed point and the model search, whose cost is a few
@@ -530,7 +641,9 @@ def _histogram_thresholds(
   sizes = [m.shape[0] for (m, _, _), _ in normalized]
   largest = tf.concat([largest for (_, _, largest), _ in normalized], axis=0)
   counts = tf.concat([mse_histogram.fixed_point_counts(m, f) for (m, _, _), f in normalized], 0)
-  fixed_point = tf.minimum(mse_histogram.fixed_point(counts, coefficient), largest)
+  fixed_point = tf.minimum(
+      mse_histogram.fixed_point(counts, coefficient, rounding_weight), largest
+  )
   lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
   histograms = [
       mse_histogram.histogram(m, f, block_upper)
@@ -539,13 +652,14 @@ def _histogram_thresholds(
   modelled_best = mse_histogram.histogram_search(
       tuple(tf.concat(parts, axis=0) for parts in zip(*histograms)), lower, upper, bits, rounding,
       relative_resolution=_GOLDEN_RATIO_CONJUGATE**refinement_iterations,
+      rounding_weight=rounding_weight,
   )
   candidates = tf.stack([fixed_point, largest, modelled_best], axis=0)  # [3, groups]
   thresholds = []
   for ((m, scale, _), f), block_candidates in zip(
       normalized, tf.split(candidates, sizes, axis=1)
   ):
-    errors = _exact_mse(m, f, block_candidates, bits, rounding)
+    errors = _exact_mse(m, f, block_candidates, bits, rounding, rounding_weight)
     thresholds.append(_best_candidate(block_candidates, errors)[0] * scale)
   return thresholds
 
@@ -556,6 +670,7 @@ def optimal_clipping_thresholds(
     rounding: str = 'nearest',
     per_channel: bool = False,
     all_finite: bool = False,
+    num_clients: NumClients = 1,
 ) -> list[tf.Tensor]:
   """`optimal_clipping_threshold` of each tensor, with the searches shared where possible.
 
@@ -568,10 +683,19 @@ def optimal_clipping_thresholds(
   (`_histogram_thresholds`); the others are searched one by one. The result for a tensor equals
   its own search's up to the search resolution. `all_finite=True` promises that every entry is
   finite (the caller has checked), which skips the handling of non-finite entries; with a
-  non-finite entry the thresholds are then undefined.
+  non-finite entry the thresholds are then undefined. `num_clients`: as in
+  `optimal_clipping_threshold` (the error of the mean of that many copies).
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
+  num_clients = validate_num_clients(num_clients)
+  rounding_weights = {}  # Per dtype: one conversion of a tensor `num_clients` each.
+
+  def rounding_weight(dtype):
+    if dtype not in rounding_weights:
+      rounding_weights[dtype] = _rounding_weight(num_clients, rounding, dtype)
+    return rounding_weights[dtype]
+
   grouped = [_grouped_magnitudes(x, per_channel, all_finite) for x in tensors]
   batched = [
       i for i, (magnitudes, _) in enumerate(grouped)
@@ -595,13 +719,19 @@ def optimal_clipping_thresholds(
   shared = [k for k in eligible if blocks[k][1].dtype == blocks[eligible[0]][1].dtype]
   block_thresholds = [None] * len(blocks)
   if shared:
-    searched = _histogram_thresholds([blocks[k][1:] for k in shared], bits, rounding)
+    searched = _histogram_thresholds(
+        [blocks[k][1:] for k in shared], bits, rounding,
+        rounding_weight=rounding_weight(blocks[shared[0]][1].dtype),
+    )
     for k, found in zip(shared, searched):
       block_thresholds[k] = found
   thresholds = [None] * len(tensors)
   for (indices, magnitudes, finite_count), found in zip(blocks, block_thresholds):
     if found is None:
-      found = _optimal_grouped_thresholds(magnitudes, finite_count, bits, rounding)
+      found = _optimal_grouped_thresholds(
+          magnitudes, finite_count, bits, rounding,
+          rounding_weight=rounding_weight(magnitudes.dtype),
+      )
     groups = [grouped[i][0].shape[0] for i in indices]
     for i, part in zip(indices, tf.split(found, groups) if len(indices) > 1 else [found]):
       thresholds[i] = part
@@ -614,9 +744,15 @@ def clipping_threshold(
     method: Union[str, float] = 'octav',
     rounding: str = 'nearest',
     per_channel: bool = False,
+    num_clients: NumClients = 1,
 ) -> tf.Tensor:
   """Threshold by `method`: 'octav' (MSE-optimal), 'octav_paper' (the paper's noise model,
-  no refinement), 'max_abs' (no clipping) or a fixed positive number."""
+  no refinement), 'max_abs' (no clipping), 'mean_optimal' (optimal for the mean of
+  `num_clients` independently quantized copies: `optimal_clipping_threshold(...,
+  num_clients=num_clients)`; equal to 'octav' for one client or nearest rounding) or a fixed
+  positive number. Methods other than 'mean_optimal' ignore `num_clients`, but a Python number
+  is validated (>= 1, finite) whatever the method."""
+  num_clients = validate_num_clients(num_clients)
   if isinstance(method, (int, float)) and not isinstance(method, bool):
     if not method > 0:
       raise ValueError(f'A fixed clipping threshold must be > 0. Found {method!r}.')
@@ -627,6 +763,8 @@ def clipping_threshold(
     return fixed
   if method == 'octav':
     return optimal_clipping_threshold(x, bits, rounding, per_channel)
+  if method == 'mean_optimal':
+    return optimal_clipping_threshold(x, bits, rounding, per_channel, num_clients=num_clients)
   if method == 'octav_paper':
     return octav_threshold(x, bits, rounding, noise_model='paper', per_channel=per_channel)
   if method == 'max_abs':
@@ -643,11 +781,19 @@ def clipping_thresholds(
     rounding: str = 'nearest',
     per_channel: bool = False,
     all_finite: bool = False,
+    num_clients: NumClients = 1,
 ) -> list[tf.Tensor]:
-  """`clipping_threshold` of each tensor; 'octav' searches small tensors together (faster).
+  """`clipping_threshold` of each tensor; 'octav' and 'mean_optimal' search small tensors
+  together (faster).
 
-  `all_finite`: as in `optimal_clipping_thresholds` (used by 'octav' only).
+  `all_finite`: as in `optimal_clipping_thresholds` (used by 'octav' and 'mean_optimal' only).
+  `num_clients`: as in `clipping_threshold` (used by 'mean_optimal' only).
   """
+  num_clients = validate_num_clients(num_clients)
   if method == 'octav':
     return optimal_clipping_thresholds(tensors, bits, rounding, per_channel, all_finite)
+  if method == 'mean_optimal':
+    return optimal_clipping_thresholds(
+        tensors, bits, rounding, per_channel, all_finite, num_clients=num_clients
+    )
   return [clipping_threshold(x, bits, method, rounding, per_channel) for x in tensors]
