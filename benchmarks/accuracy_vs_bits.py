@@ -121,6 +121,9 @@ _RESULTS = flags.DEFINE_string(
     'set is appended (accuracy_vs_bits_main.md, ...).'
 )
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue interrupted studies.')
+_ROUNDS = flags.DEFINE_integer('rounds', 0, 'Rounds per run (0: 20 for update, 10 for weights).',
+                               lower_bound=0)
+_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 100, 'Clients (5 per round).', lower_bound=5)
 
 ROUNDS = {'update': 20, 'weights': 10}
 
@@ -129,13 +132,13 @@ def study_config(
     dataset: str, partition: str, payload: str, seed: int, methods: list[tuple[str, str]]
 ) -> config_lib.ExperimentConfig:
   """One (dataset, partition, payload, seed) study; the methods are its sweep."""
-  rounds = ROUNDS[payload]
+  rounds = _ROUNDS.value or ROUNDS[payload]
   return config_lib.ExperimentConfig(
       dataset=dataset,
       data_dir=_DATA_DIR.value,
       partition=partition,
       dirichlet_alpha=0.3,
-      num_clients=100,
+      num_clients=_NUM_CLIENTS.value,
       clients_per_round=5,
       rounds=rounds,
       local_epochs=1,
@@ -157,7 +160,7 @@ def study_config(
 
 def setting_name(dataset: str, partition: str, payload: str) -> str:
   skew = 'Dirichlet(0.3)' if partition == 'dirichlet' else 'IID'
-  return f'{dataset}, {skew}, {payload} payload ({ROUNDS[payload]} rounds)'
+  return f'{dataset}, {skew}, {payload} payload ({_ROUNDS.value or ROUNDS[payload]} rounds)'
 
 
 def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
