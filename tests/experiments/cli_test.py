@@ -136,7 +136,7 @@ class RunExperimentsScriptTest(tf.test.TestCase):
 
     result = self.run_script(*flags, f'--output_dir={output_dir}', '--resume')
     self.assertEqual(result.returncode, 0, result.stderr)
-    self.assertIn('| clipq-2b-octav-stochastic-inverse_error |', result.stdout)
+    self.assertIn('| clipq-2b-max_abs-stochastic-example_count |', result.stdout)
 
     reference_dir = self.create_tempdir().full_path
     result = self.run_script(*flags, f'--output_dir={reference_dir}')

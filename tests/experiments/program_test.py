@@ -164,7 +164,7 @@ class SweepTest(tf.test.TestCase):
     summaries = program.run_study(config)
 
     self.assertEqual([s['method'] for s in summaries], [
-        'float32', 'clipq-2b-octav-nearest-inverse_error', 'tff_minmax-2b'])
+        'float32', 'clipq-2b-max_abs-nearest-example_count', 'tff_minmax-2b'])
     # Round 1 trains the same initial model on the same clients with the same shuffles (no QAT, so
     # the forward passes agree); FedAvg and clipq's inverse-error weighting report the same loss.
     first_round_losses = {s['history'][0]['train_loss'] for s in summaries}
