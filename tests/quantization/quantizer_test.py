@@ -285,6 +285,16 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, '`seed`'):
       quantization.quantize([1.0], 4, 1.0, 'stochastic', seed=[1, 2, 3])
 
+  def test_int_seed_is_reproducible_and_equals_its_pair(self):
+    x = tf.constant(np.random.default_rng(0).normal(size=1000).astype(np.float32))
+    first = quantization.quantize(x, 2, 1.0, 'stochastic', seed=7).codes
+    again = quantization.quantize(x, 2, 1.0, 'stochastic', seed=7).codes
+    other = quantization.quantize(x, 2, 1.0, 'stochastic', seed=8).codes
+    pair = quantization.quantize(x, 2, 1.0, 'stochastic', seed=[0, 7]).codes
+    self.assertAllEqual(first, again)
+    self.assertAllEqual(first, pair)
+    self.assertNotAllEqual(first, other)
+
 
 class GraphModeTest(tf.test.TestCase):
 

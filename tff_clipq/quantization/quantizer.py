@@ -24,7 +24,7 @@ ROUNDING_MODES = ('nearest', 'stochastic')
 MIN_BITS = 1
 MAX_BITS = 16
 
-SeedLike = Union[tf.Tensor, Sequence[int], None]
+SeedLike = Union[tf.Tensor, Sequence[int], int, None]
 
 
 def validate_bits(bits: int) -> int:
@@ -131,13 +131,17 @@ def _uniform_noise(shape: tf.Tensor, dtype: tf.DType, seed: SeedLike) -> tf.Tens
   CNN's update on one thread, more on two). The noise has mean exactly 1/2, and rounding up has
   probability round(2^16 f) / 2^16 for fractional position f, so stochastic rounding stays unbiased
   to within 2^-17 of a step (float32 positions of 8+ bit codes are no finer than that anyway).
-  Without a seed, a random one is drawn.
+  Without a seed, a fresh random one is drawn (not reproducible); an int seed `k` means [0, k].
   """
   if seed is None:
     seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
   seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+  if seed.shape == []:  # A plain int, as users type it.
+    seed = tf.stack([tf.constant(0, tf.int64), seed])
   if seed.shape != [2]:
-    raise ValueError(f'`seed` must have shape [2] (a stateless RNG seed). Found {seed.shape}.')
+    raise ValueError(
+        f'`seed` must be an int or a shape-[2] stateless RNG seed. Found shape {seed.shape}.'
+    )
   size = tf.reduce_prod(shape)
   words = tf.random.stateless_uniform(
       [(size + 1) // 2], seed=seed, minval=None, maxval=None, dtype=tf.uint32
@@ -162,7 +166,8 @@ def quantize(
     threshold: clipping threshold s >= 0: a scalar, or a vector over the last axis of `x`.
       A zero threshold maps everything to zero.
     rounding: 'nearest' (deterministic) or 'stochastic' (unbiased inside [-s, s]).
-    seed: optional stateless RNG seed, shape [2], for reproducible stochastic rounding.
+    seed: an int or a stateless RNG seed of shape [2], for reproducible stochastic rounding;
+      None draws a fresh random seed (not reproducible).
 
   Returns:
     A `QuantizedTensor`. NaN entries are encoded as the level closest to zero.
