@@ -41,7 +41,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
   except flags.Error as e:
-    _exit_with_error(f'{e}\nPass --helpfull to see all flags.', USAGE_ERROR)
+    _exit_with_error(f'{e}\nPass --help to see the flags.', USAGE_ERROR)
   if flags.FLAGS['verbosity'].using_default_value:
     flags.FLAGS.verbosity = -1  # WARNING: keep per-round INFO logs of TFF off the terminal.
   return remaining
