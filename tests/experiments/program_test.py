@@ -166,7 +166,7 @@ class SweepTest(tf.test.TestCase):
     self.assertEqual([s['method'] for s in summaries], [
         'float32', 'clipq-2b-max_abs-nearest-example_count', 'tff_minmax-2b'])
     # Round 1 trains the same initial model on the same clients with the same shuffles (no QAT, so
-    # the forward passes agree); FedAvg and clipq's inverse-error weighting report the same loss.
+    # the forward passes agree): every method reports the same training loss.
     first_round_losses = {s['history'][0]['train_loss'] for s in summaries}
     self.assertLen(first_round_losses, 1)
     for summary in summaries:
@@ -174,6 +174,13 @@ class SweepTest(tf.test.TestCase):
           os.path.join(output_dir, summary['run'], outputs.SUMMARY_JSON)))
     self.assertGreater(summaries[1]['compression_ratio'], 10)
     self.assertLess(summaries[1]['total_upload_bits'], summaries[0]['total_upload_bits'] / 10)
+    # A float32 run's summary keeps no quantizer settings; quantizing runs report the accuracy
+    # of their quantized global model.
+    self.assertNotIn('bits', summaries[0]['config'])
+    self.assertIsNone(summaries[0]['final_quantized_test_accuracy'])
+    self.assertEqual(summaries[1]['config']['bits'], '2')
+    for summary in summaries[1:]:
+      self.assertBetween(summary['final_quantized_test_accuracy'], 0.0, 1.0)
 
     table = read_csv(os.path.join(output_dir, outputs.TABLE_CSV))
     self.assertEqual([row['run'] for row in table], [s['run'] for s in summaries])

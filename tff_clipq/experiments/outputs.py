@@ -146,9 +146,23 @@ def _save_figure(figure: plt.Figure, path: str) -> None:
     plt.close(figure)
 
 
+def plot_title(summaries: Sequence[dict[str, Any]]) -> str:
+  """What the runs share: dataset, partition, payload, clients, seed (from the first run)."""
+  if not summaries:
+    return ''
+  config = summaries[0]['config']
+  partition = config['partition']
+  if partition == 'dirichlet':
+    partition = f'Dirichlet({config["dirichlet_alpha"]:g})'
+  return (f'{config["dataset"]}, {partition}, {config["payload"]} payload, '
+          f'{config["clients_per_round"]} of {config["num_clients"]} clients per round, '
+          f'seed {config["seed"]}')
+
+
 def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
   """Test accuracy vs round, and vs cumulative uploaded bits (log x), one line per run."""
   labels = _legend_labels(summaries)
+  title = plot_title(summaries)
   evaluated = [
       [row for row in summary['history'] if row.get('test_accuracy') is not None]
       for summary in summaries
@@ -166,6 +180,7 @@ def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
       axes.set_xscale('log')
     axes.set_xlabel(x_label)
     axes.set_ylabel('test accuracy')
+    axes.set_title(title, fontsize=8)
     axes.grid(True, alpha=0.3)
     # Beside the axes, so that many runs never hide the curves.
     axes.legend(fontsize='x-small', loc='center left', bbox_to_anchor=(1.02, 0.5))

@@ -59,6 +59,11 @@ TENSORBOARD_DIR = 'tensorboard'
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_PREFIX = 'program_state_'
 EVAL_BATCH_SIZE = 256
+# Settings of the quantizing aggregators, left out of a float32 run's summary.
+FLOAT_UNUSED_FIELDS = (
+    'bits', 'clipping', 'rounding', 'weighting', 'min_size_to_quantize', 'per_channel', 'rotation',
+    'qat', 'qat_threshold_refresh_steps',
+)
 # Leftovers of an interrupted atomic write by TFF's file managers ('<name>_temp1234').
 _TFF_TEMPORARY = re.compile(r'.*_temp\d+$')
 
@@ -143,7 +148,9 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
   data_by_settings: dict[tuple[Any, ...], data_lib.FederatedData] = {}
   for _, run_config in runs:
     if run_config.data_settings not in data_by_settings:
-      data_by_settings[run_config.data_settings] = build_data(run_config)
+      data = build_data(run_config)
+      data_by_settings[run_config.data_settings] = data
+      print(f'Data: {data.source}; {data.partition_description}.', file=sys.stderr, flush=True)
   _prepare_output_dir(config, runs)
   summaries = []
   with runtime.execution_context(
@@ -365,6 +372,10 @@ def _summary(
   best = max(evaluated, key=lambda row: row['test_accuracy'], default=None)
   last = history[-1] if history else {}
   deployed = [row for row in evaluated if row.get('quantized_test_accuracy') is not None]
+  config = _config_dict(run_config)
+  if run_config.aggregator == 'float':  # Settings a float32 run never used.
+    for key in FLOAT_UNUSED_FIELDS:
+      config.pop(key)
   return dict(
       run=name,
       method=process_config.aggregator.label,
@@ -382,7 +393,7 @@ def _summary(
       compression_ratio=last.get('compression_ratio'),
       wall_seconds=sum(row['round_seconds'] for row in history),
       num_parameters=num_parameters,
-      config=_config_dict(run_config),
+      config=config,
       data=_data_statistics(data),
       versions=dict(tensorflow=tf.__version__, tensorflow_federated=tff.__version__),
       history=history,
