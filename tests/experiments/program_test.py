@@ -4,13 +4,11 @@ Runs use the synthetic dataset and small models, so each takes a few seconds.
 """
 
 import csv
-import dataclasses
 import glob
 import os
 
 from absl.testing import parameterized
 import matplotlib.image
-import numpy as np
 import tensorflow as tf
 
 from tff_clipq import runtime

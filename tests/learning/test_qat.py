@@ -3,7 +3,6 @@
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
-import tensorflow_model_optimization as tfmot
 
 from tff_clipq import quantization
 from tff_clipq.learning import models
