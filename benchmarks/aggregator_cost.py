@@ -64,6 +64,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without installing the package.
   sys.path.insert(0, _REPO_ROOT)
 
+from benchmarks import bench_util  # pylint: disable=g-import-not-at-top
 from tff_clipq import runtime  # pylint: disable=g-import-not-at-top
 from tff_clipq.aggregators import clipped_quantization  # pylint: disable=g-import-not-at-top
 from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
@@ -307,10 +308,10 @@ def measure_in_tff(clients: int, rounds: int, intra_op_threads: int = 0) -> dict
     for round_index in range(rounds + 1):  # Round 0 warms up.
       shift = round_index % len(names)
       for name in names[shift:] + names[:shift]:
-        start = runtime.cpu_seconds_with_workers()
+        start = bench_util.cpu_seconds_with_workers()
         states[name] = processes[name].next(states[name], values, weights).state
         if round_index:
-          cpu_s[name].append(runtime.cpu_seconds_with_workers() - start)
+          cpu_s[name].append(bench_util.cpu_seconds_with_workers() - start)
   finally:
     runtime.reset_execution_context()
   per_client = collections.OrderedDict(
@@ -350,7 +351,7 @@ def markdown(report: dict[str, Any]) -> str:
       for name, o in report['overheads'].items()
   ]
   for tff_report in report.get('tff', []):
-    setting = runtime.describe_intra_op_threads(tff_report['intra_op_threads'])
+    setting = bench_util.describe_intra_op_threads(tff_report['intra_op_threads'])
     lines += [
         '', f"## Inside TFF: aggregation-only rounds of {tff_report['clients']} clients, "
         f'worker with {setting}', '',

@@ -92,6 +92,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without installing the package.
   sys.path.insert(0, _REPO_ROOT)
 
+from benchmarks import bench_util  # pylint: disable=g-import-not-at-top
 from tff_clipq import data as data_lib  # pylint: disable=g-import-not-at-top
 from tff_clipq import runtime
 from tff_clipq.experiments import outputs
@@ -522,7 +523,7 @@ def timed_round(variant, round_data: RoundData, client_ids: list[str]) -> tuple[
 
 def _worker_threads_line(intra_op_threads: int) -> str:
   return (
-      f'- TFF worker: {runtime.describe_intra_op_threads(intra_op_threads)} '
+      f'- TFF worker: {bench_util.describe_intra_op_threads(intra_op_threads)} '
       f"(`--worker_intra_op_threads={intra_op_threads}`); the floor (a) runs in this process "
       "with TensorFlow's default."
   )
@@ -569,10 +570,10 @@ def run_benchmark(
       shift = round_index % len(variant_names)
       for name in variant_names[shift:] + variant_names[:shift]:
         worker_pid = _worker_pid()
-        cpu_start = runtime.cpu_seconds_with_workers()
+        cpu_start = bench_util.cpu_seconds_with_workers()
         with PeakMemory({'main': os.getpid(), 'worker': worker_pid}) as memory:
           seconds, data_seconds = timed_round(variants[name], round_data, client_ids)
-        cpu = runtime.cpu_seconds_with_workers() - cpu_start
+        cpu = bench_util.cpu_seconds_with_workers() - cpu_start
         memory_method = memory.method
         m = by_name[name]
         m.round_s.append(seconds)

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tff_clipq.quantization import mse_histogram
 from tff_clipq.quantization import quantizer
+from tff_clipq.quantization import threshold_search
 from tff_clipq.quantization import thresholds
 
 
@@ -254,7 +255,7 @@ class RoundingWeightTest(tf.test.TestCase, parameterized.TestCase):
     folded = mse_histogram.fixed_point(counts, coefficient * weight).numpy()[0]
     self.assertEqual(found, folded)
     self.assertAllClose(as_tensor, found, rtol=1e-12)
-    iterated = thresholds._fixed_point_iteration(
+    iterated = threshold_search.fixed_point_iteration(
         magnitudes_tensor, finite_count, coefficient, 1000, 1e-9, rounding_weight=weight
     ).numpy()[0]
     self.assertNear(found, iterated, 1.0 / mse_histogram.FIXED_POINT_BINS)

@@ -21,6 +21,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.types import type_conversions
 
 from tff_clipq import runtime
+from tff_clipq.runtime import workers as runtime_workers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLIENT_FLOATS = tff.FederatedType(np.float32, tff.CLIENTS)
@@ -230,7 +231,8 @@ class LocalContextTest(RuntimeTestCase):
     child = os.fork()
     if child == 0:  # As a `multiprocessing` fork child: sees no worker, stops none at its exit.
       status = 0 if runtime.live_worker_pids() == [] else 3
-      runtime._stop_all_workers()  # pylint: disable=protected-access  # What atexit would run.
+      # What atexit would run.
+      runtime_workers._stop_all_workers()  # pylint: disable=protected-access
       os._exit(status)
     _, status = os.waitpid(child, 0)
     self.assertEqual(os.waitstatus_to_exitcode(status), 0)
@@ -284,13 +286,13 @@ class WorkerStartTest(RuntimeTestCase):
 
   def test_binary_exiting_at_start_raises_with_its_output(self):
     path = self._fake_binary('echo "no luck today" >&2; exit 3')
-    with mock.patch.object(runtime, 'WORKER_BINARY_PATH', path):
+    with mock.patch.object(runtime_workers, 'WORKER_BINARY_PATH', path):
       with self.assertRaisesRegex(runtime.WorkerStartError, r'(?s)status 3.*no luck today'):
         runtime.start_local_workers(2)
 
   def test_binary_not_serving_times_out_and_is_stopped(self):
     path = self._fake_binary('exec sleep 60')
-    with mock.patch.object(runtime, 'WORKER_BINARY_PATH', path):
+    with mock.patch.object(runtime_workers, 'WORKER_BINARY_PATH', path):
       start = time.monotonic()
       with self.assertRaisesRegex(runtime.WorkerStartError, 'did not serve'):
         runtime.start_local_workers(1, startup_timeout_s=0.5)

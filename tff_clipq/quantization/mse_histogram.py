@@ -17,9 +17,9 @@ of both antiderivatives, and regrouping the sum by edges evaluates F once per ed
 
 Bins are under 1% of the threshold wide, so this is within 1e-3 of the exact MSE at low bit
 widths, and close to the exact average of phi where bins are wider than a step (high bit widths).
-`thresholds` searches this model, then compares its minimizer with the fixed point and max |x| on
-the exact MSE. `fixed_point` solves the OCTAV fixed-point equation that centres the search on a
-histogram too (one pass instead of one per iteration).
+`threshold_search` searches this model, then compares its minimizer with the fixed point and
+max |x| on the exact MSE. `fixed_point` solves the OCTAV fixed-point equation that centres the
+search on a histogram too (one pass instead of one per iteration).
 
 `rounding_weight` (default 1) multiplies the rounding term of the model and the noise coefficient
 of the fixed point: 1/K models the error of the mean of K stochastically rounded copies, whose

@@ -20,7 +20,10 @@ actually used: on the *exact* empirical MSE (`expected_quantization_mse`) by gol
 grid search for tensors of up to a few thousand entries, and for larger ones on an accurate model
 of it built from one histogram of |x| (`mse_histogram`: one pass over the data instead of one per
 search step). It never returns a threshold whose exact MSE is worse than the fixed point's or
-than max |x|'s.
+than max |x|'s. This module holds the entry points: it validates the arguments, groups the
+entries and picks the method; the search itself is in `threshold_search` (the fixed point, the
+choice of refinement by size, the batching of small tensors) and `exact_mse` (the exact MSE and
+the golden-section and grid searches of it).
 
 All functions accept a tensor of any shape; with `per_channel=True` one threshold is computed for
 each slice along the last axis (a Keras kernel's output channels). Non-finite entries are ignored
@@ -48,22 +51,16 @@ from typing import Sequence, Union
 
 import tensorflow as tf
 
+from tff_clipq.quantization import exact_mse
 from tff_clipq.quantization import mse_histogram
 from tff_clipq.quantization import quantizer
+from tff_clipq.quantization import threshold_search
 
 NOISE_MODELS = ('matched', 'paper')
 CLIPPING_METHODS = ('octav', 'octav_paper', 'max_abs', 'mean_optimal')
-_GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
-_UNROLLED_FIXED_POINT_UPDATES = 3
-# Groups this large (static shape) are refined on the histogram model (`mse_histogram`): one pass
-# over the data and a search on 256 bins beat a dozen exact passes (one CPU thread, the CNN's
-# 40,000-entry kernel: about 1.1 -> 0.7 ms). Smaller groups search the exact MSE.
-HISTOGRAM_MIN_ENTRIES = 1024
-# `optimal_clipping_thresholds` searches tensors with fewer entries per group than this as one
-# batch: their searches cost per-operation overhead rather than arithmetic.
-_BATCH_MAX_ENTRIES = 8192
-# `_exact_mse` of one group evaluates up to this many candidate thresholds one at a time.
-_SCALAR_CANDIDATES = 4
+# Groups this large (static shape) are refined on a histogram model of the MSE
+# (`threshold_search`); smaller ones search the exact MSE.
+HISTOGRAM_MIN_ENTRIES = threshold_search.HISTOGRAM_MIN_ENTRIES
 
 
 def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = 'matched') -> float:
@@ -82,7 +79,6 @@ def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = '
 # scalar tensor of the compute dtype (known at run time). The Python constant 1.0 (one client,
 # nearest rounding) costs no operation anywhere.
 RoundingWeight = mse_histogram.RoundingWeight
-_is_unit_weight = mse_histogram.is_unit_weight
 NumClients = Union[float, tf.Tensor]
 
 
@@ -150,136 +146,10 @@ def _ungroup(thresholds: tf.Tensor, per_channel: bool) -> tf.Tensor:
   return thresholds if per_channel else tf.squeeze(thresholds, axis=0)
 
 
-def _largest_magnitude(magnitudes: tf.Tensor) -> tf.Tensor:
-  """max |x| per group [groups]; 0 for an empty group (whose reduce_max would be -inf)."""
-  return tf.maximum(tf.reduce_max(magnitudes, axis=-1), 0.0)
-
-
-def _normalized_magnitudes(magnitudes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """(|x| / max|x|, max|x|, max of |x| / max|x|) per group; the last is 1, or 0 if all zero.
-
-  The threshold search runs on values in [0, 1] and its result is scaled back, so squared errors
-  neither underflow (tiny tensors) nor overflow (huge ones) and thresholds scale with the data.
-  """
-  scale = _largest_magnitude(magnitudes)
-  largest = tf.cast(scale > 0.0, scale.dtype)  # x / x = 1 exactly.
-  return tf.math.divide_no_nan(magnitudes, scale[:, None]), scale, largest
-
-
 def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
   """The conventional, unclipped range: max |x| over finite entries."""
   magnitudes, _ = _grouped_magnitudes(x, per_channel)
-  return _ungroup(_largest_magnitude(magnitudes), per_channel)
-
-
-def _fixed_point_iteration(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    coefficient: float,
-    max_iterations: int,
-    tolerance: float,
-    rounding_weight: RoundingWeight = 1.0,
-) -> tf.Tensor:
-  """Iterates s <- E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group; returns [groups].
-
-  c = `coefficient` x `rounding_weight` (1/K: the error of the mean of K copies).
-
-  Entries equal to s count as clipped (the derivative from below): with a strict `>` a tensor
-  whose nonzero magnitudes are all equal (constant, or +-c) oscillates between |c| and 0.
-  """
-  if not _is_unit_weight(rounding_weight):
-    coefficient = coefficient * rounding_weight
-  count = tf.maximum(finite_count, 1.0)
-  fraction_finite = finite_count / count
-  start = tf.reduce_sum(magnitudes, axis=-1) / count  # E|x|: positive unless all zero.
-
-  def update(threshold: tf.Tensor) -> tf.Tensor:
-    # Non-finite entries have magnitude 0: never above a positive threshold, and a zero
-    # threshold (all magnitudes zero) stays zero whatever they count as.
-    above = magnitudes >= threshold[:, None]
-    fraction_above = tf.reduce_sum(tf.cast(above, magnitudes.dtype), axis=-1) / count
-    clipped_mass = tf.reduce_sum(tf.where(above, magnitudes, 0.0), axis=-1) / count
-    return tf.math.divide_no_nan(
-        clipped_mass, coefficient * (fraction_finite - fraction_above) + fraction_above
-    )
-
-  def not_converged(iteration, threshold, previous):
-    change = tf.abs(threshold - previous)
-    return tf.logical_and(
-        iteration < max_iterations,
-        tf.reduce_any(change > tolerance * tf.maximum(threshold, 1e-30)),
-    )
-
-  def body(iteration, threshold, unused_previous):
-    return iteration + 1, update(threshold), threshold
-
-  # Most searches converge in 3-7 updates (more at 8+ bits): the first few run unrolled, without
-  # the per-iteration overhead of the loop's control flow.
-  unrolled = min(_UNROLLED_FIXED_POINT_UPDATES, max_iterations)
-  previous, threshold = start, update(start)
-  for _ in range(unrolled):
-    previous, threshold = threshold, update(threshold)
-  _, threshold, _ = tf.while_loop(
-      not_converged, body, (tf.constant(unrolled), threshold, previous)
-  )
-  return threshold
-
-
-def _exact_mse(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    threshold: tf.Tensor,
-    bits: int,
-    rounding: str,
-    rounding_weight: RoundingWeight = 1.0,
-) -> tf.Tensor:
-  """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold`.
-
-  The rounding error is multiplied by `rounding_weight` (1/K: the mean of K copies' error).
-
-  `threshold` is [groups], or [candidates, groups] to evaluate several thresholds per group in one
-  pass; the result has the shape of `threshold`. This is the search's inner loop, so it works in
-  units of the quantization step and keeps full-size operations few: with p the position of
-  min(|x|, s) on the code axis, the rounding error is step^2 (p - round(p))^2 (nearest) or
-  step^2 f (1 - f), f = p - floor(p) (stochastic), and the clipping error is (|x| - s)^2 above s.
-  Non-finite entries have magnitude 0 there, whose position (2^B - 1) / 2 is a half-integer, so
-  each adds exactly 1/4 step^2, which is subtracted instead of masking every entry.
-  """
-  candidates = threshold.shape[0] if threshold.shape.rank == 2 else None
-  if magnitudes.shape[0] == 1 and candidates is not None and candidates <= _SCALAR_CANDIDATES:
-    # One group: a threshold of one element per evaluation keeps every full-size operation on
-    # TensorFlow's scalar fast path; [candidates, 1, 1] against [1, n] takes the general
-    # broadcast, about 2.5x slower per entry.
-    return tf.stack([
-        _exact_mse(magnitudes, finite_count, threshold[c], bits, rounding, rounding_weight)
-        for c in range(candidates)
-    ])
-  step = quantizer.quantization_step(threshold, bits)
-  threshold = threshold[..., None]
-  # As in `quantizer.quantize`: exactly 2^B - 1 for clipped entries (no spurious rounding error).
-  half_max_code = 0.5 * float(quantizer.num_levels(bits) - 1)
-  codes_per_unit = tf.math.divide_no_nan(tf.constant(half_max_code, magnitudes.dtype), threshold)
-  clipped = tf.minimum(magnitudes, threshold)
-  position = clipped * codes_per_unit + half_max_code
-  if position.shape.rank == 2 and position.shape[0] == 1:
-    # One group at one threshold, [1, n] entries: one operation (`quantizer.square_sum`) where
-    # a square and a sum are two.
-    square_sum = lambda t: tf.reshape(quantizer.square_sum(t), [1])
-  else:
-    square_sum = lambda t: tf.reduce_sum(tf.square(t), axis=-1)
-  if rounding == 'nearest':
-    rounding_sum = square_sum(position - tf.round(position))
-  else:
-    fraction = position - tf.floor(position)
-    rounding_sum = tf.reduce_sum(fraction, axis=-1) - square_sum(fraction)
-  total = tf.shape(magnitudes, out_type=tf.int64)[-1]
-  nonfinite = tf.cast(total, magnitudes.dtype) - finite_count
-  rounding_sum -= 0.25 * nonfinite
-  clipping_sum = square_sum(magnitudes - clipped)
-  rounding_scale = tf.square(step)
-  if not _is_unit_weight(rounding_weight):
-    rounding_scale = rounding_scale * rounding_weight
-  return (clipping_sum + rounding_scale * rounding_sum) / tf.maximum(finite_count, 1.0)
+  return _ungroup(threshold_search.largest_magnitude(magnitudes), per_channel)
 
 
 def expected_quantization_mse(
@@ -308,213 +178,8 @@ def expected_quantization_mse(
   threshold = quantizer.as_compute_tensor(threshold, magnitudes.dtype)
   threshold = tf.broadcast_to(tf.reshape(threshold, [-1]), [tf.shape(magnitudes)[0]])
   return _ungroup(
-      _exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight),
+      exact_mse.exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight),
       per_channel,
-  )
-
-
-def _golden_section_refinement(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    iterations: int,
-    anchors: tf.Tensor,
-    rounding_weight: RoundingWeight = 1.0,
-) -> tf.Tensor:
-  """Golden-section search of the exact MSE on [lower, upper] per group; returns the best point.
-
-  Each iteration keeps [low, right] if MSE(left) <= MSE(right), else [left, high], with the inner
-  points left = high - g (high - low), right = low + g (high - low), g = (sqrt(5) - 1) / 2. Since
-  g^2 = 1 - g, the inner point that stays inside is an inner point of the new interval too (old
-  left = new right, or old right = new left): its MSE is carried over and each iteration
-  evaluates the MSE at one new point only. `anchors` [A, groups] (e.g. the fixed point and
-  max |x|) are evaluated in the same pass as the first two inner points; the result is the point
-  of least exact MSE among all points evaluated, so it is never worse than any anchor.
-  """
-
-  def mse(threshold):
-    return _exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight)
-
-  def body(iteration, low, high, left, right, left_mse, right_mse, best, best_mse):
-    keep_left = left_mse <= right_mse
-    low = tf.where(keep_left, low, left)
-    high = tf.where(keep_left, right, high)
-    width = high - low
-    new_point = tf.where(
-        keep_left, high - _GOLDEN_RATIO_CONJUGATE * width, low + _GOLDEN_RATIO_CONJUGATE * width
-    )
-    new_mse = mse(new_point)
-    best, best_mse = _keep_better(best, best_mse, new_point, new_mse)
-    return (
-        iteration + 1,
-        low,
-        high,
-        tf.where(keep_left, new_point, right),
-        tf.where(keep_left, left, new_point),
-        tf.where(keep_left, new_mse, right_mse),
-        tf.where(keep_left, left_mse, new_mse),
-        best,
-        best_mse,
-    )
-
-  width = upper - lower
-  left = upper - _GOLDEN_RATIO_CONJUGATE * width
-  right = lower + _GOLDEN_RATIO_CONJUGATE * width
-  points = tf.concat([tf.stack([left, right]), anchors], axis=0)  # [2 + A, groups]
-  errors = mse(points)
-  best, best_mse = _best_candidate(points, errors)
-  state = (0, lower, upper, left, right, errors[0], errors[1], best, best_mse)
-  for _ in range(iterations):
-    state = body(*state)
-  return state[-2]
-
-
-def _keep_better(
-    best: tf.Tensor, best_mse: tf.Tensor, point: tf.Tensor, point_mse: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor]:
-  """Per group, (point, its MSE) where that MSE is lower than `best_mse`, else (best, best_mse)."""
-  better = point_mse < best_mse
-  return tf.where(better, point, best), tf.where(better, point_mse, best_mse)
-
-
-def _best_candidate(candidates: tf.Tensor, errors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(candidate, its error) of least error per group, from [candidates, groups] tensors."""
-  best = tf.argmin(errors, axis=0)
-  return (
-      tf.gather(tf.transpose(candidates), best, batch_dims=1),
-      tf.gather(tf.transpose(errors), best, batch_dims=1),
-  )
-
-
-# Small tensors: there the golden-section loop costs its iterations' per-op overhead, not
-# arithmetic, so a search that evaluates several candidates per iteration in one vectorized pass
-# and needs only a few iterations is faster (measured at 24 golden-section steps on the CNN's
-# tensors, one CPU thread: 144 entries 0.93 -> 0.47 ms, 1,000 entries 0.97 -> 0.67 ms). It is
-# used while candidates x entries of a group, and of all groups, stay within these bounds (up to
-# 1,024 entries per group).
-_GRID_MAX_POINTS = 32
-_GRID_MIN_POINTS = 8
-_GRID_MAX_CANDIDATE_ENTRIES = 1 << 13  # Candidates x entries of one group.
-_GRID_MAX_TOTAL_ENTRIES = 1 << 22  # Candidates x entries of all groups.
-
-
-def _grid_points(groups, entries):
-  """Candidates per iteration of `_grid_refinement` for [groups, entries]; 0 means golden section.
-
-  Python ints in, Python int out; tensors in (shapes known only at run time), tensor out.
-  """
-  if isinstance(groups, int) and isinstance(entries, int):
-    if entries == 0:
-      return 0
-    points = min(_GRID_MAX_POINTS, _GRID_MAX_CANDIDATE_ENTRIES // entries)
-    fits = points >= _GRID_MIN_POINTS and points * groups * entries <= _GRID_MAX_TOTAL_ENTRIES
-    return points if fits else 0
-  groups, entries = tf.cast(groups, tf.int64), tf.cast(entries, tf.int64)
-  points = tf.minimum(
-      tf.constant(_GRID_MAX_POINTS, tf.int64),
-      tf.math.floordiv(tf.constant(_GRID_MAX_CANDIDATE_ENTRIES, tf.int64), tf.maximum(entries, 1)),
-  )
-  fits = tf.logical_and(
-      tf.logical_and(entries > 0, points >= _GRID_MIN_POINTS),
-      points * groups * entries <= _GRID_MAX_TOTAL_ENTRIES,
-  )
-  return tf.where(fits, points, tf.zeros_like(points))
-
-
-def _grid_refinement(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    points,
-    golden_iterations: int,
-    anchors: tf.Tensor,
-    rounding_weight: RoundingWeight = 1.0,
-) -> tf.Tensor:
-  """Repeated grid search of the exact MSE on [lower, upper] per group; returns the best point.
-
-  Each iteration evaluates `points` evenly spaced interior points of [low, high] at once and keeps
-  the two grid cells around the best one, shrinking the interval by 2 / (points + 1). It runs
-  until the interval is no wider than `golden_iterations` golden-section steps leave it. The
-  result is the point of least exact MSE among all points evaluated and `anchors` [A, groups].
-  """
-  dtype = magnitudes.dtype
-
-  def mse(threshold):
-    return _exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight)
-
-  # (2 / divisions)^iterations <= g^golden_iterations.
-  golden_log_width = golden_iterations * math.log(_GOLDEN_RATIO_CONJUGATE)
-  if isinstance(points, int):
-    iterations = math.ceil(golden_log_width / math.log(2.0 / (points + 1)))
-  else:
-    iterations = tf.cast(
-        tf.math.ceil(golden_log_width / tf.math.log(2.0 / (tf.cast(points, dtype) + 1.0))),
-        tf.int32,
-    )
-  divisions = tf.cast(points, dtype) + 1.0
-  fractions = tf.range(1.0, divisions, dtype=dtype)[:, None] / divisions  # [points, 1]
-
-  def body(iteration, low, high, best, best_mse):
-    cell = (high - low) / divisions
-    candidates = low + fractions * (high - low)  # [points, groups]
-    grid_best, grid_best_mse = _best_candidate(candidates, mse(candidates))
-    best, best_mse = _keep_better(best, best_mse, grid_best, grid_best_mse)
-    return iteration + 1, grid_best - cell, grid_best + cell, best, best_mse
-
-  best, best_mse = _best_candidate(anchors, mse(anchors))
-  state = (0, lower, upper, best, best_mse)
-  if isinstance(iterations, int):  # Unrolled: no per-iteration control-flow overhead.
-    for _ in range(iterations):
-      state = body(*state)
-    return state[3]
-  return tf.while_loop(lambda iteration, *_: iteration < iterations, body, state)[3]
-
-
-def _refinement(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    golden_iterations: int,
-    anchors: tf.Tensor,
-    rounding_weight: RoundingWeight = 1.0,
-) -> tf.Tensor:
-  """Grid search for the smallest groups, golden-section search otherwise (same resolution).
-
-  Returns the point of least exact MSE (its rounding term weighted by `rounding_weight`) among
-  those evaluated and `anchors` [A, groups].
-  """
-  arguments = (magnitudes, finite_count, lower, upper, bits, rounding)
-
-  def golden():
-    return _golden_section_refinement(
-        *arguments, golden_iterations, anchors, rounding_weight=rounding_weight
-    )
-
-  groups, entries = magnitudes.shape
-  if groups is not None and entries is not None:
-    points = _grid_points(int(groups), int(entries))
-    if not points:
-      return golden()
-    return _grid_refinement(
-        *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
-    )
-  shape = tf.shape(magnitudes)
-  points = _grid_points(shape[0], shape[1])  # The same choice, made at run time.
-  return tf.cond(
-      points > 0,
-      lambda: _grid_refinement(
-          *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
-      ),
-      golden,
   )
 
 
@@ -530,8 +195,8 @@ def octav_threshold(
   """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
   coefficient = noise_coefficient(bits, rounding, noise_model)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
-  magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
-  threshold = _fixed_point_iteration(
+  magnitudes, scale, largest = threshold_search.normalized_magnitudes(magnitudes)
+  threshold = threshold_search.fixed_point_iteration(
       magnitudes, finite_count, coefficient, max_iterations, tolerance
   )
   threshold = tf.minimum(threshold, largest)
@@ -574,94 +239,12 @@ def optimal_clipping_threshold(
   rounding = quantizer.validate_rounding(rounding)
   num_clients = validate_num_clients(num_clients)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
-  threshold = _optimal_grouped_thresholds(
-      magnitudes, finite_count, bits, rounding, max_iterations, tolerance, refinement_iterations,
+  threshold = threshold_search.optimal_grouped_thresholds(
+      magnitudes, finite_count, bits, rounding, noise_coefficient(bits, rounding), max_iterations,
+      tolerance, refinement_iterations,
       rounding_weight=_rounding_weight(num_clients, rounding, magnitudes.dtype),
   )
   return _ungroup(threshold, per_channel)
-
-
-def _optimal_grouped_thresholds(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    bits: int,
-    rounding: str,
-    max_iterations: int = 100,
-    tolerance: float = 1e-2,
-    refinement_iterations: int = 11,
-    rounding_weight: RoundingWeight = 1.0,
-) -> tf.Tensor:
-  """`optimal_clipping_threshold` of each row of `_grouped_magnitudes`' output: [groups].
-
-  `rounding_weight`: 1/K for the mean of K copies (`_rounding_weight`), in the magnitudes' dtype.
-  """
-  if _searched_on_histograms(magnitudes):
-    return _histogram_thresholds(
-        [(magnitudes, finite_count)], bits, rounding, refinement_iterations, rounding_weight
-    )[0]
-  coefficient = noise_coefficient(bits, rounding)
-  magnitudes, scale, largest = _normalized_magnitudes(magnitudes)
-  fixed_point = tf.minimum(
-      _fixed_point_iteration(
-          magnitudes, finite_count, coefficient, max_iterations, tolerance, rounding_weight
-      ),
-      largest,
-  )
-  lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
-  anchors = tf.stack([fixed_point, largest], axis=0)  # [2, groups]
-  threshold = _refinement(
-      magnitudes, finite_count, lower, upper, bits, rounding, refinement_iterations, anchors,
-      rounding_weight=rounding_weight,
-  )
-  return threshold * scale
-
-
-def _searched_on_histograms(magnitudes: tf.Tensor) -> bool:
-  entries = magnitudes.shape[1]
-  return entries is not None and entries >= HISTOGRAM_MIN_ENTRIES
-
-
-def _histogram_thresholds(
-    blocks: Sequence[tuple[tf.Tensor, tf.Tensor]],
-    bits: int,
-    rounding: str,
-    refinement_iterations: int = 11,
-    rounding_weight: RoundingWeight = 1.0,
-) -> list[tf.Tensor]:
-  """`_optimal_grouped_thresholds` of blocks of groups: (magnitudes [groups, n], finite_count).
-
-  `rounding_weight` (1/K, the blocks' dtype) weights the rounding error everywhere.
-
-  Per block, one histogram pass for the fixed point, one for the MSE model and one exact
-  comparison read the entries; the fixed point and the model search, whose cost is a few
-  hundred small operations whatever the block's size, run once on all blocks' histograms.
-  """
-  coefficient = noise_coefficient(bits, rounding)
-  normalized = [(_normalized_magnitudes(m), f) for m, f in blocks]
-  sizes = [m.shape[0] for (m, _, _), _ in normalized]
-  largest = tf.concat([largest for (_, _, largest), _ in normalized], axis=0)
-  counts = tf.concat([mse_histogram.fixed_point_counts(m, f) for (m, _, _), f in normalized], 0)
-  fixed_point = tf.minimum(
-      mse_histogram.fixed_point(counts, coefficient, rounding_weight), largest
-  )
-  lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
-  histograms = [
-      mse_histogram.histogram(m, f, block_upper)
-      for ((m, _, _), f), block_upper in zip(normalized, tf.split(upper, sizes))
-  ]
-  modelled_best = mse_histogram.histogram_search(
-      tuple(tf.concat(parts, axis=0) for parts in zip(*histograms)), lower, upper, bits, rounding,
-      relative_resolution=_GOLDEN_RATIO_CONJUGATE**refinement_iterations,
-      rounding_weight=rounding_weight,
-  )
-  candidates = tf.stack([fixed_point, largest, modelled_best], axis=0)  # [3, groups]
-  thresholds = []
-  for ((m, scale, _), f), block_candidates in zip(
-      normalized, tf.split(candidates, sizes, axis=1)
-  ):
-    errors = _exact_mse(m, f, block_candidates, bits, rounding, rounding_weight)
-    thresholds.append(_best_candidate(block_candidates, errors)[0] * scale)
-  return thresholds
 
 
 def optimal_clipping_thresholds(
@@ -676,15 +259,15 @@ def optimal_clipping_thresholds(
 
   Each search costs a few hundred small TensorFlow operations, whose fixed per-operation cost
   dominates for tensors of a few thousand entries (a model's other layers). Tensors with fully
-  defined shapes and fewer than `_BATCH_MAX_ENTRIES` entries per group are therefore padded
-  with zeros outside their finite counts (ignored, like non-finite entries) to a common length
-  and searched as the groups of one block; larger tensors are blocks of their own. Blocks of at
-  least `HISTOGRAM_MIN_ENTRIES` entries per group then share one histogram search
-  (`_histogram_thresholds`); the others are searched one by one. The result for a tensor equals
-  its own search's up to the search resolution. `all_finite=True` promises that every entry is
-  finite (the caller has checked), which skips the handling of non-finite entries; with a
-  non-finite entry the thresholds are then undefined. `num_clients`: as in
-  `optimal_clipping_threshold` (the error of the mean of that many copies).
+  defined shapes and few entries per group are therefore padded with zeros outside their finite
+  counts (ignored, like non-finite entries) to a common length and searched as the groups of one
+  block; larger tensors are blocks of their own. Blocks of at least `HISTOGRAM_MIN_ENTRIES`
+  entries per group then share one histogram search; the others are searched one by one
+  (`threshold_search.batched_thresholds`). The result for a tensor equals its own search's up to
+  the search resolution. `all_finite=True` promises that every entry is finite (the caller has
+  checked), which skips the handling of non-finite entries; with a non-finite entry the
+  thresholds are then undefined. `num_clients`: as in `optimal_clipping_threshold` (the error of
+  the mean of that many copies).
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
@@ -697,44 +280,9 @@ def optimal_clipping_thresholds(
     return rounding_weights[dtype]
 
   grouped = [_grouped_magnitudes(x, per_channel, all_finite) for x in tensors]
-  batched = [
-      i for i, (magnitudes, _) in enumerate(grouped)
-      if magnitudes.shape.is_fully_defined()
-      and 0 < magnitudes.shape[1] < _BATCH_MAX_ENTRIES
-      and magnitudes.dtype == grouped[0][0].dtype
-  ]
-  blocks = []  # (indices of the tensors, magnitudes, finite_count)
-  for i, (magnitudes, finite_count) in enumerate(grouped):
-    if i not in batched or len(batched) == 1:
-      blocks.append(([i], magnitudes, finite_count))
-  if len(batched) > 1:
-    length = max(grouped[i][0].shape[1] for i in batched)
-    pad = lambda t: tf.pad(t, [[0, 0], [0, length - t.shape[1]]])
-    blocks.append((
-        batched,
-        tf.concat([pad(grouped[i][0]) for i in batched], axis=0),
-        tf.concat([grouped[i][1] for i in batched], axis=0),
-    ))
-  eligible = [k for k, block in enumerate(blocks) if _searched_on_histograms(block[1])]
-  shared = [k for k in eligible if blocks[k][1].dtype == blocks[eligible[0]][1].dtype]
-  block_thresholds = [None] * len(blocks)
-  if shared:
-    searched = _histogram_thresholds(
-        [blocks[k][1:] for k in shared], bits, rounding,
-        rounding_weight=rounding_weight(blocks[shared[0]][1].dtype),
-    )
-    for k, found in zip(shared, searched):
-      block_thresholds[k] = found
-  thresholds = [None] * len(tensors)
-  for (indices, magnitudes, finite_count), found in zip(blocks, block_thresholds):
-    if found is None:
-      found = _optimal_grouped_thresholds(
-          magnitudes, finite_count, bits, rounding,
-          rounding_weight=rounding_weight(magnitudes.dtype),
-      )
-    groups = [grouped[i][0].shape[0] for i in indices]
-    for i, part in zip(indices, tf.split(found, groups) if len(indices) > 1 else [found]):
-      thresholds[i] = part
+  thresholds = threshold_search.batched_thresholds(
+      grouped, bits, rounding, noise_coefficient(bits, rounding), rounding_weight
+  )
   return [_ungroup(t, per_channel) for t in thresholds]
 
 
