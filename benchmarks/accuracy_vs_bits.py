@@ -15,7 +15,8 @@ Method sets (`--methods`):
     paper's settings (octav, stochastic, inverse-error weights, QAT) at 2 bits; TFF min-max at
     1 and 2 bits;
   * ablation: each ingredient switched on the defaults and off the paper's settings at 1 and 2
-    bits, the mean-optimal threshold, the scale-free weighting, and the Hadamard rotation;
+    bits, the mean-optimal threshold, the scale-free weighting, nearest rounding, per-channel
+    thresholds and the Hadamard rotation;
   * curve: 1, 2, 3, 4 bits and the paper's per-layer 4-2-2-4 for the defaults, the paper's
     settings and TFF min-max (4-2-2-4: clipq only).
 
@@ -83,6 +84,8 @@ def _method_set(name: str) -> list[tuple[str, str]]:
           (f'defaults + inverse_normalized_error, {b} b',
            _swap(DEFAULTS, weighting='inverse_normalized_error', bits=b)),
           (f'defaults + QAT, {b} b', _swap(DEFAULTS, qat='true', bits=b)),
+          (f'defaults + nearest, {b} b', _swap(DEFAULTS, rounding='nearest', bits=b)),
+          (f'defaults + per_channel, {b} b', _swap(DEFAULTS, per_channel='true', bits=b)),
           (f'defaults + hadamard, {b} b', _swap(DEFAULTS, rotation='hadamard', bits=b)),
           (f'defaults + hadamard + octav, {b} b',
            _swap(DEFAULTS, rotation='hadamard', clipping='octav', bits=b)),
