@@ -59,8 +59,9 @@ def main(argv: list[str]) -> None:
     _exit_with_error(str(e), FAILURE)
   except (runtime.WorkerUnavailableError, runtime.WorkerStartError) as e:
     _exit_with_error(
-        f'{e} Rounds completed so far are checkpointed in {config.output_dir}; rerun the same '
-        'command with --resume to continue.', FAILURE,
+      f'{e} Rounds completed so far are checkpointed in {config.output_dir}; rerun the same '
+      'command with --resume to continue.',
+      FAILURE,
     )
   print(outputs.markdown_table(summaries))
   print(f'Outputs (metrics.csv, summary.json, tensorboard/, plots) in {config.output_dir}')

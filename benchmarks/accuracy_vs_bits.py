@@ -68,41 +68,47 @@ def _swap(base: str, **changes: str) -> str:
 def _method_set(name: str) -> list[tuple[str, str]]:
   if name == 'main':
     return [
-        ('float32', FLOAT),
-        *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in ('1', '2', '4')),
-        ('clipq paper, 2 b', f'{PAPER},bits=2'),
-        *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in ('1', '2')),
+      ('float32', FLOAT),
+      *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in ('1', '2', '4')),
+      ('clipq paper, 2 b', f'{PAPER},bits=2'),
+      *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in ('1', '2')),
     ]
   if name == 'ablation':
     methods = []
     for b in ('1', '2'):
       methods += [
-          (f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}'),
-          (f'defaults + octav, {b} b', _swap(DEFAULTS, clipping='octav', bits=b)),
-          (f'defaults + mean_optimal, {b} b', _swap(DEFAULTS, clipping='mean_optimal', bits=b)),
-          (f'defaults + inverse_error, {b} b', _swap(DEFAULTS, weighting='inverse_error', bits=b)),
-          (f'defaults + inverse_normalized_error, {b} b',
-           _swap(DEFAULTS, weighting='inverse_normalized_error', bits=b)),
-          (f'defaults + QAT, {b} b', _swap(DEFAULTS, qat='true', bits=b)),
-          (f'defaults + nearest, {b} b', _swap(DEFAULTS, rounding='nearest', bits=b)),
-          (f'defaults + per_channel, {b} b', _swap(DEFAULTS, per_channel='true', bits=b)),
-          (f'defaults + hadamard, {b} b', _swap(DEFAULTS, rotation='hadamard', bits=b)),
-          (f'defaults + hadamard + octav, {b} b',
-           _swap(DEFAULTS, rotation='hadamard', clipping='octav', bits=b)),
-          (f'clipq paper, {b} b', f'{PAPER},bits={b}'),
-          (f'paper - QAT, {b} b', _swap(PAPER, qat='false', bits=b)),
-          (f'paper - octav (max_abs), {b} b', _swap(PAPER, clipping='max_abs', bits=b)),
-          (f'paper - inverse_error (FedAvg weights), {b} b',
-           _swap(PAPER, weighting='example_count', bits=b)),
+        (f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}'),
+        (f'defaults + octav, {b} b', _swap(DEFAULTS, clipping='octav', bits=b)),
+        (f'defaults + mean_optimal, {b} b', _swap(DEFAULTS, clipping='mean_optimal', bits=b)),
+        (f'defaults + inverse_error, {b} b', _swap(DEFAULTS, weighting='inverse_error', bits=b)),
+        (
+          f'defaults + inverse_normalized_error, {b} b',
+          _swap(DEFAULTS, weighting='inverse_normalized_error', bits=b),
+        ),
+        (f'defaults + QAT, {b} b', _swap(DEFAULTS, qat='true', bits=b)),
+        (f'defaults + nearest, {b} b', _swap(DEFAULTS, rounding='nearest', bits=b)),
+        (f'defaults + per_channel, {b} b', _swap(DEFAULTS, per_channel='true', bits=b)),
+        (f'defaults + hadamard, {b} b', _swap(DEFAULTS, rotation='hadamard', bits=b)),
+        (
+          f'defaults + hadamard + octav, {b} b',
+          _swap(DEFAULTS, rotation='hadamard', clipping='octav', bits=b),
+        ),
+        (f'clipq paper, {b} b', f'{PAPER},bits={b}'),
+        (f'paper - QAT, {b} b', _swap(PAPER, qat='false', bits=b)),
+        (f'paper - octav (max_abs), {b} b', _swap(PAPER, clipping='max_abs', bits=b)),
+        (
+          f'paper - inverse_error (FedAvg weights), {b} b',
+          _swap(PAPER, weighting='example_count', bits=b),
+        ),
       ]
     return [('float32', FLOAT)] + methods
   if name == 'curve':
     widths = ('1', '2', '3', '4', '4-2-2-4')
     return [
-        ('float32', FLOAT),
-        *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in widths),
-        *((f'clipq paper, {b} b', f'{PAPER},bits={b}') for b in widths),
-        *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in widths[:-1]),
+      ('float32', FLOAT),
+      *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in widths),
+      *((f'clipq paper, {b} b', f'{PAPER},bits={b}') for b in widths),
+      *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in widths[:-1]),
     ]
   raise ValueError(f'--methods must be one of main, ablation, curve. Found {name!r}.')
 
@@ -117,48 +123,52 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (one study each).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Dataset directory (else the source chain).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/accuracy_vs_bits', 'Where studies go.')
 _RESULTS = flags.DEFINE_string(
-    'results', 'benchmarks/results/accuracy_vs_bits', 'Path prefix of the results; the method '
-    'set is appended (accuracy_vs_bits_main.md, ...).'
+  'results',
+  'benchmarks/results/accuracy_vs_bits',
+  'Path prefix of the results; the method set is appended (accuracy_vs_bits_main.md, ...).',
 )
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue interrupted studies.')
 _REPORT_ONLY = flags.DEFINE_bool(
-    'report_only', False, 'Train nothing: rewrite the results from the summaries already in '
-    '--output_dir (runs not found are left out).'
+  'report_only',
+  False,
+  'Train nothing: rewrite the results from the summaries already in '
+  '--output_dir (runs not found are left out).',
 )
-_ROUNDS = flags.DEFINE_integer('rounds', 0, 'Rounds per run (0: 20 for update, 10 for weights).',
-                               lower_bound=0)
+_ROUNDS = flags.DEFINE_integer(
+  'rounds', 0, 'Rounds per run (0: 20 for update, 10 for weights).', lower_bound=0
+)
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 100, 'Clients (5 per round).', lower_bound=5)
 
 ROUNDS = {'update': 20, 'weights': 10}
 
 
 def study_config(
-    dataset: str, partition: str, payload: str, seed: int, methods: list[tuple[str, str]]
+  dataset: str, partition: str, payload: str, seed: int, methods: list[tuple[str, str]]
 ) -> config_lib.ExperimentConfig:
   """One (dataset, partition, payload, seed) study; the methods are its sweep."""
   rounds = _ROUNDS.value or ROUNDS[payload]
   return config_lib.ExperimentConfig(
-      dataset=dataset,
-      data_dir=_DATA_DIR.value,
-      partition=partition,
-      dirichlet_alpha=0.3,
-      num_clients=_NUM_CLIENTS.value,
-      clients_per_round=5,
-      rounds=rounds,
-      local_epochs=1,
-      batch_size=32,
-      client_learning_rate=0.01,
-      client_momentum=0.9,
-      server_learning_rate=1.0,
-      model='cnn',
-      payload=payload,
-      seed=seed,
-      eval_every=rounds,  # The final model only: the table reports final accuracy.
-      output_dir=os.path.join(
-          _OUTPUT_DIR.value, _METHODS.value, f'{dataset}-{partition}-{payload}-seed{seed}'
-      ),
-      resume=_RESUME.value,
-      sweep='; '.join(overrides for _, overrides in methods),
+    dataset=dataset,
+    data_dir=_DATA_DIR.value,
+    partition=partition,
+    dirichlet_alpha=0.3,
+    num_clients=_NUM_CLIENTS.value,
+    clients_per_round=5,
+    rounds=rounds,
+    local_epochs=1,
+    batch_size=32,
+    client_learning_rate=0.01,
+    client_momentum=0.9,
+    server_learning_rate=1.0,
+    model='cnn',
+    payload=payload,
+    seed=seed,
+    eval_every=rounds,  # The final model only: the table reports final accuracy.
+    output_dir=os.path.join(
+      _OUTPUT_DIR.value, _METHODS.value, f'{dataset}-{partition}-{payload}-seed{seed}'
+    ),
+    resume=_RESUME.value,
+    sweep='; '.join(overrides for _, overrides in methods),
   )
 
 
@@ -175,7 +185,7 @@ def _mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[
 
 
 def aggregate(
-    runs: dict[str, dict[str, list[dict[str, Any]]]], labels: list[str]
+  runs: dict[str, dict[str, list[dict[str, Any]]]], labels: list[str]
 ) -> dict[str, list[dict[str, Any]]]:
   """Per setting and method: mean/std over seeds of the float and quantized model's accuracy."""
   table = collections.OrderedDict()
@@ -187,16 +197,20 @@ def aggregate(
         continue
       accuracy = _mean_std([s['final_test_accuracy'] for s in summaries])
       quantized = _mean_std([s.get('final_quantized_test_accuracy') for s in summaries])
-      rows.append(dict(
+      rows.append(
+        dict(
           method=label,
           seeds=[s['config']['seed'] for s in summaries],
           accuracies=[s['final_test_accuracy'] for s in summaries],
-          accuracy_mean=accuracy[0], accuracy_std=accuracy[1],
-          quantized_accuracy_mean=quantized[0], quantized_accuracy_std=quantized[1],
+          accuracy_mean=accuracy[0],
+          accuracy_std=accuracy[1],
+          quantized_accuracy_mean=quantized[0],
+          quantized_accuracy_std=quantized[1],
           client_upload_bits=summaries[0]['client_upload_bits'],
           bits_per_coordinate=summaries[0]['bits_per_coordinate'],
           wall_seconds=float(np.mean([s['wall_seconds'] for s in summaries])),
-      ))
+        )
+      )
     table[setting] = rows
   return table
 
@@ -209,17 +223,20 @@ def markdown_tables(table: dict[str, list[dict[str, Any]]]) -> str:
   lines = []
   for setting, rows in table.items():
     reference = next((r['accuracy_mean'] for r in rows if r['method'] == 'float32'), None)
-    lines += [f'### {setting}', '',
-              '| method | bits / coordinate | accuracy (%) | vs float32 (pp) '
-              '| quantized model (%) | seeds | s / run |',
-              '|---|---:|---:|---:|---:|---:|---:|']
+    lines += [
+      f'### {setting}',
+      '',
+      '| method | bits / coordinate | accuracy (%) | vs float32 (pp) '
+      '| quantized model (%) | seeds | s / run |',
+      '|---|---:|---:|---:|---:|---:|---:|',
+    ]
     for r in rows:
       delta = '-' if reference is None else f'{100 * (r["accuracy_mean"] - reference):+.1f}'
       lines.append(
-          f'| {r["method"]} | {r["bits_per_coordinate"]:.3g} '
-          f'| {_percent(r["accuracy_mean"], r["accuracy_std"])} | {delta} '
-          f'| {_percent(r["quantized_accuracy_mean"], r["quantized_accuracy_std"])} '
-          f'| {len(r["seeds"])} | {r["wall_seconds"]:.0f} |'
+        f'| {r["method"]} | {r["bits_per_coordinate"]:.3g} '
+        f'| {_percent(r["accuracy_mean"], r["accuracy_std"])} | {delta} '
+        f'| {_percent(r["quantized_accuracy_mean"], r["quantized_accuracy_std"])} '
+        f'| {len(r["seeds"])} | {r["wall_seconds"]:.0f} |'
       )
     lines.append('')
   return '\n'.join(lines)
@@ -242,59 +259,79 @@ def goal_verdicts(table: dict[str, list[dict[str, Any]]]) -> list[str]:
       gap = 100 * (reference - ours)
       allowed = 0.3 if (update and iid) else 1.0
       verdict = 'met' if gap <= allowed else 'missed'
-      line = (f'{setting}, {bits} b: defaults {100 * ours:.1f}% vs float32 {100 * reference:.1f}%'
-              f' (gap {gap:+.1f} pp, goal <= {allowed} pp): {verdict}')
+      line = (
+        f'{setting}, {bits} b: defaults {100 * ours:.1f}% vs float32 {100 * reference:.1f}%'
+        f' (gap {gap:+.1f} pp, goal <= {allowed} pp): {verdict}'
+      )
       tff = by_method.get(f'TFF min-max, {bits} b')
       if update and iid and tff is not None:
         margin = 100 * (ours - tff)
-        line += (f'; vs TFF min-max {100 * tff:.1f}% (margin {margin:+.1f} pp, goal >= 1 pp): '
-                 f'{"met" if margin >= 1.0 else "missed"}')
+        line += (
+          f'; vs TFF min-max {100 * tff:.1f}% (margin {margin:+.1f} pp, goal >= 1 pp): '
+          f'{"met" if margin >= 1.0 else "missed"}'
+        )
       verdicts.append(line)
   return verdicts
 
 
-FAMILIES = collections.OrderedDict([
+FAMILIES = collections.OrderedDict(
+  [
     ('float32', ('black', 's')),
     ('clipq defaults', ('tab:blue', 'o')),
     ('clipq paper', ('tab:red', 'v')),
     ('TFF min-max', ('tab:green', '^')),
-])
+  ]
+)
 
 
 def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
   """Accuracy (mean ± std over seeds) against bits uploaded per client, one panel per setting."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   columns = min(len(table), 4)
   rows_count = -(-len(table) // columns)
-  figure, axes = plt.subplots(rows_count, columns, figsize=(4.5 * columns, 3.6 * rows_count),
-                              squeeze=False)
+  figure, axes = plt.subplots(
+    rows_count, columns, figsize=(4.5 * columns, 3.6 * rows_count), squeeze=False
+  )
   for panel, (setting, rows) in zip(axes.flat, table.items()):
     for family, (color, marker) in FAMILIES.items():
       points = [r for r in rows if r['method'] == family or r['method'].startswith(family + ',')]
       if not points:
         continue
       points.sort(key=lambda r: r['client_upload_bits'])
-      panel.errorbar([r['client_upload_bits'] for r in points],
-                     [100 * r['accuracy_mean'] for r in points],
-                     yerr=[100 * r['accuracy_std'] for r in points],
-                     color=color, marker=marker, capsize=2, label=family,
-                     linestyle='-' if len(points) > 1 else 'none')
-    others = [r for r in rows if not any(
-        r['method'] == f or r['method'].startswith(f + ',') for f in FAMILIES)]
+      panel.errorbar(
+        [r['client_upload_bits'] for r in points],
+        [100 * r['accuracy_mean'] for r in points],
+        yerr=[100 * r['accuracy_std'] for r in points],
+        color=color,
+        marker=marker,
+        capsize=2,
+        label=family,
+        linestyle='-' if len(points) > 1 else 'none',
+      )
+    others = [
+      r
+      for r in rows
+      if not any(r['method'] == f or r['method'].startswith(f + ',') for f in FAMILIES)
+    ]
     if others:
-      panel.scatter([r['client_upload_bits'] for r in others],
-                    [100 * r['accuracy_mean'] for r in others], color='gray', marker='.',
-                    label='other clipq variants')
+      panel.scatter(
+        [r['client_upload_bits'] for r in others],
+        [100 * r['accuracy_mean'] for r in others],
+        color='gray',
+        marker='.',
+        label='other clipq variants',
+      )
     panel.set_xscale('log')
     panel.set_title(setting, fontsize=8)
     panel.set_xlabel('bits uploaded per client per round', fontsize=8)
     panel.set_ylabel('final test accuracy (%)', fontsize=8)
     panel.grid(alpha=0.3)
     panel.legend(fontsize='xx-small', loc='lower right')
-  for panel in list(axes.flat)[len(table):]:
+  for panel in list(axes.flat)[len(table) :]:
     panel.set_visible(False)
   figure.tight_layout()
   try:
@@ -306,8 +343,13 @@ def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
 
 def _commit() -> str:
   try:
-    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return subprocess.run(
+      ['git', 'rev-parse', '--short', 'HEAD'],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
 
@@ -326,12 +368,15 @@ def main(argv: list[str]) -> None:
   del argv
   methods = _method_set(_METHODS.value)
   labels = [label for label, _ in methods]
-  label_of = {config_lib.run_name(dict(item.split('=') for item in overrides.split(','))): label
-              for label, overrides in methods}
+  label_of = {
+    config_lib.run_name(dict(item.split('=') for item in overrides.split(','))): label
+    for label, overrides in methods
+  }
   seeds = [int(s) for s in _SEEDS.value]
   prefix = f'{_RESULTS.value}_{_METHODS.value}'
   command = 'python benchmarks/accuracy_vs_bits.py' + ''.join(
-      ' ' + shlex.quote(arg) for arg in sys.argv[1:])
+    ' ' + shlex.quote(arg) for arg in sys.argv[1:]
+  )
   runs: dict[str, dict[str, list[dict[str, Any]]]] = collections.OrderedDict()
   start = time.time()
   for dataset in _DATASETS.value:
@@ -340,24 +385,29 @@ def main(argv: list[str]) -> None:
         setting = setting_name(dataset, partition, payload)
         for seed in seeds:
           config = study_config(dataset, partition, payload, seed, methods)
-          for summary in (_stored_summaries(config) if _REPORT_ONLY.value
-                          else program.run_study(config)):
+          for summary in (
+            _stored_summaries(config) if _REPORT_ONLY.value else program.run_study(config)
+          ):
             runs.setdefault(setting, collections.OrderedDict()).setdefault(
-                label_of[summary['run']], []).append(summary)
+              label_of[summary['run']], []
+            ).append(summary)
           table = aggregate(runs, labels)
           verdicts = goal_verdicts(table)
-          outputs.write_json(prefix + '.json', dict(command=command, commit=_commit(),
-                                                    table=table, goals=verdicts))
+          outputs.write_json(
+            prefix + '.json', dict(command=command, commit=_commit(), table=table, goals=verdicts)
+          )
           header = (
-              f'# Accuracy vs uploaded bits: method set `{_METHODS.value}`\n\n'
-              f'`{command}` at commit {_commit()}, {datetime.date.today().isoformat()}, '
-              f'{(time.time() - start) / 60:.0f} min on this machine so far. Final test accuracy '
-              'of the float global model, mean ± std over seeds; "quantized model" is the same '
-              'model with its weights through the run\'s B-bit quantizer (nearest rounding).\n\n'
+            f'# Accuracy vs uploaded bits: method set `{_METHODS.value}`\n\n'
+            f'`{command}` at commit {_commit()}, {datetime.date.today().isoformat()}, '
+            f'{(time.time() - start) / 60:.0f} min on this machine so far. Final test accuracy '
+            'of the float global model, mean ± std over seeds; "quantized model" is the same '
+            "model with its weights through the run's B-bit quantizer (nearest rounding).\n\n"
           )
           goals = ''.join(f'- {line}\n' for line in verdicts)
-          outputs.write_text(prefix + '.md', header + markdown_tables(table) + (
-              f'\n## Goals\n\n{goals}' if goals else ''))
+          outputs.write_text(
+            prefix + '.md',
+            header + markdown_tables(table) + (f'\n## Goals\n\n{goals}' if goals else ''),
+          )
           write_figure(table, prefix + '.png')
           print(markdown_tables(table), flush=True)
 

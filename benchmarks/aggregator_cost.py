@@ -72,23 +72,25 @@ from tff_clipq.learning import models  # pylint: disable=g-import-not-at-top
 from tff_clipq.quantization import payload  # pylint: disable=g-import-not-at-top
 
 _OUTPUT = flags.DEFINE_string(
-    'output', os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'aggregator_cost.md'),
-    'Markdown output; a JSON file with the same stem is written beside it.',
+  'output',
+  os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'aggregator_cost.md'),
+  'Markdown output; a JSON file with the same stem is written beside it.',
 )
 _CLIENTS = flags.DEFINE_list(
-    'clients', ['100:20', '600:32'], 'Client sizes as examples:batch_size.'
+  'clients', ['100:20', '600:32'], 'Client sizes as examples:batch_size.'
 )
 _REPEATS = flags.DEFINE_integer('repeats', 200, 'Timed calls per piece.', lower_bound=5)
 _TFF_CLIENTS = flags.DEFINE_integer(
-    'tff_clients', 100, 'Clients per aggregation round in TFF (0: skip that part).', lower_bound=0
+  'tff_clients', 100, 'Clients per aggregation round in TFF (0: skip that part).', lower_bound=0
 )
 _TFF_ROUNDS = flags.DEFINE_integer(
-    'tff_rounds', 20, 'Timed aggregation rounds per aggregator in TFF.', lower_bound=1
+  'tff_rounds', 20, 'Timed aggregation rounds per aggregator in TFF.', lower_bound=1
 )
 _TFF_INTRA_OP_THREADS = flags.DEFINE_list(
-    'tff_intra_op_threads', ['0', '1'],
-    "Threads per TensorFlow operation in TFF's worker, one TFF measurement each (0: "
-    "TensorFlow's default, one per core).",
+  'tff_intra_op_threads',
+  ['0', '1'],
+  "Threads per TensorFlow operation in TFF's worker, one TFF measurement each (0: "
+  "TensorFlow's default, one per core).",
 )
 _MIN_SIZE_TO_QUANTIZE = 128  # As in round_time.py and the experiments: biases stay float32.
 
@@ -97,7 +99,7 @@ _CALLS_PER_BLOCK = 10
 
 
 def interleaved_cpu_ms(
-    pieces: dict[str, tuple[Callable[..., Any], tuple]], repeats: int
+  pieces: dict[str, tuple[Callable[..., Any], tuple]], repeats: int
 ) -> dict[str, float]:
   """Median CPU milliseconds per call of each `fn(*args)`, timed round-robin.
 
@@ -149,7 +151,7 @@ def local_training_fn(model: tf.keras.Model) -> Callable[[tf.data.Dataset], tf.T
       with tf.GradientTape() as tape:
         loss = loss_fn(y, model(x, training=True))
       for variable, velocity, gradient in zip(
-          variables, velocities, tape.gradient(loss, variables)
+        variables, velocities, tape.gradient(loss, variables)
       ):
         velocity.assign(0.9 * velocity + gradient)
         variable.assign_sub(0.01 * velocity)
@@ -176,9 +178,9 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
     for clipping in ('octav', 'max_abs'):
       plan = payload.make_plan(shapes, bits, _MIN_SIZE_TO_QUANTIZE, clipping, 'stochastic')
       encode = tf.function(
-          lambda value, plan=plan: payload.encode_tensors(
-              plan, value, payload.client_seed(round_seed, value)
-          )
+        lambda value, plan=plan: payload.encode_tensors(
+          plan, value, payload.client_seed(round_seed, value)
+        )
       )
       timed[f'clipq_{bits}b_{clipping}_encode'] = (encode, (update,), 'overhead: update')
       if clipping != 'octav':
@@ -193,19 +195,22 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
         valid = tf.reduce_all(tf.stack(checks))
         client_weight = tf.where(valid, weight, 0.0)
         return [
-            s + payload.weighted_levels(
-                encoding,
-                collections.OrderedDict(
-                    codes=p['codes'], threshold=tf.where(valid, p['threshold'], 0.0)
-                ),
-                client_weight,
-            )
-            for s, encoding, p in zip(sums, plan.quantized, parts)
+          s
+          + payload.weighted_levels(
+            encoding,
+            collections.OrderedDict(
+              codes=p['codes'], threshold=tf.where(valid, p['threshold'], 0.0)
+            ),
+            client_weight,
+          )
+          for s, encoding, p in zip(sums, plan.quantized, parts)
         ]
 
       timed[f'overhead: clipq_{bits}b_server'] = (empty, (quantized, quantized_totals), None)
       timed[f'clipq_{bits}b_server'] = (
-          server, (quantized, quantized_totals), f'overhead: clipq_{bits}b_server'
+        server,
+        (quantized, quantized_totals),
+        f'overhead: clipq_{bits}b_server',
       )
 
   train = local_training_fn(model)
@@ -217,17 +222,18 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
 
   raw = interleaved_cpu_ms({name: (fn, args) for name, (fn, args, _) in timed.items()}, repeats)
   net = {  # Inside TFF the pieces are parts of one graph, with no call overhead of their own.
-      name: max(raw[name] - raw[overhead], 0.0)
-      for name, (_, _, overhead) in timed.items() if overhead is not None
+    name: max(raw[name] - raw[overhead], 0.0)
+    for name, (_, _, overhead) in timed.items()
+    if overhead is not None
   }
   overhead = {
-      name.split(': ', 1)[1]: ms for name, ms in raw.items() if name.startswith('overhead: ')
+    name.split(': ', 1)[1]: ms for name, ms in raw.items() if name.startswith('overhead: ')
   }
   training = collections.OrderedDict(
-      (name.split(': ', 1)[1], ms) for name, ms in net.items() if name.startswith('training: ')
+    (name.split(': ', 1)[1], ms) for name, ms in net.items() if name.startswith('training: ')
   )
   pieces = collections.OrderedDict(
-      (name, ms) for name, ms in net.items() if not name.startswith('training: ')
+    (name, ms) for name, ms in net.items() if not name.startswith('training: ')
   )
 
   overheads = collections.OrderedDict()
@@ -235,19 +241,21 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
     fedavg_ms = train_ms + pieces['fedavg_aggregation']
     for bits in (2, 4):
       added = (
-          pieces[f'clipq_{bits}b_octav_encode'] + pieces[f'clipq_{bits}b_server']
-          - pieces['fedavg_aggregation']
+        pieces[f'clipq_{bits}b_octav_encode']
+        + pieces[f'clipq_{bits}b_server']
+        - pieces['fedavg_aggregation']
       )
       overheads[f'clipq_{bits}b @ {size}'] = collections.OrderedDict(
-          added_ms=added,
-          fedavg_client_ms=fedavg_ms,
-          ratio=1.0 + added / fedavg_ms,
-          threshold_share=(
-              pieces[f'clipq_{bits}b_octav_encode'] - pieces[f'clipq_{bits}b_max_abs_encode']
-          ) / added,
+        added_ms=added,
+        fedavg_client_ms=fedavg_ms,
+        ratio=1.0 + added / fedavg_ms,
+        threshold_share=(
+          pieces[f'clipq_{bits}b_octav_encode'] - pieces[f'clipq_{bits}b_max_abs_encode']
+        )
+        / added,
       )
   return collections.OrderedDict(
-      call_overhead_ms=overhead, pieces_ms=pieces, local_training_ms=training, overheads=overheads
+    call_overhead_ms=overhead, pieces_ms=pieces, local_training_ms=training, overheads=overheads
   )
 
 
@@ -257,12 +265,12 @@ def tff_aggregators() -> dict[str, tff.aggregators.WeightedAggregationFactory]:
   for bits in (2, 4):
     for clipping in ('octav', 'max_abs'):
       factories[f'clipq_{bits}b_{clipping}'] = clipped_quantization.clipped_quantization_mean(
-          bits=bits, clipping=clipping, min_size_to_quantize=_MIN_SIZE_TO_QUANTIZE
+        bits=bits, clipping=clipping, min_size_to_quantize=_MIN_SIZE_TO_QUANTIZE
       )
     factories[f'tff_minmax_{bits}b'] = tff.aggregators.MeanFactory(
-        tff.aggregators.EncodedSumFactory.quantize_above_threshold(
-            quantization_bits=bits, threshold=_MIN_SIZE_TO_QUANTIZE
-        )
+      tff.aggregators.EncodedSumFactory.quantize_above_threshold(
+        quantization_bits=bits, threshold=_MIN_SIZE_TO_QUANTIZE
+      )
     )
   return factories
 
@@ -275,7 +283,7 @@ def parse_thread_counts(specs: list[str]) -> list[int]:
     counts = None
   if not counts or min(counts) < 0:
     raise app.UsageError(
-        f'--tff_intra_op_threads must list non-negative integers. Found {",".join(specs)!r}.'
+      f'--tff_intra_op_threads must list non-negative integers. Found {",".join(specs)!r}.'
     )
   return counts
 
@@ -288,19 +296,19 @@ def measure_in_tff(clients: int, rounds: int, intra_op_threads: int = 0) -> dict
   model = models.create_keras_model('cnn', seed=0)
   shapes = [tuple(v.shape) for v in model.trainable_variables]
   value_type = tff.StructWithPythonType(
-      [tff.TensorType(np.float32, shape) for shape in shapes], list
+    [tff.TensorType(np.float32, shape) for shape in shapes], list
   )
   rng = np.random.default_rng(0)
   values = [
-      [(0.01 * rng.standard_normal(shape)).astype(np.float32) for shape in shapes]
-      for _ in range(clients)
+    [(0.01 * rng.standard_normal(shape)).astype(np.float32) for shape in shapes]
+    for _ in range(clients)
   ]
   weights = [100.0] * clients
   runtime.set_local_execution_context(intra_op_threads=intra_op_threads or None)
   try:
     processes = {
-        name: factory.create(value_type, tff.TensorType(np.float32))
-        for name, factory in tff_aggregators().items()
+      name: factory.create(value_type, tff.TensorType(np.float32))
+      for name, factory in tff_aggregators().items()
     }
     states = {name: process.initialize() for name, process in processes.items()}
     cpu_s = {name: [] for name in processes}
@@ -315,54 +323,65 @@ def measure_in_tff(clients: int, rounds: int, intra_op_threads: int = 0) -> dict
   finally:
     runtime.reset_execution_context()
   per_client = collections.OrderedDict(
-      (name, 1e3 * statistics.median(seconds) / clients) for name, seconds in cpu_s.items()
+    (name, 1e3 * statistics.median(seconds) / clients) for name, seconds in cpu_s.items()
   )
   return collections.OrderedDict(
-      clients=clients,
-      rounds=rounds,
-      intra_op_threads=intra_op_threads,
-      cpu_ms_per_client=per_client,
-      added_ms_per_client=collections.OrderedDict(
-          (name, ms - per_client['mean_factory']) for name, ms in per_client.items()
-          if name != 'mean_factory'
-      ),
+    clients=clients,
+    rounds=rounds,
+    intra_op_threads=intra_op_threads,
+    cpu_ms_per_client=per_client,
+    added_ms_per_client=collections.OrderedDict(
+      (name, ms - per_client['mean_factory'])
+      for name, ms in per_client.items()
+      if name != 'mean_factory'
+    ),
   )
 
 
 def markdown(report: dict[str, Any]) -> str:
   lines = [
-      '# Aggregator cost per client (one CPU thread)', '',
-      'Generated by `benchmarks/aggregator_cost.py` (see its docstring). CPU ms per call, median '
-      f"block mean of {report['repeats']} calls timed round-robin, `tf.function` call overhead "
-      f"subtracted "
-      f"({', '.join(f'{k}: {v:.2f}' for k, v in report['call_overhead_ms'].items())} ms).",
-      '', '| piece | CPU ms |', '|---|---:|',
+    '# Aggregator cost per client (one CPU thread)',
+    '',
+    'Generated by `benchmarks/aggregator_cost.py` (see its docstring). CPU ms per call, median '
+    f'block mean of {report["repeats"]} calls timed round-robin, `tf.function` call overhead '
+    f'subtracted '
+    f'({", ".join(f"{k}: {v:.2f}" for k, v in report["call_overhead_ms"].items())} ms).',
+    '',
+    '| piece | CPU ms |',
+    '|---|---:|',
   ]
   lines += [f'| {name} | {ms:.2f} |' for name, ms in report['pieces_ms'].items()]
-  lines += [f'| local training, {size} (examples:batch) | {ms:.2f} |'
-            for size, ms in report['local_training_ms'].items()]
   lines += [
-      '', '| clipq at client size | added ms per client | FedAvg client ms | '
-      'clipq / FedAvg per client | share of the threshold search |', '|---|---:|---:|---:|---:|',
+    f'| local training, {size} (examples:batch) | {ms:.2f} |'
+    for size, ms in report['local_training_ms'].items()
   ]
   lines += [
-      f"| {name} | {o['added_ms']:.2f} | {o['fedavg_client_ms']:.2f} | {o['ratio']:.3f} "
-      f"| {o['threshold_share']:.0%} |"
-      for name, o in report['overheads'].items()
+    '',
+    '| clipq at client size | added ms per client | FedAvg client ms | '
+    'clipq / FedAvg per client | share of the threshold search |',
+    '|---|---:|---:|---:|---:|',
+  ]
+  lines += [
+    f'| {name} | {o["added_ms"]:.2f} | {o["fedavg_client_ms"]:.2f} | {o["ratio"]:.3f} '
+    f'| {o["threshold_share"]:.0%} |'
+    for name, o in report['overheads'].items()
   ]
   for tff_report in report.get('tff', []):
     setting = bench_util.describe_intra_op_threads(tff_report['intra_op_threads'])
     lines += [
-        '', f"## Inside TFF: aggregation-only rounds of {tff_report['clients']} clients, "
-        f'worker with {setting}', '',
-        f"CPU of this process and TFF's worker per round, median of {tff_report['rounds']} "
-        'interleaved rounds, per client.', '',
-        '| aggregator | CPU ms per client | added to MeanFactory, ms per client |',
-        '|---|---:|---:|',
+      '',
+      f'## Inside TFF: aggregation-only rounds of {tff_report["clients"]} clients, '
+      f'worker with {setting}',
+      '',
+      f"CPU of this process and TFF's worker per round, median of {tff_report['rounds']} "
+      'interleaved rounds, per client.',
+      '',
+      '| aggregator | CPU ms per client | added to MeanFactory, ms per client |',
+      '|---|---:|---:|',
     ]
     for name, ms in tff_report['cpu_ms_per_client'].items():
       added = tff_report['added_ms_per_client'].get(name)
-      lines.append(f"| {name} | {ms:.2f} | {'—' if added is None else f'{added:.2f}'} |")
+      lines.append(f'| {name} | {ms:.2f} | {"—" if added is None else f"{added:.2f}"} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -376,7 +395,7 @@ def main(argv: list[str]) -> None:
   report['repeats'] = _REPEATS.value
   if _TFF_CLIENTS.value:
     report['tff'] = [
-        measure_in_tff(_TFF_CLIENTS.value, _TFF_ROUNDS.value, threads) for threads in thread_counts
+      measure_in_tff(_TFF_CLIENTS.value, _TFF_ROUNDS.value, threads) for threads in thread_counts
     ]
   report['tensorflow'] = tf.__version__
   output = _OUTPUT.value

@@ -27,7 +27,7 @@ def cpu_seconds_with_workers() -> float:
   TFF runs computations in the worker, so a computation's cost is the change of this sum.
   """
   return process_cpu_seconds(os.getpid()) + sum(
-      process_cpu_seconds(pid) for pid in runtime.live_worker_pids()
+    process_cpu_seconds(pid) for pid in runtime.live_worker_pids()
   )
 
 

@@ -58,30 +58,34 @@ from tff_clipq import quantization  # pylint: disable=g-import-not-at-top
 from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
 
 _OUTPUT = flags.DEFINE_string(
-    'output',
-    os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'quantizer_quality.md'),
-    'Markdown report path; a .json with the same stem is written beside it.',
+  'output',
+  os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'quantizer_quality.md'),
+  'Markdown report path; a .json with the same stem is written beside it.',
 )
 _NUM_SAMPLES = flags.DEFINE_integer(
-    'num_samples', 2**18, 'Samples per synthetic distribution.', lower_bound=16
+  'num_samples', 2**18, 'Samples per synthetic distribution.', lower_bound=16
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for data, training and stochastic rounding.')
 _MNIST_DIR = flags.DEFINE_string(
-    'mnist_dir', None, 'Directory with MNIST IDX .gz files (default: $TFF_CLIPQ_MNIST_DIR).'
+  'mnist_dir', None, 'Directory with MNIST IDX .gz files (default: $TFF_CLIPQ_MNIST_DIR).'
 )
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
-    'train_examples', 60000, 'Training examples for the one CNN epoch (at most the data set).',
-    lower_bound=1,
+  'train_examples',
+  60000,
+  'Training examples for the one CNN epoch (at most the data set).',
+  lower_bound=1,
 )
 _TFF_REPEATS = flags.DEFINE_integer(
-    'tff_repeats', 3, 'Runs of the (stochastic) TFF encoder averaged per entry.', lower_bound=1
+  'tff_repeats', 3, 'Runs of the (stochastic) TFF encoder averaged per entry.', lower_bound=1
 )
 _TIMING_COORDINATES = flags.DEFINE_integer(
-    'timing_coordinates', 1_000_000, 'Size of the tensor used for timing.', lower_bound=1
+  'timing_coordinates', 1_000_000, 'Size of the tensor used for timing.', lower_bound=1
 )
 _TIMING_REPEATS = flags.DEFINE_integer(
-    'timing_repeats', 9, 'Timed runs per entry (after 2 warm-up runs); the median is reported.',
-    lower_bound=1,
+  'timing_repeats',
+  9,
+  'Timed runs per entry (after 2 warm-up runs); the median is reported.',
+  lower_bound=1,
 )
 
 BITS = tuple(range(1, 9))
@@ -105,11 +109,11 @@ class DataTensor:
 def synthetic_tensors(num_samples: int, seed: int) -> list[DataTensor]:
   rng = np.random.default_rng(seed)
   return [
-      DataTensor('gaussian', 'N(0, 1)', rng.standard_normal(num_samples).astype(np.float32)),
-      DataTensor('laplace', 'Laplace(0, 1)', rng.laplace(size=num_samples).astype(np.float32)),
-      DataTensor(
-          'student_t3', 'Student-t, 3 d.o.f.', rng.standard_t(3, num_samples).astype(np.float32)
-      ),
+    DataTensor('gaussian', 'N(0, 1)', rng.standard_normal(num_samples).astype(np.float32)),
+    DataTensor('laplace', 'Laplace(0, 1)', rng.laplace(size=num_samples).astype(np.float32)),
+    DataTensor(
+      'student_t3', 'Student-t, 3 d.o.f.', rng.standard_t(3, num_samples).astype(np.float32)
+    ),
   ]
 
 
@@ -138,16 +142,17 @@ def load_training_images(mnist_dir: Optional[str]) -> tuple[np.ndarray, np.ndarr
   digits = datasets.load_digits()
   images = (digits.images / 16.0).astype(np.float32)
   return (
-      images[..., None],
-      digits.target.astype(np.int64),
-      f'scikit-learn load_digits (8x8): no MNIST IDX files in {directory}',
+    images[..., None],
+    digits.target.astype(np.int64),
+    f'scikit-learn load_digits (8x8): no MNIST IDX files in {directory}',
   )
 
 
 def paper_cnn(input_shape: tuple[int, ...], num_classes: int = 10) -> tf.keras.Model:
   """Conv 3x3x16 -> pool -> Conv 3x3x16 -> pool -> Dense 100 -> Dense 10, tanh hidden layers."""
   padding = 'valid' if min(input_shape[:2]) >= 28 else 'same'  # 8x8 digits need 'same'.
-  return tf.keras.Sequential([
+  return tf.keras.Sequential(
+    [
       tf.keras.Input(input_shape),
       tf.keras.layers.Conv2D(16, 3, padding=padding, activation='tanh', name='conv1'),
       tf.keras.layers.MaxPool2D(2, name='pool1'),
@@ -156,11 +161,12 @@ def paper_cnn(input_shape: tuple[int, ...], num_classes: int = 10) -> tf.keras.M
       tf.keras.layers.Flatten(name='flatten'),
       tf.keras.layers.Dense(100, activation='tanh', name='dense1'),
       tf.keras.layers.Dense(num_classes, name='dense2'),
-  ])
+    ]
+  )
 
 
 def trained_cnn_tensors(
-    mnist_dir: Optional[str], train_examples: int, seed: int
+  mnist_dir: Optional[str], train_examples: int, seed: int
 ) -> tuple[list[DataTensor], dict[str, object]]:
   """Kernels of dense1 and conv2 after one epoch of SGD on (a prefix of) the training images."""
   images, labels, source = load_training_images(mnist_dir)
@@ -168,23 +174,23 @@ def trained_cnn_tensors(
   tf.keras.utils.set_random_seed(seed)
   model = paper_cnn(images.shape[1:])
   model.compile(
-      optimizer=tf.keras.optimizers.SGD(learning_rate=0.05),
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=['accuracy'],
+    optimizer=tf.keras.optimizers.SGD(learning_rate=0.05),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=['accuracy'],
   )
   start = time.perf_counter()
   history = model.fit(images, labels, batch_size=32, epochs=1, verbose=0)
   info = {
-      'source': source,
-      'train_examples': int(images.shape[0]),
-      'train_seconds': time.perf_counter() - start,
-      'train_accuracy': float(history.history['accuracy'][-1]),
+    'source': source,
+    'train_examples': int(images.shape[0]),
+    'train_seconds': time.perf_counter() - start,
+    'train_accuracy': float(history.history['accuracy'][-1]),
   }
   tensors = []
   for layer_name in ('dense1', 'conv2'):
     kernel = model.get_layer(layer_name).kernel.numpy().astype(np.float32)
     tensors.append(
-        DataTensor(f'cnn_{layer_name}', f'trained CNN {layer_name} kernel {kernel.shape}', kernel)
+      DataTensor(f'cnn_{layer_name}', f'trained CNN {layer_name} kernel {kernel.shape}', kernel)
     )
   return tensors, info
 
@@ -218,8 +224,8 @@ def tff_mse(stochastic: bool, repeats: int) -> Callable[[np.ndarray, int], float
     values = tf.constant(x)
     runs = repeats if stochastic else 1
     errors = [
-        float(tf.reduce_mean(tf.square(tff_encode_decode(values, bits, stochastic) - values)))
-        for _ in range(runs)
+      float(tf.reduce_mean(tf.square(tff_encode_decode(values, bits, stochastic) - values)))
+      for _ in range(runs)
     ]
     return float(np.mean(errors))
 
@@ -227,7 +233,8 @@ def tff_mse(stochastic: bool, repeats: int) -> Callable[[np.ndarray, int], float
 
 
 def methods(tff_repeats: int) -> dict[str, Callable[[np.ndarray, int], float]]:
-  return collections.OrderedDict([
+  return collections.OrderedDict(
+    [
       ('ours: octav, nearest', ours_mse('octav', 'nearest')),
       ('ours: octav, stochastic (expected)', ours_mse('octav', 'stochastic')),
       ('paper noise model, nearest', ours_mse('octav_paper', 'nearest')),
@@ -235,15 +242,16 @@ def methods(tff_repeats: int) -> dict[str, Callable[[np.ndarray, int], float]]:
       ('max_abs, nearest', ours_mse('max_abs', 'nearest')),
       ('max_abs, stochastic (expected)', ours_mse('max_abs', 'stochastic')),
       (
-          f'TFF uniform_quantization, stochastic (mean of {tff_repeats})',
-          tff_mse(True, tff_repeats),
+        f'TFF uniform_quantization, stochastic (mean of {tff_repeats})',
+        tff_mse(True, tff_repeats),
       ),
       ('TFF uniform_quantization, stochastic=False', tff_mse(False, 1)),
-  ])
+    ]
+  )
 
 
 def nmse_table(
-    tensors: list[DataTensor], method_fns: dict[str, Callable[[np.ndarray, int], float]]
+  tensors: list[DataTensor], method_fns: dict[str, Callable[[np.ndarray, int], float]]
 ) -> dict[str, dict[str, dict[int, float]]]:
   """{tensor name: {method: {bits: NMSE}}}."""
   table = {}
@@ -251,8 +259,7 @@ def nmse_table(
     flat = tensor.values.reshape(-1)
     mean_square = float(np.mean(np.square(flat.astype(np.float64))))
     table[tensor.name] = {
-        name: {bits: fn(flat, bits) / mean_square for bits in BITS}
-        for name, fn in method_fns.items()
+      name: {bits: fn(flat, bits) / mean_square for bits in BITS} for name, fn in method_fns.items()
     }
   return table
 
@@ -262,7 +269,7 @@ def nmse_table(
 
 
 def ours_encode_decode_fn(
-    num_coordinates: int, bits: int, clipping: str, rounding: str
+  num_coordinates: int, bits: int, clipping: str, rounding: str
 ) -> Callable[[tf.Tensor], tf.Tensor]:
   """threshold + quantize + pack + unpack + dequantize, as one tf.function."""
 
@@ -280,7 +287,7 @@ def ours_encode_decode_fn(
 def tff_encode_decode_fn(num_coordinates: int, bits: int) -> Callable[[tf.Tensor], tf.Tensor]:
   """TFF's encoder through `SimpleEncoder` (its encode and decode are tf.functions)."""
   encoder = te.core.SimpleEncoder(
-      te.encoders.uniform_quantization(bits), tf.TensorSpec([num_coordinates], tf.float32)
+    te.encoders.uniform_quantization(bits), tf.TensorSpec([num_coordinates], tf.float32)
   )
 
   def encode_decode(x: tf.Tensor) -> tf.Tensor:
@@ -305,20 +312,21 @@ def timing_table(num_coordinates: int, repeats: int, seed: int) -> dict[str, dic
   """{variant: {bits: ms per million coordinates}}."""
   x = tf.constant(np.random.default_rng(seed).standard_normal(num_coordinates), tf.float32)
   per_million = 1e6 / num_coordinates
+
   def ours(clipping: str, rounding: str) -> Callable[[int], Callable[[tf.Tensor], tf.Tensor]]:
     return lambda bits: ours_encode_decode_fn(num_coordinates, bits, clipping, rounding)
 
-  variants = collections.OrderedDict([
+  variants = collections.OrderedDict(
+    [
       ('ours: octav, stochastic', ours('octav', 'stochastic')),
       ('ours: octav, nearest', ours('octav', 'nearest')),
       ('ours: max_abs, stochastic', ours('max_abs', 'stochastic')),
       (TFF_TIMING_VARIANT, lambda bits: tff_encode_decode_fn(num_coordinates, bits)),
-  ])
+    ]
+  )
   return {
-      name: {
-          bits: per_million * median_milliseconds(make(bits), x, repeats) for bits in TIMING_BITS
-      }
-      for name, make in variants.items()
+    name: {bits: per_million * median_milliseconds(make(bits), x, repeats) for bits in TIMING_BITS}
+    for name, make in variants.items()
   }
 
 
@@ -331,59 +339,59 @@ def _format_nmse(value: float) -> str:
 
 
 def markdown_report(
-    tensors: list[DataTensor],
-    nmse: dict[str, dict[str, dict[int, float]]],
-    timing: dict[str, dict[int, float]],
-    config: dict[str, object],
+  tensors: list[DataTensor],
+  nmse: dict[str, dict[str, dict[int, float]]],
+  timing: dict[str, dict[int, float]],
+  config: dict[str, object],
 ) -> str:
   lines = [
-      '# Quantizer quality',
-      '',
-      'NMSE = MSE / mean(x^2) of B-bit quantize + dequantize, per tensor (lower is better).',
-      '',
-      '* ours: symmetric clipped quantizer, 2^B levels on [-s, s], step 2s/(2^B - 1); s from '
-      '`clipping_threshold` (octav: matched noise model + exact-MSE refinement; paper noise '
-      'model: c = 4^-B/3, no refinement; max_abs: s = max|x|). '
-      'Stochastic rows: exact expected MSE.',
-      '* TFF: `tensor_encoding.encoders.uniform_quantization(bits)` as used by '
-      '`tff.aggregators.EncodedSumFactory.quantize_above_threshold`: 2^B levels on '
-      '[min(x), max(x)], step (max - min)/(2^B - 1), stochastic rounding by default, codes '
-      'bit-packed into 28 of 32 bits per int32 word (plus min and max as floats). '
-      'Measured MSE of the real encoder.',
-      '',
-      f'Synthetic samples: {config["num_samples"]} per distribution, seed {config["seed"]}. '
-      f'CNN: {config["cnn"]["source"]}; one epoch of SGD (lr 0.05, batch 32) over '
-      f'{config["cnn"]["train_examples"]} examples in {config["cnn"]["train_seconds"]:.1f} s, '
-      f'training accuracy {config["cnn"]["train_accuracy"]:.3f}.',
-      '',
+    '# Quantizer quality',
+    '',
+    'NMSE = MSE / mean(x^2) of B-bit quantize + dequantize, per tensor (lower is better).',
+    '',
+    '* ours: symmetric clipped quantizer, 2^B levels on [-s, s], step 2s/(2^B - 1); s from '
+    '`clipping_threshold` (octav: matched noise model + exact-MSE refinement; paper noise '
+    'model: c = 4^-B/3, no refinement; max_abs: s = max|x|). '
+    'Stochastic rows: exact expected MSE.',
+    '* TFF: `tensor_encoding.encoders.uniform_quantization(bits)` as used by '
+    '`tff.aggregators.EncodedSumFactory.quantize_above_threshold`: 2^B levels on '
+    '[min(x), max(x)], step (max - min)/(2^B - 1), stochastic rounding by default, codes '
+    'bit-packed into 28 of 32 bits per int32 word (plus min and max as floats). '
+    'Measured MSE of the real encoder.',
+    '',
+    f'Synthetic samples: {config["num_samples"]} per distribution, seed {config["seed"]}. '
+    f'CNN: {config["cnn"]["source"]}; one epoch of SGD (lr 0.05, batch 32) over '
+    f'{config["cnn"]["train_examples"]} examples in {config["cnn"]["train_seconds"]:.1f} s, '
+    f'training accuracy {config["cnn"]["train_accuracy"]:.3f}.',
+    '',
   ]
   for tensor in tensors:
     lines += [
-        f'## {tensor.name}: {tensor.description}, {tensor.values.size} values',
-        '',
-        '| method | ' + ' | '.join(f'B={bits}' for bits in BITS) + ' |',
-        '|---|' + '---:|' * len(BITS),
+      f'## {tensor.name}: {tensor.description}, {tensor.values.size} values',
+      '',
+      '| method | ' + ' | '.join(f'B={bits}' for bits in BITS) + ' |',
+      '|---|' + '---:|' * len(BITS),
     ]
     for method, by_bits in nmse[tensor.name].items():
       lines.append(
-          f'| {method} | ' + ' | '.join(_format_nmse(by_bits[bits]) for bits in BITS) + ' |'
+        f'| {method} | ' + ' | '.join(_format_nmse(by_bits[bits]) for bits in BITS) + ' |'
       )
     lines.append('')
   lines += [
-      f'## Encode + decode cost (ms per million coordinates; {config["timing_coordinates"]} '
-      f'float32 N(0,1) coordinates, median of {config["timing_repeats"]} runs after warm-up, '
-      f'{config["cpu_count"]} CPU cores)',
-      '',
-      'ours = threshold + quantize + pack + unpack + dequantize in one tf.function; '
-      'TFF = SimpleEncoder(uniform_quantization(B)).encode + .decode.',
-      '',
-      '| variant | ' + ' | '.join(f'B={bits} ms | ratio to TFF' for bits in TIMING_BITS) + ' |',
-      '|---|' + '---:|---:|' * len(TIMING_BITS),
+    f'## Encode + decode cost (ms per million coordinates; {config["timing_coordinates"]} '
+    f'float32 N(0,1) coordinates, median of {config["timing_repeats"]} runs after warm-up, '
+    f'{config["cpu_count"]} CPU cores)',
+    '',
+    'ours = threshold + quantize + pack + unpack + dequantize in one tf.function; '
+    'TFF = SimpleEncoder(uniform_quantization(B)).encode + .decode.',
+    '',
+    '| variant | ' + ' | '.join(f'B={bits} ms | ratio to TFF' for bits in TIMING_BITS) + ' |',
+    '|---|' + '---:|---:|' * len(TIMING_BITS),
   ]
   for variant, by_bits in timing.items():
     cells = [
-        f'{by_bits[bits]:.1f} | {by_bits[bits] / timing[TFF_TIMING_VARIANT][bits]:.2f}x'
-        for bits in TIMING_BITS
+      f'{by_bits[bits]:.1f} | {by_bits[bits] / timing[TFF_TIMING_VARIANT][bits]:.2f}x'
+      for bits in TIMING_BITS
     ]
     lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
   lines += ['', f'Total runtime: {config["runtime_seconds"]:.1f} s.', '']
@@ -405,27 +413,27 @@ def main(argv: list[str]) -> None:
   nmse = nmse_table(tensors, methods(_TFF_REPEATS.value))
   timing = timing_table(_TIMING_COORDINATES.value, _TIMING_REPEATS.value, seed)
   config = {
-      'num_samples': _NUM_SAMPLES.value,
-      'seed': seed,
-      'tff_repeats': _TFF_REPEATS.value,
-      'timing_coordinates': _TIMING_COORDINATES.value,
-      'timing_repeats': _TIMING_REPEATS.value,
-      'cpu_count': os.cpu_count(),
-      'tensorflow': tf.__version__,
-      'cnn': cnn_info,
-      'runtime_seconds': time.perf_counter() - start,
+    'num_samples': _NUM_SAMPLES.value,
+    'seed': seed,
+    'tff_repeats': _TFF_REPEATS.value,
+    'timing_coordinates': _TIMING_COORDINATES.value,
+    'timing_repeats': _TIMING_REPEATS.value,
+    'cpu_count': os.cpu_count(),
+    'tensorflow': tf.__version__,
+    'cnn': cnn_info,
+    'runtime_seconds': time.perf_counter() - start,
   }
   report = markdown_report(tensors, nmse, timing, config)
   print(report)
   output = _OUTPUT.value
   outputs.write_text(output, report)
   results = {
-      'config': config,
-      'tensors': {
-          t.name: {'description': t.description, 'shape': list(t.values.shape)} for t in tensors
-      },
-      'nmse': nmse,
-      'encode_decode_ms_per_million': timing,
+    'config': config,
+    'tensors': {
+      t.name: {'description': t.description, 'shape': list(t.values.shape)} for t in tensors
+    },
+    'nmse': nmse,
+    'encode_decode_ms_per_million': timing,
   }
   outputs.write_text(os.path.splitext(output)[0] + '.json', json.dumps(results, indent=2) + '\n')
   print(f'Wrote {output} and {os.path.splitext(output)[0]}.json')

@@ -101,19 +101,19 @@ from tff_clipq.learning import process as process_lib
 from tff_clipq.learning import qat as qat_lib
 
 ALL_VARIANTS = (
-    'keras',
-    'keras_qat_2b',
-    'keras_qat_4b',
-    'keras_qat_2b_every_step',
-    'fedavg_float',
-    'tff_minmax_2b',
-    'tff_minmax_4b',
-    'tff_compression_aggregator',
-    'clipq_2b',
-    'clipq_4b',
-    'clipq_2b_qat',
-    'clipq_4b_qat',
-    'clipq_2b_qat_every_step',
+  'keras',
+  'keras_qat_2b',
+  'keras_qat_4b',
+  'keras_qat_2b_every_step',
+  'fedavg_float',
+  'tff_minmax_2b',
+  'tff_minmax_4b',
+  'tff_compression_aggregator',
+  'clipq_2b',
+  'clipq_4b',
+  'clipq_2b_qat',
+  'clipq_4b_qat',
+  'clipq_2b_qat_every_step',
 )
 EVERY_STEP = '_every_step'
 FLOOR = 'keras'
@@ -124,76 +124,94 @@ FEDAVG = 'fedavg_float'
 _FLAG_VALUES = flags.FLAGS if __name__ == '__main__' else flags.FlagValues()
 
 _OUTPUT = flags.DEFINE_string(
-    'output',
-    os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'round_time.md'),
-    'Markdown report path; a .json with the same stem is written beside it.',
-    flag_values=_FLAG_VALUES,
+  'output',
+  os.path.join(_REPO_ROOT, 'benchmarks', 'results', 'round_time.md'),
+  'Markdown report path; a .json with the same stem is written beside it.',
+  flag_values=_FLAG_VALUES,
 )
 _CLIENTS_PER_ROUND = flags.DEFINE_list(
-    'clients_per_round', ['10', '50', '100'], 'Numbers of clients per round to measure.',
-    flag_values=_FLAG_VALUES,
+  'clients_per_round',
+  ['10', '50', '100'],
+  'Numbers of clients per round to measure.',
+  flag_values=_FLAG_VALUES,
 )
 _ROUNDS = flags.DEFINE_integer(
-    'rounds', 3, 'Timed rounds per variant and scale.', lower_bound=1, flag_values=_FLAG_VALUES
+  'rounds', 3, 'Timed rounds per variant and scale.', lower_bound=1, flag_values=_FLAG_VALUES
 )
 _VARIANTS = flags.DEFINE_list(
-    'variants', list(ALL_VARIANTS), f'Variants to run, among {ALL_VARIANTS}.',
-    flag_values=_FLAG_VALUES,
+  'variants',
+  list(ALL_VARIANTS),
+  f'Variants to run, among {ALL_VARIANTS}.',
+  flag_values=_FLAG_VALUES,
 )
 _DATASET = flags.DEFINE_string(
-    'dataset', 'mnist', 'mnist, fashion_mnist, digits or synthetic.', flag_values=_FLAG_VALUES
+  'dataset', 'mnist', 'mnist, fashion_mnist, digits or synthetic.', flag_values=_FLAG_VALUES
 )
 _NUM_CLIENTS = flags.DEFINE_integer(
-    'num_clients', 600, 'Clients the training set is split into (IID).', lower_bound=1,
-    flag_values=_FLAG_VALUES,
+  'num_clients',
+  600,
+  'Clients the training set is split into (IID).',
+  lower_bound=1,
+  flag_values=_FLAG_VALUES,
 )
 _EXAMPLES_PER_CLIENT = flags.DEFINE_integer(
-    'examples_per_client', 0, 'If > 0, each client uses only its first this many examples.',
-    lower_bound=0,
-    flag_values=_FLAG_VALUES,
+  'examples_per_client',
+  0,
+  'If > 0, each client uses only its first this many examples.',
+  lower_bound=0,
+  flag_values=_FLAG_VALUES,
 )
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', 20, 'Client batch size.', lower_bound=1, flag_values=_FLAG_VALUES
+  'batch_size', 20, 'Client batch size.', lower_bound=1, flag_values=_FLAG_VALUES
 )
 _LOCAL_EPOCHS = flags.DEFINE_integer(
-    'local_epochs', 1, 'Client epochs per round.', lower_bound=1, flag_values=_FLAG_VALUES
+  'local_epochs', 1, 'Client epochs per round.', lower_bound=1, flag_values=_FLAG_VALUES
 )
 _PAYLOAD = flags.DEFINE_enum(
-    'payload', 'update', process_lib.PAYLOADS, 'What clients send.', flag_values=_FLAG_VALUES
+  'payload', 'update', process_lib.PAYLOADS, 'What clients send.', flag_values=_FLAG_VALUES
 )
 _SEED = flags.DEFINE_integer(
-    'seed', 0, 'Seed for the split, client sampling and the model.', flag_values=_FLAG_VALUES
+  'seed', 0, 'Seed for the split, client sampling and the model.', flag_values=_FLAG_VALUES
 )
 _DATA_DIR = flags.DEFINE_string(
-    'data_dir', None,
-    'Data directory (default: $TFF_CLIPQ_MNIST_DIR, else /work/shared/data/mnist for mnist, '
-    'else the usual places).',
-    flag_values=_FLAG_VALUES,
+  'data_dir',
+  None,
+  'Data directory (default: $TFF_CLIPQ_MNIST_DIR, else /work/shared/data/mnist for mnist, '
+  'else the usual places).',
+  flag_values=_FLAG_VALUES,
 )
 _BASELINE = flags.DEFINE_string(
-    'baseline', None, 'JSON of an earlier run of this benchmark: adds a before/after table.',
-    flag_values=_FLAG_VALUES,
+  'baseline',
+  None,
+  'JSON of an earlier run of this benchmark: adds a before/after table.',
+  flag_values=_FLAG_VALUES,
 )
 _RETARGET = flags.DEFINE_string(
-    'retarget', None,
-    'JSON of an earlier run: re-evaluate its targets with this version of the benchmark and '
-    'rewrite its markdown and JSON (to --output) without measuring anything.',
-    flag_values=_FLAG_VALUES,
+  'retarget',
+  None,
+  'JSON of an earlier run: re-evaluate its targets with this version of the benchmark and '
+  'rewrite its markdown and JSON (to --output) without measuring anything.',
+  flag_values=_FLAG_VALUES,
 )
 _WORKER_INTRA_OP_THREADS = flags.DEFINE_integer(
-    'worker_intra_op_threads', 0,
-    'Threads one TensorFlow operation may use in the TFF worker (0: TensorFlow\'s default, one '
-    'per core); see `tff_clipq.runtime`.',
-    lower_bound=0,
-    flag_values=_FLAG_VALUES,
+  'worker_intra_op_threads',
+  0,
+  "Threads one TensorFlow operation may use in the TFF worker (0: TensorFlow's default, one "
+  'per core); see `tff_clipq.runtime`.',
+  lower_bound=0,
+  flag_values=_FLAG_VALUES,
 )
 _CHANGES = flags.DEFINE_string(
-    'changes', None, 'Markdown file describing the changes since --baseline (copied verbatim).',
-    flag_values=_FLAG_VALUES,
+  'changes',
+  None,
+  'Markdown file describing the changes since --baseline (copied verbatim).',
+  flag_values=_FLAG_VALUES,
 )
 
 _MB = 1024.0 * 1024.0
-_SHARED_MNIST_DIR = '/work/shared/data/mnist'  # Used for mnist when neither flag nor env var is set.
+_SHARED_MNIST_DIR = (
+  '/work/shared/data/mnist'  # Used for mnist when neither flag nor env var is set.
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,36 +315,50 @@ class VariantSpec:
 def variant_spec(name: str) -> VariantSpec:
   """The variant `name`; a `_every_step` suffix makes QAT recompute thresholds at every step."""
   every_step = name.endswith(EVERY_STEP) and '_qat' in name
-  base = name[:-len(EVERY_STEP)] if every_step else name
+  base = name[: -len(EVERY_STEP)] if every_step else name
   refresh = dict(qat_refresh_steps=1) if every_step else {}
   refresh_note = ', thresholds every step' if every_step else ''
   if name == 'keras':
     return VariantSpec(name, 'a', 'plain TF local training (compute floor)')
   if base.startswith('keras_qat_'):
-    bits = int(base[len('keras_qat_'):-1])
+    bits = int(base[len('keras_qat_') : -1])
     return VariantSpec(
-        name, 'a', f'plain TF local training, QAT {bits}-bit{refresh_note}', bits=bits, qat=True,
-        **refresh,
+      name,
+      'a',
+      f'plain TF local training, QAT {bits}-bit{refresh_note}',
+      bits=bits,
+      qat=True,
+      **refresh,
     )
   if name == 'fedavg_float':
     return VariantSpec(name, 'b', 'TFF FedAvg, MeanFactory float32', method='float')
   if name.startswith('tff_minmax_'):
-    bits = int(name[len('tff_minmax_'):-1])
+    bits = int(name[len('tff_minmax_') : -1])
     return VariantSpec(
-        name, 'c', f'TFF EncodedSumFactory.quantize_above_threshold {bits}-bit',
-        method='tff_encoded', bits=bits,
+      name,
+      'c',
+      f'TFF EncodedSumFactory.quantize_above_threshold {bits}-bit',
+      method='tff_encoded',
+      bits=bits,
     )
   if name == 'tff_compression_aggregator':
     return VariantSpec(
-        name, 'c', 'tff.learning.compression_aggregator() (8-bit, zeroing, clipping)',
-        method='tff_compression',
+      name,
+      'c',
+      'tff.learning.compression_aggregator() (8-bit, zeroing, clipping)',
+      method='tff_compression',
     )
   if base.startswith('clipq_'):
     qat = base.endswith('_qat')
-    bits = int(base[len('clipq_'):].split('b')[0])
+    bits = int(base[len('clipq_') :].split('b')[0])
     return VariantSpec(
-        name, 'd', f'ours {bits}-bit' + (' + QAT' if qat else '') + refresh_note, method='clipq',
-        bits=bits, qat=qat, **refresh,
+      name,
+      'd',
+      f'ours {bits}-bit' + (' + QAT' if qat else '') + refresh_note,
+      method='clipq',
+      bits=bits,
+      qat=qat,
+      **refresh,
     )
   raise ValueError(f'Unknown variant {name!r}; expected one of {ALL_VARIANTS}.')
 
@@ -345,14 +377,14 @@ def process_config(spec: VariantSpec, workload: Workload) -> process_lib.Process
   """The `ProcessConfig` of a TFF variant (for 'tff_compression' only the model part is used)."""
   method = spec.method if spec.method in process_lib.AGGREGATORS else 'float'
   return process_lib.ProcessConfig(
-      model='cnn',
-      input_shape=workload.input_shape,
-      num_classes=workload.num_classes,
-      aggregator=process_lib.AggregatorConfig(method=method, bits=spec.bits),
-      payload=workload.payload,
-      qat=spec.qat,
-      qat_threshold_refresh_steps=spec.qat_refresh_steps,
-      seed=workload.seed,
+    model='cnn',
+    input_shape=workload.input_shape,
+    num_classes=workload.num_classes,
+    aggregator=process_lib.AggregatorConfig(method=method, bits=spec.bits),
+    payload=workload.payload,
+    qat=spec.qat,
+    qat_threshold_refresh_steps=spec.qat_refresh_steps,
+    seed=workload.seed,
   )
 
 
@@ -363,14 +395,14 @@ class TffVariant:
     config = process_config(spec, workload)
     if spec.method == 'tff_compression':
       self.process = tff.learning.algorithms.build_weighted_fed_avg(
-          process_lib.build_model_fn(config),
-          client_optimizer_fn=tff.learning.optimizers.build_sgdm(
-              learning_rate=config.client_learning_rate, momentum=config.client_momentum
-          ),
-          server_optimizer_fn=tff.learning.optimizers.build_sgdm(
-              learning_rate=config.server_learning_rate
-          ),
-          model_aggregator=tff.learning.compression_aggregator(),
+        process_lib.build_model_fn(config),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(
+          learning_rate=config.client_learning_rate, momentum=config.client_momentum
+        ),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+          learning_rate=config.server_learning_rate
+        ),
+        model_aggregator=tff.learning.compression_aggregator(),
       )
     else:
       self.process = process_lib.build_learning_process(config)
@@ -390,10 +422,18 @@ class KerasFloor:
 
   def __init__(self, spec: VariantSpec, workload: Workload):
     config = process_config(spec, workload)
-    model = models.create_keras_model('cnn', workload.input_shape, workload.num_classes, workload.seed)
-    qat_config = process_lib.qat_config(
-        dataclasses.replace(config, aggregator=dataclasses.replace(config.aggregator, method='clipq'))
-    ) if spec.qat else None
+    model = models.create_keras_model(
+      'cnn', workload.input_shape, workload.num_classes, workload.seed
+    )
+    qat_config = (
+      process_lib.qat_config(
+        dataclasses.replace(
+          config, aggregator=dataclasses.replace(config.aggregator, method='clipq')
+        )
+      )
+      if spec.qat
+      else None
+    )
     self.model = qat_lib.apply_qat(model, qat_config) if qat_config else model
     variables = self.model.trainable_variables
     self.global_weights = [tf.Variable(v) for v in variables]
@@ -456,7 +496,9 @@ def build_variant(spec: VariantSpec, workload: Workload):
 class RoundData:
   """Builds the clients' training pipelines of round r at scale K (same for every variant)."""
 
-  def __init__(self, federated: data_lib.FederatedData, workload: Workload, examples_per_client: int):
+  def __init__(
+    self, federated: data_lib.FederatedData, workload: Workload, examples_per_client: int
+  ):
     self._train = federated.train
     self._client_ids = list(federated.train.client_ids)
     self._workload = workload
@@ -466,7 +508,7 @@ class RoundData:
   def client_ids(self, clients_per_round: int, round_index: int) -> list[str]:
     if clients_per_round > len(self._client_ids):
       raise ValueError(
-          f'{clients_per_round} clients per round, but the data has {len(self._client_ids)} clients.'
+        f'{clients_per_round} clients per round, but the data has {len(self._client_ids)} clients.'
       )
     rng = np.random.default_rng([self._workload.seed, clients_per_round, round_index + 1])
     return sorted(rng.choice(self._client_ids, clients_per_round, replace=False).tolist())
@@ -478,9 +520,9 @@ class RoundData:
       if self._examples_per_client:
         dataset = dataset.take(self._examples_per_client)
       result.append(
-          data_lib.preprocess_for_training(
-              dataset, self._workload.batch_size, self._workload.local_epochs, self._workload.seed
-          )
+        data_lib.preprocess_for_training(
+          dataset, self._workload.batch_size, self._workload.local_epochs, self._workload.seed
+        )
       )
     self.datasets_built += len(result)
     return result
@@ -523,20 +565,20 @@ def timed_round(variant, round_data: RoundData, client_ids: list[str]) -> tuple[
 
 def _worker_threads_line(intra_op_threads: int) -> str:
   return (
-      f'- TFF worker: {bench_util.describe_intra_op_threads(intra_op_threads)} '
-      f"(`--worker_intra_op_threads={intra_op_threads}`); the floor (a) runs in this process "
-      "with TensorFlow's default."
+    f'- TFF worker: {bench_util.describe_intra_op_threads(intra_op_threads)} '
+    f'(`--worker_intra_op_threads={intra_op_threads}`); the floor (a) runs in this process '
+    "with TensorFlow's default."
   )
 
 
 def run_benchmark(
-    variant_names: list[str],
-    scales: list[int],
-    rounds: int,
-    round_data: RoundData,
-    workload: Workload,
-    log: Callable[[str], None] = print,
-    worker_intra_op_threads: Optional[int] = None,
+  variant_names: list[str],
+  scales: list[int],
+  rounds: int,
+  round_data: RoundData,
+  workload: Workload,
+  log: Callable[[str], None] = print,
+  worker_intra_op_threads: Optional[int] = None,
 ) -> tuple[dict[str, float], list[Measurement], str, dict[str, float]]:
   """Builds every variant, then measures each scale (TFF's worker with `worker_intra_op_threads`).
 
@@ -590,9 +632,9 @@ def run_benchmark(
       rss_after_first_scale = _rss_bytes(os.getpid()) or 0
       datasets_before = round_data.datasets_built
   growth = collections.OrderedDict(
-      main_rss_after_first_scale_mb=(rss_after_first_scale or 0) / _MB,
-      main_rss_end_mb=(_rss_bytes(os.getpid()) or 0) / _MB,
-      client_datasets_built=round_data.datasets_built - datasets_before,
+    main_rss_after_first_scale_mb=(rss_after_first_scale or 0) / _MB,
+    main_rss_end_mb=(_rss_bytes(os.getpid()) or 0) / _MB,
+    client_datasets_built=round_data.datasets_built - datasets_before,
   )
   return build_s, measurements, memory_method, growth
 
@@ -613,7 +655,9 @@ def ratio(measurements, variant: str, reference: str, clients_per_round: int) ->
   return a.median_s / b.median_s
 
 
-def cpu_ratio(measurements, variant: str, reference: str, clients_per_round: int) -> Optional[float]:
+def cpu_ratio(
+  measurements, variant: str, reference: str, clients_per_round: int
+) -> Optional[float]:
   table = _lookup(measurements)
   a, b = table.get((variant, clients_per_round)), table.get((reference, clients_per_round))
   if a is None or b is None or not statistics.median(b.cpu_s):
@@ -621,7 +665,9 @@ def cpu_ratio(measurements, variant: str, reference: str, clients_per_round: int
   return statistics.median(a.cpu_s) / statistics.median(b.cpu_s)
 
 
-def _memory_is_at_most_linear(points: list[tuple[int, float]], slack_mb: float = 32.0) -> Optional[bool]:
+def _memory_is_at_most_linear(
+  points: list[tuple[int, float]], slack_mb: float = 32.0
+) -> Optional[bool]:
   """True unless the memory added per client grows from the first interval to the last.
 
   points: (clients per round, peak MB), sorted by clients. A superlinear curve has a larger
@@ -635,7 +681,9 @@ def _memory_is_at_most_linear(points: list[tuple[int, float]], slack_mb: float =
   return last_slope * (k2 - k1) <= 1.25 * first_slope * (k2 - k1) + slack_mb
 
 
-def _rise_is_at_most_linear(points: list[tuple[int, float]], slack_mb: float = 32.0) -> Optional[bool]:
+def _rise_is_at_most_linear(
+  points: list[tuple[int, float]], slack_mb: float = 32.0
+) -> Optional[bool]:
   """True unless the memory a round adds per client at the largest K exceeds the smaller K's.
 
   points: (clients per round, MB a round adds), sorted by clients. A round's rise is small and
@@ -662,22 +710,26 @@ def evaluate_targets(measurements: list[Measurement], scales: list[int]) -> list
       met = all(v <= limit for v in values.values()) if values else None
     cpu_values = {k: v for k, v in (cpu_values or {}).items() if v is not None}
     targets.append(
-        collections.OrderedDict(
-            target=name, limit=limit, values=values, cpu_values=cpu_values, met=met
-        )
+      collections.OrderedDict(
+        target=name, limit=limit, values=values, cpu_values=cpu_values, met=met
+      )
     )
 
   add(
-      'aggregator overhead: clipq (no QAT) round / FedAvg round <= 1.05',
-      1.05,
-      {
-          f'{v} K={k}': ratio(measurements, v, FEDAVG, k)
-          for v in ('clipq_2b', 'clipq_4b') if v in names for k in scales
-      },
-      cpu_values={
-          f'{v} K={k}': cpu_ratio(measurements, v, FEDAVG, k)
-          for v in ('clipq_2b', 'clipq_4b') if v in names for k in scales
-      },
+    'aggregator overhead: clipq (no QAT) round / FedAvg round <= 1.05',
+    1.05,
+    {
+      f'{v} K={k}': ratio(measurements, v, FEDAVG, k)
+      for v in ('clipq_2b', 'clipq_4b')
+      if v in names
+      for k in scales
+    },
+    cpu_values={
+      f'{v} K={k}': cpu_ratio(measurements, v, FEDAVG, k)
+      for v in ('clipq_2b', 'clipq_4b')
+      if v in names
+      for k in scales
+    },
   )
   qat_values, qat_cpu_values = {}, {}
   cpu = lambda m: statistics.median(m.cpu_s)
@@ -699,16 +751,20 @@ def evaluate_targets(measurements: list[Measurement], scales: list[int]) -> list
           qat_cpu_values[key] = cpu(keras_qat) / cpu(floor) - 1
   add('QAT overhead on local training <= 25%', 0.25, qat_values, cpu_values=qat_cpu_values)
   add(
-      'whole round / compute floor <= 1.5',
-      1.5,
-      {
-          f'{v} K={k}': ratio(measurements, v, FLOOR, k)
-          for v in (FEDAVG, 'clipq_2b', 'clipq_4b') if v in names for k in scales
-      },
-      cpu_values={
-          f'{v} K={k}': cpu_ratio(measurements, v, FLOOR, k)
-          for v in (FEDAVG, 'clipq_2b', 'clipq_4b') if v in names for k in scales
-      },
+    'whole round / compute floor <= 1.5',
+    1.5,
+    {
+      f'{v} K={k}': ratio(measurements, v, FLOOR, k)
+      for v in (FEDAVG, 'clipq_2b', 'clipq_4b')
+      if v in names
+      for k in scales
+    },
+    cpu_values={
+      f'{v} K={k}': cpu_ratio(measurements, v, FLOOR, k)
+      for v in (FEDAVG, 'clipq_2b', 'clipq_4b')
+      if v in names
+      for k in scales
+    },
   )
   # The worker starts afresh at every K, so its peak at K is what rounds of K clients need. This
   # process lives through the whole run and keeps what earlier rounds left (see the note on
@@ -716,11 +772,16 @@ def evaluate_targets(measurements: list[Measurement], scales: list[int]) -> list
   # noisy: see `_rise_is_at_most_linear`).
   memory_values, memory_met = {}, []
   for variant in sorted(names):
-    for label, attribute in (('worker peak', 'peak_worker_bytes'), ('main round rise', 'rise_main_bytes')):
+    for label, attribute in (
+      ('worker peak', 'peak_worker_bytes'),
+      ('main round rise', 'rise_main_bytes'),
+    ):
       if variant_spec(variant).method is None and label == 'worker peak':
         continue
       points = [
-          (k, getattr(table[(variant, k)], attribute) / _MB) for k in sorted(scales) if (variant, k) in table
+        (k, getattr(table[(variant, k)], attribute) / _MB)
+        for k in sorted(scales)
+        if (variant, k) in table
       ]
       check = _memory_is_at_most_linear if label == 'worker peak' else _rise_is_at_most_linear
       linear = check(points)
@@ -731,10 +792,10 @@ def evaluate_targets(measurements: list[Measurement], scales: list[int]) -> list
         if not linear:
           memory_values[f'{variant} {label}'] += ' (superlinear)'
   add(
-      'memory grows at most linearly with clients per round (MB at each K; judged on ours, clipq_*)',
-      None,
-      memory_values,
-      met=all(memory_met) if memory_met else None,
+    'memory grows at most linearly with clients per round (MB at each K; judged on ours, clipq_*)',
+    None,
+    memory_values,
+    met=all(memory_met) if memory_met else None,
   )
   return targets
 
@@ -753,96 +814,107 @@ def _growth_lines(growth: Optional[dict[str, float]]) -> list[str]:
   grown = growth['main_rss_end_mb'] - growth['main_rss_after_first_scale_mb']
   per_dataset_kb = 1024.0 * grown / growth['client_datasets_built']
   return [
-      f"- This process's RSS grew from {growth['main_rss_after_first_scale_mb']:.0f} MB (after the "
-      f"first K) to {growth['main_rss_end_mb']:.0f} MB while {growth['client_datasets_built']} client "
-      f"datasets were built (~{per_dataset_kb:.0f} KB per dataset; an upper bound, anything else "
-      "kept counts too): each "
-      "`create_tf_dataset_for_client` + `preprocess_for_training` call leaves memory behind, so "
-      'a long run that rebuilds every client dataset every round grows without bound. Hence '
-      "the memory target uses this process's per-round rise, not its peak."
+    f"- This process's RSS grew from {growth['main_rss_after_first_scale_mb']:.0f} MB (after the "
+    f'first K) to {growth["main_rss_end_mb"]:.0f} MB while {growth["client_datasets_built"]} client '
+    f'datasets were built (~{per_dataset_kb:.0f} KB per dataset; an upper bound, anything else '
+    'kept counts too): each '
+    '`create_tf_dataset_for_client` + `preprocess_for_training` call leaves memory behind, so '
+    'a long run that rebuilds every client dataset every round grows without bound. Hence '
+    "the memory target uses this process's per-round rise, not its peak."
   ]
 
 
-def render_markdown(report: dict[str, Any], baseline: Optional[dict[str, Any]], changes: Optional[str]) -> str:
+def render_markdown(
+  report: dict[str, Any], baseline: Optional[dict[str, Any]], changes: Optional[str]
+) -> str:
   config = report['config']
   lines = [
-      '# Round time: compute floor vs TFF FedAvg vs compression aggregators',
-      '',
-      'Generated by `benchmarks/round_time.py` (see its docstring for what each variant does).',
-      '',
-      f"- Data: {config['data_source']}; {config['num_clients']} IID clients, "
-      f"{config['examples_per_client_description']}; batch {config['batch_size']}, "
-      f"{config['local_epochs']} local epoch(s); paper CNN; client SGD lr 0.01 momentum 0.9; "
-      f"payload '{config['payload']}'.",
-      f"- Timing: median of {config['rounds']} timed rounds after 1 warm-up round per variant and "
-      'scale; timed rounds interleaved across variants (order rotated each round). A round = '
-      'building the K clients\' tf.data pipelines + `process.next` (floor: local training + mean).',
-      f"- Memory: peak RSS in MB, {report['memory_method']}, max over the timed rounds; 'main' = "
-      "this Python process, 'worker' = TFF's worker_binary (a fresh one per K). 'Round rise' = "
-      "peak during a round minus RSS just before it. Variants share both processes, so a peak "
-      "includes memory retained from earlier rounds.",
-      '- CPU s: user + system CPU seconds of this process and the worker during the round (median); '
-      'less disturbed by other jobs than wall time. TFF runs the clients of a round concurrently '
-      '(here on 2 cores) while the floor trains them one after another, so TFF can beat the '
-      'floor in wall time; CPU time compares the work done.',
-      *_growth_lines(report.get('main_process_growth')),
-      _worker_threads_line(config.get('worker_intra_op_threads', 0)),
-      f"- Machine: {report['environment']['cpu_count']} CPU cores (shared; load average "
-      f"{report['environment']['load_average_start']} at start, "
-      f"{report['environment']['load_average_end']} at end), TF {report['environment']['tensorflow']}, "
-      f"TFF {report['environment']['tensorflow_federated']}. Total wall time "
-      f"{report['total_wall_s'] / 60:.1f} min.",
-      '',
-      '## Per-round wall time',
-      '',
-      '| variant | group | K | median s/round | min | data_s | / floor (a) | / FedAvg (b) | '
-      'CPU s | CPU / floor | CPU / FedAvg | peak main MB | peak worker MB | '
-      'round rise main / worker MB | warm-up s |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '# Round time: compute floor vs TFF FedAvg vs compression aggregators',
+    '',
+    'Generated by `benchmarks/round_time.py` (see its docstring for what each variant does).',
+    '',
+    f'- Data: {config["data_source"]}; {config["num_clients"]} IID clients, '
+    f'{config["examples_per_client_description"]}; batch {config["batch_size"]}, '
+    f'{config["local_epochs"]} local epoch(s); paper CNN; client SGD lr 0.01 momentum 0.9; '
+    f"payload '{config['payload']}'.",
+    f'- Timing: median of {config["rounds"]} timed rounds after 1 warm-up round per variant and '
+    'scale; timed rounds interleaved across variants (order rotated each round). A round = '
+    "building the K clients' tf.data pipelines + `process.next` (floor: local training + mean).",
+    f"- Memory: peak RSS in MB, {report['memory_method']}, max over the timed rounds; 'main' = "
+    "this Python process, 'worker' = TFF's worker_binary (a fresh one per K). 'Round rise' = "
+    'peak during a round minus RSS just before it. Variants share both processes, so a peak '
+    'includes memory retained from earlier rounds.',
+    '- CPU s: user + system CPU seconds of this process and the worker during the round (median); '
+    'less disturbed by other jobs than wall time. TFF runs the clients of a round concurrently '
+    '(here on 2 cores) while the floor trains them one after another, so TFF can beat the '
+    'floor in wall time; CPU time compares the work done.',
+    *_growth_lines(report.get('main_process_growth')),
+    _worker_threads_line(config.get('worker_intra_op_threads', 0)),
+    f'- Machine: {report["environment"]["cpu_count"]} CPU cores (shared; load average '
+    f'{report["environment"]["load_average_start"]} at start, '
+    f'{report["environment"]["load_average_end"]} at end), TF {report["environment"]["tensorflow"]}, '
+    f'TFF {report["environment"]["tensorflow_federated"]}. Total wall time '
+    f'{report["total_wall_s"] / 60:.1f} min.',
+    '',
+    '## Per-round wall time',
+    '',
+    '| variant | group | K | median s/round | min | data_s | / floor (a) | / FedAvg (b) | '
+    'CPU s | CPU / floor | CPU / FedAvg | peak main MB | peak worker MB | '
+    'round rise main / worker MB | warm-up s |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for row in report['results']:
     lines.append(
-        f"| {row['variant']} | {row['group']} | {row['clients_per_round']} | "
-        f"{row['median_s']:.2f} | {row['min_s']:.2f} | {row['data_median_s']:.2f} | "
-        f"{_fmt(row['ratio_to_floor'])} | {_fmt(row['ratio_to_fedavg'])} | "
-        f"{row['cpu_median_s']:.2f} | {_fmt(row['cpu_ratio_to_floor'])} | "
-        f"{_fmt(row['cpu_ratio_to_fedavg'])} | "
-        f"{row['peak_main_mb']:.0f} | {_fmt(row['peak_worker_mb'], 0)} | "
-        f"{row['rise_main_mb']:.0f} / {_fmt(row['rise_worker_mb'], 0)} | {_fmt(row['warmup_s'], 1)} |"
+      f'| {row["variant"]} | {row["group"]} | {row["clients_per_round"]} | '
+      f'{row["median_s"]:.2f} | {row["min_s"]:.2f} | {row["data_median_s"]:.2f} | '
+      f'{_fmt(row["ratio_to_floor"])} | {_fmt(row["ratio_to_fedavg"])} | '
+      f'{row["cpu_median_s"]:.2f} | {_fmt(row["cpu_ratio_to_floor"])} | '
+      f'{_fmt(row["cpu_ratio_to_fedavg"])} | '
+      f'{row["peak_main_mb"]:.0f} | {_fmt(row["peak_worker_mb"], 0)} | '
+      f'{row["rise_main_mb"]:.0f} / {_fmt(row["rise_worker_mb"], 0)} | {_fmt(row["warmup_s"], 1)} |'
     )
-  lines += ['', '## One-time cost (process construction, incl. tracing)', '',
-            '| variant | build s |', '|---|---|']
+  lines += [
+    '',
+    '## One-time cost (process construction, incl. tracing)',
+    '',
+    '| variant | build s |',
+    '|---|---|',
+  ]
   lines += [f'| {name} | {seconds:.1f} |' for name, seconds in report['build_s'].items()]
   lines += [
-      '', '## Targets', '',
-      'Met / not met is judged on wall time (median s/round); the same ratios in CPU time are '
-      'shown beside them.', '',
-      '| target | result | wall time | CPU time |', '|---|---|---|---|',
+    '',
+    '## Targets',
+    '',
+    'Met / not met is judged on wall time (median s/round); the same ratios in CPU time are '
+    'shown beside them.',
+    '',
+    '| target | result | wall time | CPU time |',
+    '|---|---|---|---|',
   ]
 
   def joined(values):
     return '; '.join(
-        f'{key}: {value:.3f}' if isinstance(value, float) else f'{key}: {value}'
-        for key, value in values.items()
+      f'{key}: {value:.3f}' if isinstance(value, float) else f'{key}: {value}'
+      for key, value in values.items()
     )
 
   for target in report['targets']:
     lines.append(
-        f"| {target['target']} | {_met(target['met'])} | {joined(target['values'])} | "
-        f"{joined(target.get('cpu_values', {})) or '—'} |"
+      f'| {target["target"]} | {_met(target["met"])} | {joined(target["values"])} | '
+      f'{joined(target.get("cpu_values", {})) or "—"} |'
     )
   if baseline is not None:
     lines += ['', '## Before/after', '']
     if changes:
       lines += [changes.strip(), '']
     lines += [
-        'Medians of the earlier run (`--baseline`) and this one; machine load differs between runs, '
-        'so compare the ratios to the floor (a) and to FedAvg (b), which are measured side by side '
-        'within each run.',
-        '',
-        '| variant | K | before s | after s | before / floor | after / floor | '
-        'before / FedAvg | after / FedAvg |',
-        '|---|---|---|---|---|---|---|---|',
+      'Medians of the earlier run (`--baseline`) and this one; machine load differs between runs, '
+      'so compare the ratios to the floor (a) and to FedAvg (b), which are measured side by side '
+      'within each run.',
+      '',
+      '| variant | K | before s | after s | before / floor | after / floor | '
+      'before / FedAvg | after / FedAvg |',
+      '|---|---|---|---|---|---|---|---|',
     ]
     before = {(r['variant'], r['clients_per_round']): r for r in baseline['results']}
     for row in report['results']:
@@ -850,97 +922,97 @@ def render_markdown(report: dict[str, Any], baseline: Optional[dict[str, Any]], 
       if old is None:
         continue
       lines.append(
-          f"| {row['variant']} | {row['clients_per_round']} | {old['median_s']:.2f} | "
-          f"{row['median_s']:.2f} | {_fmt(old['ratio_to_floor'])} | {_fmt(row['ratio_to_floor'])} | "
-          f"{_fmt(old['ratio_to_fedavg'])} | {_fmt(row['ratio_to_fedavg'])} |"
+        f'| {row["variant"]} | {row["clients_per_round"]} | {old["median_s"]:.2f} | '
+        f'{row["median_s"]:.2f} | {_fmt(old["ratio_to_floor"])} | {_fmt(row["ratio_to_floor"])} | '
+        f'{_fmt(old["ratio_to_fedavg"])} | {_fmt(row["ratio_to_fedavg"])} |'
       )
     lines += ['', '| variant | before build s | after build s |', '|---|---|---|']
     for name, seconds in report['build_s'].items():
       if name in baseline.get('build_s', {}):
-        lines.append(f"| {name} | {baseline['build_s'][name]:.1f} | {seconds:.1f} |")
+        lines.append(f'| {name} | {baseline["build_s"][name]:.1f} | {seconds:.1f} |')
   return '\n'.join(lines) + '\n'
 
 
 def build_report(
-    measurements: list[Measurement],
-    build_s: dict[str, float],
-    scales: list[int],
-    config: dict[str, Any],
-    memory_method: str,
-    environment: dict[str, Any],
-    total_wall_s: float,
-    main_growth: Optional[dict[str, float]] = None,
+  measurements: list[Measurement],
+  build_s: dict[str, float],
+  scales: list[int],
+  config: dict[str, Any],
+  memory_method: str,
+  environment: dict[str, Any],
+  total_wall_s: float,
+  main_growth: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
   results = []
   for m in measurements:
     results.append(
-        collections.OrderedDict(
-            variant=m.variant,
-            group=variant_spec(m.variant).group,
-            description=variant_spec(m.variant).description,
-            clients_per_round=m.clients_per_round,
-            median_s=m.median_s,
-            min_s=min(m.round_s),
-            round_s=m.round_s,
-            data_median_s=statistics.median(m.data_s),
-            cpu_median_s=statistics.median(m.cpu_s),
-            cpu_s=m.cpu_s,
-            cpu_ratio_to_floor=cpu_ratio(measurements, m.variant, FLOOR, m.clients_per_round),
-            cpu_ratio_to_fedavg=cpu_ratio(measurements, m.variant, FEDAVG, m.clients_per_round),
-            warmup_s=m.warmup_s,
-            ratio_to_floor=ratio(measurements, m.variant, FLOOR, m.clients_per_round),
-            ratio_to_fedavg=ratio(measurements, m.variant, FEDAVG, m.clients_per_round),
-            peak_main_mb=m.peak_main_bytes / _MB,
-            peak_worker_mb=m.peak_worker_bytes / _MB if m.peak_worker_bytes else None,
-            rise_main_mb=m.rise_main_bytes / _MB,
-            rise_worker_mb=m.rise_worker_bytes / _MB if m.peak_worker_bytes else None,
-        )
+      collections.OrderedDict(
+        variant=m.variant,
+        group=variant_spec(m.variant).group,
+        description=variant_spec(m.variant).description,
+        clients_per_round=m.clients_per_round,
+        median_s=m.median_s,
+        min_s=min(m.round_s),
+        round_s=m.round_s,
+        data_median_s=statistics.median(m.data_s),
+        cpu_median_s=statistics.median(m.cpu_s),
+        cpu_s=m.cpu_s,
+        cpu_ratio_to_floor=cpu_ratio(measurements, m.variant, FLOOR, m.clients_per_round),
+        cpu_ratio_to_fedavg=cpu_ratio(measurements, m.variant, FEDAVG, m.clients_per_round),
+        warmup_s=m.warmup_s,
+        ratio_to_floor=ratio(measurements, m.variant, FLOOR, m.clients_per_round),
+        ratio_to_fedavg=ratio(measurements, m.variant, FEDAVG, m.clients_per_round),
+        peak_main_mb=m.peak_main_bytes / _MB,
+        peak_worker_mb=m.peak_worker_bytes / _MB if m.peak_worker_bytes else None,
+        rise_main_mb=m.rise_main_bytes / _MB,
+        rise_worker_mb=m.rise_worker_bytes / _MB if m.peak_worker_bytes else None,
+      )
     )
   return collections.OrderedDict(
-      config=config,
-      environment=environment,
-      memory_method=memory_method,
-      total_wall_s=total_wall_s,
-      build_s=build_s,
-      main_process_growth=main_growth or {},
-      results=results,
-      targets=evaluate_targets(measurements, scales),
+    config=config,
+    environment=environment,
+    memory_method=memory_method,
+    total_wall_s=total_wall_s,
+    build_s=build_s,
+    main_process_growth=main_growth or {},
+    results=results,
+    targets=evaluate_targets(measurements, scales),
   )
 
 
 def print_table(report: dict[str, Any]) -> None:
   print(
-      f"{'variant':28s} {'K':>4s} {'s/round':>8s} {'/floor':>7s} {'/fedavg':>8s} {'CPU s':>6s} "
-      f"{'/floor':>7s} {'/fedavg':>8s} {'main MB':>8s} {'worker MB':>9s}"
+    f'{"variant":28s} {"K":>4s} {"s/round":>8s} {"/floor":>7s} {"/fedavg":>8s} {"CPU s":>6s} '
+    f'{"/floor":>7s} {"/fedavg":>8s} {"main MB":>8s} {"worker MB":>9s}'
   )
   for row in report['results']:
     print(
-        f"{row['variant']:28s} {row['clients_per_round']:4d} {row['median_s']:8.2f} "
-        f"{_fmt(row['ratio_to_floor']):>7s} {_fmt(row['ratio_to_fedavg']):>8s} "
-        f"{row['cpu_median_s']:6.2f} {_fmt(row['cpu_ratio_to_floor']):>7s} "
-        f"{_fmt(row['cpu_ratio_to_fedavg']):>8s} "
-        f"{row['peak_main_mb']:8.0f} {_fmt(row['peak_worker_mb'], 0):>9s}"
+      f'{row["variant"]:28s} {row["clients_per_round"]:4d} {row["median_s"]:8.2f} '
+      f'{_fmt(row["ratio_to_floor"]):>7s} {_fmt(row["ratio_to_fedavg"]):>8s} '
+      f'{row["cpu_median_s"]:6.2f} {_fmt(row["cpu_ratio_to_floor"]):>7s} '
+      f'{_fmt(row["cpu_ratio_to_fedavg"]):>8s} '
+      f'{row["peak_main_mb"]:8.0f} {_fmt(row["peak_worker_mb"], 0):>9s}'
     )
   for target in report['targets']:
-    print(f"{_met(target['met']):12s} {target['target']}")
+    print(f'{_met(target["met"]):12s} {target["target"]}')
 
 
 def measurements_from_report(report: dict[str, Any]) -> list[Measurement]:
   """The measurements behind an earlier run's JSON (the pipeline time only as its median)."""
   return [
-      Measurement(
-          variant=row['variant'],
-          clients_per_round=row['clients_per_round'],
-          round_s=list(row['round_s']),
-          data_s=[row['data_median_s']],
-          warmup_s=row['warmup_s'],
-          peak_main_bytes=int(row['peak_main_mb'] * _MB),
-          peak_worker_bytes=int((row['peak_worker_mb'] or 0) * _MB),
-          rise_main_bytes=int(row['rise_main_mb'] * _MB),
-          rise_worker_bytes=int((row['rise_worker_mb'] or 0) * _MB),
-          cpu_s=list(row['cpu_s']),
-      )
-      for row in report['results']
+    Measurement(
+      variant=row['variant'],
+      clients_per_round=row['clients_per_round'],
+      round_s=list(row['round_s']),
+      data_s=[row['data_median_s']],
+      warmup_s=row['warmup_s'],
+      peak_main_bytes=int(row['peak_main_mb'] * _MB),
+      peak_worker_bytes=int((row['peak_worker_mb'] or 0) * _MB),
+      rise_main_bytes=int(row['rise_main_mb'] * _MB),
+      rise_worker_bytes=int((row['rise_worker_mb'] or 0) * _MB),
+      cpu_s=list(row['cpu_s']),
+    )
+    for row in report['results']
   ]
 
 
@@ -967,7 +1039,7 @@ def retarget(path: str) -> None:
   with open(path) as f:
     report = json.load(f)
   report['targets'] = evaluate_targets(
-      measurements_from_report(report), sorted(report['config']['clients_per_round'])
+    measurements_from_report(report), sorted(report['config']['clients_per_round'])
   )
   write_outputs(report)
 
@@ -990,62 +1062,73 @@ def main(argv):
 
   data_dir = _DATA_DIR.value
   if (
-      data_dir is None
-      and _DATASET.value == 'mnist'
-      and not os.environ.get('TFF_CLIPQ_MNIST_DIR')
-      and os.path.isdir(_SHARED_MNIST_DIR)
+    data_dir is None
+    and _DATASET.value == 'mnist'
+    and not os.environ.get('TFF_CLIPQ_MNIST_DIR')
+    and os.path.isdir(_SHARED_MNIST_DIR)
   ):
     data_dir = _SHARED_MNIST_DIR
   federated = data_lib.build_federated_data(
-      _DATASET.value, 'iid', _NUM_CLIENTS.value, _SEED.value, data_dir=data_dir
+    _DATASET.value, 'iid', _NUM_CLIENTS.value, _SEED.value, data_dir=data_dir
   )
   workload = Workload(
-      input_shape=tuple(federated.input_shape),
-      num_classes=federated.num_classes,
-      batch_size=_BATCH_SIZE.value,
-      local_epochs=_LOCAL_EPOCHS.value,
-      payload=_PAYLOAD.value,
-      seed=_SEED.value,
+    input_shape=tuple(federated.input_shape),
+    num_classes=federated.num_classes,
+    batch_size=_BATCH_SIZE.value,
+    local_epochs=_LOCAL_EPOCHS.value,
+    payload=_PAYLOAD.value,
+    seed=_SEED.value,
   )
   round_data = RoundData(federated, workload, _EXAMPLES_PER_CLIENT.value)
   sizes = list(federated.client_sizes.values())
   if _EXAMPLES_PER_CLIENT.value:
     sizes = [min(s, _EXAMPLES_PER_CLIENT.value) for s in sizes]
   examples = (
-      f'{min(sizes)} examples per client' if min(sizes) == max(sizes)
-      else f'{min(sizes)}-{max(sizes)} examples per client'
+    f'{min(sizes)} examples per client'
+    if min(sizes) == max(sizes)
+    else f'{min(sizes)}-{max(sizes)} examples per client'
   )
   build_s, measurements, memory_method, main_growth = run_benchmark(
-      variant_names, scales, _ROUNDS.value, round_data, workload,
-      log=lambda message: print(message, flush=True),
-      worker_intra_op_threads=_WORKER_INTRA_OP_THREADS.value or None,
+    variant_names,
+    scales,
+    _ROUNDS.value,
+    round_data,
+    workload,
+    log=lambda message: print(message, flush=True),
+    worker_intra_op_threads=_WORKER_INTRA_OP_THREADS.value or None,
   )
   config = collections.OrderedDict(
-      dataset=_DATASET.value,
-      data_source=federated.source,
-      num_clients=len(federated.train.client_ids),
-      examples_per_client=_EXAMPLES_PER_CLIENT.value,
-      examples_per_client_description=examples,
-      batch_size=_BATCH_SIZE.value,
-      local_epochs=_LOCAL_EPOCHS.value,
-      payload=_PAYLOAD.value,
-      clients_per_round=scales,
-      rounds=_ROUNDS.value,
-      seed=_SEED.value,
-      variants=variant_names,
-      worker_intra_op_threads=_WORKER_INTRA_OP_THREADS.value,
+    dataset=_DATASET.value,
+    data_source=federated.source,
+    num_clients=len(federated.train.client_ids),
+    examples_per_client=_EXAMPLES_PER_CLIENT.value,
+    examples_per_client_description=examples,
+    batch_size=_BATCH_SIZE.value,
+    local_epochs=_LOCAL_EPOCHS.value,
+    payload=_PAYLOAD.value,
+    clients_per_round=scales,
+    rounds=_ROUNDS.value,
+    seed=_SEED.value,
+    variants=variant_names,
+    worker_intra_op_threads=_WORKER_INTRA_OP_THREADS.value,
   )
   environment = collections.OrderedDict(
-      cpu_count=os.cpu_count(),
-      load_average_start=' '.join(f'{x:.2f}' for x in load_start),
-      load_average_end=' '.join(f'{x:.2f}' for x in os.getloadavg()),
-      python=platform.python_version(),
-      tensorflow=tf.__version__,
-      tensorflow_federated=tff.__version__,
+    cpu_count=os.cpu_count(),
+    load_average_start=' '.join(f'{x:.2f}' for x in load_start),
+    load_average_end=' '.join(f'{x:.2f}' for x in os.getloadavg()),
+    python=platform.python_version(),
+    tensorflow=tf.__version__,
+    tensorflow_federated=tff.__version__,
   )
   report = build_report(
-      measurements, build_s, scales, config, memory_method, environment,
-      time.perf_counter() - start, main_growth,
+    measurements,
+    build_s,
+    scales,
+    config,
+    memory_method,
+    environment,
+    time.perf_counter() - start,
+    main_growth,
   )
   write_outputs(report)
 

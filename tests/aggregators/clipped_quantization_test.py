@@ -20,11 +20,11 @@ WEIGHT_TYPE = tff.TensorType(np.float32)
 def _client_values(num_clients: int, seed: int = 0) -> list[list[np.ndarray]]:
   rng = np.random.default_rng(seed)
   return [
-      [
-          (rng.standard_normal([12, 10]) * (1 + i)).astype(np.float32),
-          rng.standard_normal([10]).astype(np.float32),
-      ]
-      for i in range(num_clients)
+    [
+      (rng.standard_normal([12, 10]) * (1 + i)).astype(np.float32),
+      rng.standard_normal([10]).astype(np.float32),
+    ]
+    for i in range(num_clients)
   ]
 
 
@@ -39,15 +39,15 @@ def _numpy_nearest_reconstruction(x: np.ndarray, bits: int) -> np.ndarray:
 def _encode_and_aggregate(factory):
   """The factory's client encoding, and its server aggregation over hand-fed payloads."""
   codec = clipped_quantization.build_codec(
-      factory.settings, tff.aggregators.SumFactory(), VALUE_TYPE, WEIGHT_TYPE
+    factory.settings, tff.aggregators.SumFactory(), VALUE_TYPE, WEIGHT_TYPE
   )
 
   def aggregate(payloads):
     accumulator = codec.zero_fn()
     for payload_value in payloads:
       accumulator = codec.accumulate_fn(
-          accumulator,
-          collections.OrderedDict((key, payload_value[key]) for key in codec.aggregate_keys),
+        accumulator,
+        collections.OrderedDict((key, payload_value[key]) for key in codec.aggregate_keys),
       )
     return accumulator
 
@@ -55,7 +55,6 @@ def _encode_and_aggregate(factory):
 
 
 class ClippedQuantizationMeanTest(tf.test.TestCase):
-
   def _run(self, factory, values, weights=None):
     if weights is None:
       process = factory.create(VALUE_TYPE)
@@ -65,7 +64,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
 
   def test_wire_type_is_the_packed_payload(self):
     factory = aggregators.clipped_quantization_mean(
-        bits=3, rounding='nearest', weighting='uniform', min_size_to_quantize=100
+      bits=3, rounding='nearest', weighting='uniform', min_size_to_quantize=100
     )
     process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
     output = process.next(process.initialize(), _client_values(2), [1.0, 1.0])
@@ -81,7 +80,11 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_inverse_error_mean_matches_numpy_reference(self):
     values = _client_values(3)
     factory = aggregators.clipped_quantization_mean(
-        bits=2, clipping='octav', rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+      bits=2,
+      clipping='octav',
+      rounding='nearest',
+      weighting='inverse_error',
+      min_size_to_quantize=100,
     )
     output = self._run(factory, values, [5.0, 1.0, 1.0])
     reconstructions = [_numpy_nearest_reconstruction(v[0], 2) for v in values]
@@ -92,10 +95,12 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     # Float bias: uniform weighting (its error is zero), example weights are never used.
     self.assertAllClose(output.result[1], np.mean([v[1] for v in values], axis=0), atol=1e-6)
     self.assertAllClose(
-        output.measurements['quantized']['weight_max_over_min'], weights.max() / weights.min(), rtol=1e-4
+      output.measurements['quantized']['weight_max_over_min'],
+      weights.max() / weights.min(),
+      rtol=1e-4,
     )
     self.assertAllClose(
-        output.measurements['quantized']['quantization_mse'], np.mean(errors), rtol=1e-4
+      output.measurements['quantized']['quantization_mse'], np.mean(errors), rtol=1e-4
     )
 
   def test_example_count_and_uniform_weighting_match_numpy(self):
@@ -104,38 +109,45 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     reconstructions = np.stack([_numpy_nearest_reconstruction(v[0], 4) for v in values])
     biases = np.stack([v[1] for v in values])
     weighted = aggregators.clipped_quantization_mean(
-        bits=4, clipping='octav', rounding='nearest', weighting='example_count', min_size_to_quantize=100
+      bits=4,
+      clipping='octav',
+      rounding='nearest',
+      weighting='example_count',
+      min_size_to_quantize=100,
     )
     output = self._run(weighted, values, list(counts))
     self.assertAllClose(
-        output.result[0], np.tensordot(counts, reconstructions, 1) / counts.sum(), rtol=1e-3, atol=1e-4
+      output.result[0],
+      np.tensordot(counts, reconstructions, 1) / counts.sum(),
+      rtol=1e-3,
+      atol=1e-4,
     )
     self.assertAllClose(output.result[1], np.tensordot(counts, biases, 1) / counts.sum(), atol=1e-4)
     uniform = aggregators.unweighted_clipped_quantization_mean(
-        bits=4, clipping='octav', rounding='nearest', weighting='uniform', min_size_to_quantize=100
+      bits=4, clipping='octav', rounding='nearest', weighting='uniform', min_size_to_quantize=100
     )
     output = self._run(uniform, values)
     self.assertAllClose(output.result[0], reconstructions.mean(axis=0), rtol=1e-3, atol=1e-4)
 
   def test_per_tensor_bits_and_size_threshold(self):
     factory = aggregators.unweighted_clipped_quantization_mean(
-        bits='3-5', rounding='nearest', weighting='uniform', min_size_to_quantize=0
+      bits='3-5', rounding='nearest', weighting='uniform', min_size_to_quantize=0
     )
     output = self._run(factory, _client_values(2))
     per_tensor = output.measurements['quantized']['per_tensor']
     self.assertAllEqual(per_tensor['bits'], [3, 5])
     words = -(-120 * 3 // 32) + -(-10 * 5 // 32)
     self.assertEqual(
-        output.measurements['quantized']['client_upload_bits'], 32 * words + 2 * 32 + 8
+      output.measurements['quantized']['client_upload_bits'], 32 * words + 2 * 32 + 8
     )
     with self.assertRaisesRegex(ValueError, 'expected 1 .* or 2'):
-      aggregators.unweighted_clipped_quantization_mean(bits='3-5-4', min_size_to_quantize=100).create(
-          VALUE_TYPE
-      )
+      aggregators.unweighted_clipped_quantization_mean(
+        bits='3-5-4', min_size_to_quantize=100
+      ).create(VALUE_TYPE)
 
   def test_stochastic_rounding_is_reproducible_and_advances(self):
     factory = aggregators.unweighted_clipped_quantization_mean(
-        bits=2, rounding='stochastic', weighting='uniform', seed=7, min_size_to_quantize=100
+      bits=2, rounding='stochastic', weighting='uniform', seed=7, min_size_to_quantize=100
     )
     process = factory.create(VALUE_TYPE)
     values = _client_values(2)
@@ -152,7 +164,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     poisoned = [v.copy() for v in values[2]]
     poisoned[0][0, 0] = np.nan
     factory = aggregators.unweighted_clipped_quantization_mean(
-        bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+      bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
     )
     output = self._run(factory, values[:2] + [poisoned])
     clean = self._run(factory, values[:2])
@@ -166,7 +178,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     for client in values:
       client[1][0] = np.inf
     factory = aggregators.clipped_quantization_mean(
-        bits=4, weighting='example_count', min_size_to_quantize=100
+      bits=4, weighting='example_count', min_size_to_quantize=100
     )
     output = self._run(factory, values, [1.0, 1.0])
     self.assertAllEqual(output.result[0], np.zeros([12, 10]))
@@ -177,7 +189,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     values = _client_values(3)
     for weighting in aggregators.WEIGHTINGS:
       factory = aggregators.clipped_quantization_mean(
-          bits=4, weighting=weighting, rounding='nearest', min_size_to_quantize=100
+        bits=4, weighting=weighting, rounding='nearest', min_size_to_quantize=100
       )
       # Weight 0 is TFF's marker of a client whose update was non-finite (and zeroed).
       output = self._run(factory, values, [1.0, 0.0, -3.0])
@@ -192,16 +204,16 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     settings = dict(bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100)
     folded = aggregators.clipped_quantization_mean(**settings)
     inner = tff.aggregators.zeroing_factory(
-        zeroing_norm=1e9, inner_agg_factory=tff.aggregators.SumFactory()
+      zeroing_norm=1e9, inner_agg_factory=tff.aggregators.SumFactory()
     )
     separate = aggregators.clipped_quantization_mean(**settings, inner_agg_factory=inner)
     folded_codec = clipped_quantization.build_codec(
-        folded.settings, tff.aggregators.SumFactory(), VALUE_TYPE, WEIGHT_TYPE
+      folded.settings, tff.aggregators.SumFactory(), VALUE_TYPE, WEIGHT_TYPE
     )
     self.assertIsNone(folded_codec.inner_process)
     self.assertIn('weighted_floats', folded_codec.aggregate_keys)
     separate_codec = clipped_quantization.build_codec(
-        separate.settings, inner, VALUE_TYPE, WEIGHT_TYPE
+      separate.settings, inner, VALUE_TYPE, WEIGHT_TYPE
     )
     self.assertIsNotNone(separate_codec.inner_process)
     self.assertNotIn('weighted_floats', separate_codec.aggregate_keys)
@@ -221,7 +233,11 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     values = _client_values(3)
     values[2][0] = np.zeros([12, 10], np.float32)  # Quantized exactly: e_i = 0.
     factory = aggregators.unweighted_clipped_quantization_mean(
-        bits=4, clipping='octav', rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+      bits=4,
+      clipping='octav',
+      rounding='nearest',
+      weighting='inverse_error',
+      min_size_to_quantize=100,
     )
     output = self._run(factory, values)
     reconstructions = [_numpy_nearest_reconstruction(v[0], 4) for v in values[:2]]
@@ -237,14 +253,14 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     """A NaN error, a huge threshold or a NaN weight rejects the payload at decode, not the mean."""
     values = _client_values(3)
     factory = aggregators.clipped_quantization_mean(
-        bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+      bits=4, rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
     )
     encode_fn, aggregate = _encode_and_aggregate(factory)
     clean = [encode_fn(v, 0, 1.0) for v in values]
     for corrupt in (
-        lambda p: p['wire'].__setitem__('errors', np.full_like(p['wire']['errors'], np.nan)),
-        lambda p: p['wire']['quantized'][0].__setitem__('threshold', np.float32(3e38)),
-        lambda p: p['wire']['quantized'][0].__setitem__('threshold', np.float32(-1.0)),
+      lambda p: p['wire'].__setitem__('errors', np.full_like(p['wire']['errors'], np.nan)),
+      lambda p: p['wire']['quantized'][0].__setitem__('threshold', np.float32(3e38)),
+      lambda p: p['wire']['quantized'][0].__setitem__('threshold', np.float32(-1.0)),
     ):
       payloads = [encode_fn(v, 0, 1.0) for v in values]
       corrupt(payloads[2])
@@ -269,25 +285,31 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_composes_with_weighted_and_unweighted_fed_avg(self):
     def model_fn():
       keras_model = tf.keras.Sequential(
-          [tf.keras.layers.Input([4]), tf.keras.layers.Dense(3, kernel_initializer='zeros')]
+        [tf.keras.layers.Input([4]), tf.keras.layers.Dense(3, kernel_initializer='zeros')]
       )
       return tff.learning.models.from_keras_model(
-          keras_model,
-          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-          input_spec=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None], tf.int32)),
+        keras_model,
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        input_spec=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None], tf.int32)),
       )
 
     rng = np.random.default_rng(1)
     datasets = [
-        tf.data.Dataset.from_tensor_slices(
-            (rng.standard_normal([8, 4]).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32))
-        ).batch(4)
-        for _ in range(3)
+      tf.data.Dataset.from_tensor_slices(
+        (rng.standard_normal([8, 4]).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32))
+      ).batch(4)
+      for _ in range(3)
     ]
     optimizer = tff.learning.optimizers.build_sgdm(learning_rate=0.5)
     builders = [
-        (tff.learning.algorithms.build_weighted_fed_avg, aggregators.clipped_quantization_mean(bits=2, min_size_to_quantize=0)),
-        (tff.learning.algorithms.build_unweighted_fed_avg, aggregators.unweighted_clipped_quantization_mean(bits=2, min_size_to_quantize=0)),
+      (
+        tff.learning.algorithms.build_weighted_fed_avg,
+        aggregators.clipped_quantization_mean(bits=2, min_size_to_quantize=0),
+      ),
+      (
+        tff.learning.algorithms.build_unweighted_fed_avg,
+        aggregators.unweighted_clipped_quantization_mean(bits=2, min_size_to_quantize=0),
+      ),
     ]
     for builder, factory in builders:
       process = builder(model_fn, client_optimizer_fn=optimizer, model_aggregator=factory)
@@ -302,10 +324,10 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     values = _client_values(3)
     values[2] = [v * 1000.0 for v in values[2]]  # An outlier client, zeroed by its norm.
     robust = tff.aggregators.zeroing_factory(
-        zeroing_norm=100.0,
-        inner_agg_factory=aggregators.clipped_quantization_mean(
-            bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100
-        ),
+      zeroing_norm=100.0,
+      inner_agg_factory=aggregators.clipped_quantization_mean(
+        bits=4, rounding='nearest', weighting='example_count', min_size_to_quantize=100
+      ),
     )
     output = self._run(robust, values, [1.0, 1.0, 1.0])
     self.assertEqual(output.measurements['zeroed_count'], 1)
@@ -314,13 +336,17 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_inverse_normalized_error_weights_are_scale_free(self):
     values = _client_values(3)  # Client i's matrix is scaled by 1 + i.
     factory = aggregators.clipped_quantization_mean(
-        bits=2, clipping='octav', rounding='nearest', weighting='inverse_normalized_error', min_size_to_quantize=100
+      bits=2,
+      clipping='octav',
+      rounding='nearest',
+      weighting='inverse_normalized_error',
+      min_size_to_quantize=100,
     )
     output = self._run(factory, values, [5.0, 1.0, 1.0])
     reconstructions = [_numpy_nearest_reconstruction(v[0], 2) for v in values]
-    normalized = np.array([
-        np.mean((r - v[0]) ** 2) / np.mean(v[0] ** 2) for r, v in zip(reconstructions, values)
-    ])
+    normalized = np.array(
+      [np.mean((r - v[0]) ** 2) / np.mean(v[0] ** 2) for r, v in zip(reconstructions, values)]
+    )
     weights = 1.0 / normalized
     expected = np.tensordot(weights, np.stack(reconstructions), axes=1) / weights.sum()
     self.assertAllClose(output.result[0], expected, rtol=1e-3, atol=1e-4)
@@ -331,11 +357,15 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     self.assertAllClose(spread['normalized_mse'], normalized.mean(), rtol=1e-3)
     # The normalized errors replace e_i on the wire: same upload size as 'inverse_error'.
     inverse = aggregators.clipped_quantization_mean(
-        bits=2, clipping='octav', rounding='nearest', weighting='inverse_error', min_size_to_quantize=100
+      bits=2,
+      clipping='octav',
+      rounding='nearest',
+      weighting='inverse_error',
+      min_size_to_quantize=100,
     )
     self.assertEqual(
-        output.measurements['quantized']['client_upload_bits'],
-        self._run(inverse, values, [1.0] * 3).measurements['quantized']['client_upload_bits'],
+      output.measurements['quantized']['client_upload_bits'],
+      self._run(inverse, values, [1.0] * 3).measurements['quantized']['client_upload_bits'],
     )
 
   def test_fedavg_is_example_count_weighting(self):
@@ -345,15 +375,17 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_defaults_are_unclipped_stochastic_fedavg(self):
     weighted = aggregators.clipped_quantization_mean(bits=2).settings
     self.assertEqual(
-        (weighted.clipping, weighted.rounding, weighted.weighting),
-        ('max_abs', 'stochastic', 'example_count'),
+      (weighted.clipping, weighted.rounding, weighted.weighting),
+      ('max_abs', 'stochastic', 'example_count'),
     )
-    self.assertEqual(aggregators.unweighted_clipped_quantization_mean().settings.weighting, 'uniform')
+    self.assertEqual(
+      aggregators.unweighted_clipped_quantization_mean().settings.weighting, 'uniform'
+    )
 
   def test_mean_optimal_state_learns_the_number_of_clients(self):
     values = _client_values(4)
     factory = aggregators.clipped_quantization_mean(
-        bits=2, clipping='mean_optimal', weighting='example_count', min_size_to_quantize=100
+      bits=2, clipping='mean_optimal', weighting='example_count', min_size_to_quantize=100
     )
     process = factory.create(VALUE_TYPE, WEIGHT_TYPE)
     state = process.initialize()
@@ -372,16 +404,16 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_mean_optimal_clips_less_with_more_clients(self):
     values = _client_values(1)
     factory = aggregators.clipped_quantization_mean(
-        bits=1, clipping='mean_optimal', weighting='uniform', min_size_to_quantize=100
+      bits=1, clipping='mean_optimal', weighting='uniform', min_size_to_quantize=100
     )
     encode_fn, _ = _encode_and_aggregate(factory)
     thresholds = [
-        float(encode_fn(values[0], 0, 1.0, k)['wire']['quantized'][0]['threshold'])
-        for k in (1.0, 5.0, 30.0)
+      float(encode_fn(values[0], 0, 1.0, k)['wire']['quantized'][0]['threshold'])
+      for k in (1.0, 5.0, 30.0)
     ]
-    octav = float(quantization.clipping_threshold(
-        tf.constant(values[0][0]), 1, 'octav', 'stochastic'
-    ))
+    octav = float(
+      quantization.clipping_threshold(tf.constant(values[0][0]), 1, 'octav', 'stochastic')
+    )
     self.assertAllClose(thresholds[0], octav, rtol=1e-5)
     self.assertLess(thresholds[0], thresholds[1])
     self.assertLess(thresholds[1], thresholds[2])
@@ -390,7 +422,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
   def test_sum_form_returns_the_sum(self):
     values = _client_values(3)
     factory = aggregators.clipped_quantization_sum(
-        bits=16, clipping='max_abs', rounding='nearest', min_size_to_quantize=100
+      bits=16, clipping='max_abs', rounding='nearest', min_size_to_quantize=100
     )
     output = self._run(factory, values)
     self.assertAllClose(output.result[0], np.sum([v[0] for v in values], axis=0), atol=1e-3)
@@ -401,11 +433,11 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     """TFF's MeanFactory(HadamardTransformFactory(our sum)): the weighted mean, rotated."""
     values, weights = _client_values(3), [1.0, 2.0, 3.0]
     rotated = tff.aggregators.MeanFactory(
-        value_sum_factory=tff.aggregators.HadamardTransformFactory(
-            aggregators.clipped_quantization_sum(
-                bits=16, clipping='max_abs', rounding='stochastic', min_size_to_quantize=100
-            )
+      value_sum_factory=tff.aggregators.HadamardTransformFactory(
+        aggregators.clipped_quantization_sum(
+          bits=16, clipping='max_abs', rounding='stochastic', min_size_to_quantize=100
         )
+      )
     )
     output = self._run(rotated, values, weights)
     for index in range(2):
@@ -417,9 +449,9 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
     self.assertEqual(inner['client_upload_bits'], 128 * 16 + 32 + 8 + 16 * 32)
     # At 1 bit the rotation spreads the error over every coordinate: unbiased on average.
     one_bit = tff.aggregators.MeanFactory(
-        value_sum_factory=tff.aggregators.HadamardTransformFactory(
-            aggregators.clipped_quantization_sum(bits=1, min_size_to_quantize=100)
-        )
+      value_sum_factory=tff.aggregators.HadamardTransformFactory(
+        aggregators.clipped_quantization_sum(bits=1, min_size_to_quantize=100)
+      )
     )
     process = one_bit.create(VALUE_TYPE, WEIGHT_TYPE)
     state, results = process.initialize(), []

@@ -9,29 +9,41 @@ import pytest
 import tensorflow as tf
 
 _PATH = os.path.join(
-    os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'accuracy_vs_bits.py'
+  os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'accuracy_vs_bits.py'
 )
 
 
 @pytest.mark.slow
 class AccuracyVsBitsBenchmarkTest(tf.test.TestCase):
-
   def test_tiny_study_writes_mean_and_std_over_seeds(self):
     directory = self.get_temp_dir()
     results = os.path.join(directory, 'accuracy')
     log_path = os.path.join(directory, 'log.txt')
     with open(log_path, 'w') as log:  # A file, not a pipe.
       result = subprocess.run(
-          [sys.executable, _PATH, '--methods=main', '--datasets=synthetic', '--partitions=iid',
-           '--payloads=update', '--seeds=0,1', '--rounds=1', '--num_clients=10',
-           f'--output_dir={directory}/runs', f'--results={results}'],
-          stdout=log, stderr=subprocess.STDOUT, timeout=900, check=False,
+        [
+          sys.executable,
+          _PATH,
+          '--methods=main',
+          '--datasets=synthetic',
+          '--partitions=iid',
+          '--payloads=update',
+          '--seeds=0,1',
+          '--rounds=1',
+          '--num_clients=10',
+          f'--output_dir={directory}/runs',
+          f'--results={results}',
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        timeout=900,
+        check=False,
       )
     with open(log_path) as log:
       self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
     with open(results + '_main.json') as f:
       report = json.load(f)
-    (setting, rows), = report['table'].items()
+    ((setting, rows),) = report['table'].items()
     self.assertIn('synthetic, IID, update payload (1 rounds)', setting)
     methods = [row['method'] for row in rows]
     self.assertEqual(methods[0], 'float32')

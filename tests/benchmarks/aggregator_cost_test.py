@@ -8,18 +8,20 @@ import sys
 import tensorflow as tf
 
 _PATH = os.path.join(
-    os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'aggregator_cost.py'
+  os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'aggregator_cost.py'
 )
 
 
 class AggregatorCostBenchmarkTest(tf.test.TestCase):
-
   def _run(self, *flags: str) -> tuple[int, str]:
     log_path = os.path.join(self.get_temp_dir(), 'aggregator_cost.log')
     with open(log_path, 'w') as log:  # A file, not a pipe.
       result = subprocess.run(
-          [sys.executable, _PATH, *flags], stdout=log, stderr=subprocess.STDOUT, timeout=300,
-          check=False,
+        [sys.executable, _PATH, *flags],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        timeout=300,
+        check=False,
       )
     with open(log_path) as log:
       return result.returncode, log.read()
@@ -27,7 +29,7 @@ class AggregatorCostBenchmarkTest(tf.test.TestCase):
   def test_tiny_run_writes_markdown_and_json(self):
     output = os.path.join(self.get_temp_dir(), 'aggregator_cost.md')
     returncode, log = self._run(
-        '--clients=20:10', '--repeats=5', '--tff_clients=4', '--tff_rounds=1', f'--output={output}'
+      '--clients=20:10', '--repeats=5', '--tff_clients=4', '--tff_rounds=1', f'--output={output}'
     )
     self.assertEqual(returncode, 0, msg=log[-3000:])
     with open(os.path.splitext(output)[0] + '.json') as f:
@@ -36,13 +38,13 @@ class AggregatorCostBenchmarkTest(tf.test.TestCase):
     for bits in (2, 4):
       # The MSE-optimal threshold search costs more than max|x|; both cost more than nothing.
       self.assertGreater(
-          pieces[f'clipq_{bits}b_octav_encode'], pieces[f'clipq_{bits}b_max_abs_encode']
+        pieces[f'clipq_{bits}b_octav_encode'], pieces[f'clipq_{bits}b_max_abs_encode']
       )
       self.assertGreater(pieces[f'clipq_{bits}b_max_abs_encode'], 0.0)
       overhead = report['overheads'][f'clipq_{bits}b @ 20:10']
       self.assertGreater(overhead['ratio'], 1.0)
       self.assertAlmostEqual(
-          overhead['ratio'], 1.0 + overhead['added_ms'] / overhead['fedavg_client_ms']
+        overhead['ratio'], 1.0 + overhead['added_ms'] / overhead['fedavg_client_ms']
       )
     self.assertGreater(report['local_training_ms']['20:10'], 0.0)
     self.assertEqual([t['intra_op_threads'] for t in report['tff']], [0, 1])
@@ -54,7 +56,7 @@ class AggregatorCostBenchmarkTest(tf.test.TestCase):
       self.assertEqual(set(in_tff['cpu_ms_per_client']), expected)
       for name, added in in_tff['added_ms_per_client'].items():
         self.assertAlmostEqual(
-            added, in_tff['cpu_ms_per_client'][name] - in_tff['cpu_ms_per_client']['mean_factory']
+          added, in_tff['cpu_ms_per_client'][name] - in_tff['cpu_ms_per_client']['mean_factory']
         )
     with open(output) as f:
       text = f.read()

@@ -24,18 +24,26 @@ benchmark = _load_benchmark()
 
 
 class RoundTimeBenchmarkTest(tf.test.TestCase):
-
   def test_tiny_run_writes_markdown_and_json(self):
     output = os.path.join(self.get_temp_dir(), 'round_time.md')
     command = [
-        sys.executable, _PATH, '--dataset=synthetic', '--num_clients=4', '--examples_per_client=20',
-        '--clients_per_round=2', '--rounds=1', '--variants=keras,fedavg_float,clipq_2b',
-        '--worker_intra_op_threads=1', f'--output={output}',
+      sys.executable,
+      _PATH,
+      '--dataset=synthetic',
+      '--num_clients=4',
+      '--examples_per_client=20',
+      '--clients_per_round=2',
+      '--rounds=1',
+      '--variants=keras,fedavg_float,clipq_2b',
+      '--worker_intra_op_threads=1',
+      f'--output={output}',
     ]
     # Output goes to a file, not a pipe (a TFF worker could hold a pipe open).
     log_path = os.path.join(self.get_temp_dir(), 'round_time.log')
     with open(log_path, 'w') as log:
-      result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=300, check=False)
+      result = subprocess.run(
+        command, stdout=log, stderr=subprocess.STDOUT, timeout=300, check=False
+      )
     with open(log_path) as log:
       self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
     with open(os.path.splitext(output)[0] + '.json') as f:
@@ -60,11 +68,15 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
 
     # --retarget re-evaluates the saved run without measuring: same results, same verdicts.
     retargeted = os.path.join(self.get_temp_dir(), 'retargeted.md')
-    command = [sys.executable, _PATH, f'--retarget={os.path.splitext(output)[0]}.json',
-               f'--output={retargeted}']
+    command = [
+      sys.executable,
+      _PATH,
+      f'--retarget={os.path.splitext(output)[0]}.json',
+      f'--output={retargeted}',
+    ]
     with open(log_path, 'w') as log:
       result = subprocess.run(
-          command, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False
+        command, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False
       )
     with open(log_path) as log:
       self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])

@@ -13,7 +13,7 @@ from tff_clipq.data import federated
 from tff_clipq.data import sources
 
 EXPECTED_ELEMENT_SPEC = collections.OrderedDict(
-    x=tf.TensorSpec([4, 3, 1], tf.float32), y=tf.TensorSpec([], tf.int32)
+  x=tf.TensorSpec([4, 3, 1], tf.float32), y=tf.TensorSpec([], tf.int32)
 )
 
 
@@ -21,24 +21,25 @@ def small_arrays() -> data.ArrayDataset:
   """12 train / 5 test distinct 4x3 uint8 images; labels 0..2."""
   rng = np.random.default_rng(0)
   return data.ArrayDataset(
-      name='tiny',
-      train_images=rng.integers(0, 256, size=(12, 4, 3), dtype=np.uint8),
-      train_labels=np.arange(12, dtype=np.int64) % 3,
-      test_images=rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8),
-      test_labels=np.array([2, 1, 0, 1, 2], dtype=np.int64),
-      num_classes=3,
-      source='generated in the test',
+    name='tiny',
+    train_images=rng.integers(0, 256, size=(12, 4, 3), dtype=np.uint8),
+    train_labels=np.arange(12, dtype=np.int64) % 3,
+    test_images=rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8),
+    test_labels=np.array([2, 1, 0, 1, 2], dtype=np.int64),
+    num_classes=3,
+    source='generated in the test',
   )
 
 
 # Client 1 is empty.
 CLIENT_INDICES = [
-    np.array([0, 5, 7]), np.array([], np.int64), np.array([1, 2, 3, 4, 6, 8, 9, 10, 11])
+  np.array([0, 5, 7]),
+  np.array([], np.int64),
+  np.array([1, 2, 3, 4, 6, 8, 9, 10, 11]),
 ]
 
 
 class FederatedDataFromArraysTest(tf.test.TestCase):
-
   def setUp(self):
     super().setUp()
     self.arrays = small_arrays()
@@ -88,11 +89,9 @@ class FederatedDataFromArraysTest(tf.test.TestCase):
 
   def test_dataset_fn_is_traceable_by_tff(self):
     computation = tff.tensorflow.computation(
-        self.federated_data.train.serializable_dataset_fn, np.str_
+      self.federated_data.train.serializable_dataset_fn, np.str_
     )
-    self.assertEqual(
-        str(computation.type_signature), '(str -> <x=float32[4,3,1],y=int32>*)'
-    )
+    self.assertEqual(str(computation.type_signature), '(str -> <x=float32[4,3,1],y=int32>*)')
 
   def test_client_ids_are_zero_padded_to_the_number_of_clients(self):
     indices = [np.array([i]) for i in range(12)]
@@ -102,12 +101,11 @@ class FederatedDataFromArraysTest(tf.test.TestCase):
 
 
 class BuildFederatedDataTest(tf.test.TestCase):
-
   def test_synthetic_partitions(self):
     for partition, description in (
-        ('iid', 'iid: 8 clients, balanced, seed 1'),
-        ('dirichlet', 'dirichlet: per-class client proportions ~ Dirichlet(0.3)'),
-        ('shards', 'shards: 8 clients x 2 label-sorted shards of ~125 examples'),
+      ('iid', 'iid: 8 clients, balanced, seed 1'),
+      ('dirichlet', 'dirichlet: per-class client proportions ~ Dirichlet(0.3)'),
+      ('shards', 'shards: 8 clients x 2 label-sorted shards of ~125 examples'),
     ):
       with self.subTest(partition=partition):
         federated_data = data.build_federated_data('synthetic', partition, num_clients=8, seed=1)
@@ -129,9 +127,12 @@ class BuildFederatedDataTest(tf.test.TestCase):
     directory = self.get_temp_dir()
     rng = np.random.default_rng(0)
     for stem, magic, array in (
-        ('t10k-images-idx3-ubyte', sources.IDX_IMAGES_MAGIC,
-         rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8)),
-        ('t10k-labels-idx1-ubyte', sources.IDX_LABELS_MAGIC, np.arange(40, dtype=np.uint8) % 10),
+      (
+        't10k-images-idx3-ubyte',
+        sources.IDX_IMAGES_MAGIC,
+        rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8),
+      ),
+      ('t10k-labels-idx1-ubyte', sources.IDX_LABELS_MAGIC, np.arange(40, dtype=np.uint8) % 10),
     ):
       with open(os.path.join(directory, stem), 'wb') as f:
         f.write(magic.to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in array.shape))
@@ -143,12 +144,18 @@ class BuildFederatedDataTest(tf.test.TestCase):
 
   def test_invalid_arguments(self):
     for kwargs, error, message in (
-        (dict(dataset='cifar10'), ValueError, "`dataset` must be one of .* Found 'cifar10'"),
-        (dict(dataset='synthetic', partition='natural'), ValueError,
-         "`partition` must be one of .* Found 'natural'"),
-        (dict(dataset='emnist'), ValueError, "`partition` must be 'natural' for 'emnist'"),
-        (dict(dataset='synthetic', partition='dirichlet', dirichlet_alpha=-1), ValueError,
-         '`alpha` must be > 0. Found -1.'),
+      (dict(dataset='cifar10'), ValueError, "`dataset` must be one of .* Found 'cifar10'"),
+      (
+        dict(dataset='synthetic', partition='natural'),
+        ValueError,
+        "`partition` must be one of .* Found 'natural'",
+      ),
+      (dict(dataset='emnist'), ValueError, "`partition` must be 'natural' for 'emnist'"),
+      (
+        dict(dataset='synthetic', partition='dirichlet', dirichlet_alpha=-1),
+        ValueError,
+        '`alpha` must be > 0. Found -1.',
+      ),
     ):
       with self.subTest(**{k: str(v) for k, v in kwargs.items()}):
         with self.assertRaisesRegex(error, message):
@@ -165,18 +172,17 @@ def fake_emnist_client_data(num_writers: int, examples_per_writer: int):
   def dataset_fn(client_id: str) -> tf.data.Dataset:
     writer = tf.where(tf.equal(writer_ids, client_id))[0, 0]  # Traceable, like SqlClientData.
     return tf.data.Dataset.from_tensor_slices(
-        collections.OrderedDict(label=tf.gather(labels, writer), pixels=tf.gather(pixels, writer))
+      collections.OrderedDict(label=tf.gather(labels, writer), pixels=tf.gather(pixels, writer))
     )
 
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(writer_ids, dataset_fn)
 
 
 class EmnistTest(tf.test.TestCase):
-
   def test_element_mapping_inverts_pixels(self):
     pixels = np.linspace(0.0, 1.0, 28 * 28, dtype=np.float32).reshape(28, 28)
     element = federated.emnist_to_model_input(
-        collections.OrderedDict(label=tf.constant([7], tf.int32), pixels=tf.constant(pixels))
+      collections.OrderedDict(label=tf.constant([7], tf.int32), pixels=tf.constant(pixels))
     )
     self.assertEqual(element['x'].shape, (28, 28, 1))
     self.assertEqual(element['x'].dtype, tf.float32)
@@ -194,10 +200,10 @@ class EmnistTest(tf.test.TestCase):
     self.assertLen(federated_data.train.client_ids, 3)
     self.assertContainsSubset(federated_data.train.client_ids, train.client_ids)
     self.assertEqual(
-        federated_data.train.element_type_structure,
-        collections.OrderedDict(
-            x=tf.TensorSpec([28, 28, 1], tf.float32), y=tf.TensorSpec([], tf.int32)
-        ),
+      federated_data.train.element_type_structure,
+      collections.OrderedDict(
+        x=tf.TensorSpec([28, 28, 1], tf.float32), y=tf.TensorSpec([], tf.int32)
+      ),
     )
     self.assertEqual(federated_data.test.element_spec, federated_data.train.element_type_structure)
     self.assertEqual(len(list(federated_data.test)), 12)
@@ -214,19 +220,18 @@ class EmnistTest(tf.test.TestCase):
 
   def test_load_failure_says_network_is_needed(self):
     with mock.patch.object(
-        tff.simulation.datasets.emnist, 'load_data', side_effect=OSError('unreachable')
+      tff.simulation.datasets.emnist, 'load_data', side_effect=OSError('unreachable')
     ):
       with self.assertRaisesRegex(sources.DataSourceError, 'needs network access'):
         data.build_federated_data('emnist', 'natural')
 
 
 class PreprocessTest(tf.test.TestCase):
-
   def dataset(self, num_examples: int = 10) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(
-        collections.OrderedDict(
-            x=tf.zeros([num_examples, 2, 2, 1]), y=tf.range(num_examples, dtype=tf.int32)
-        )
+      collections.OrderedDict(
+        x=tf.zeros([num_examples, 2, 2, 1]), y=tf.range(num_examples, dtype=tf.int32)
+      )
     )
 
   def test_training_batches_and_repeats(self):
@@ -260,12 +265,10 @@ class PreprocessTest(tf.test.TestCase):
   def test_training_pipeline_is_traceable_by_tff(self):
     element_type = tff.types.tensorflow_to_type(self.dataset().element_spec)
     computation = tff.tensorflow.computation(
-        lambda dataset: federated.preprocess_for_training(dataset, 4, 2, seed=0),
-        tff.SequenceType(element_type),
+      lambda dataset: federated.preprocess_for_training(dataset, 4, 2, seed=0),
+      tff.SequenceType(element_type),
     )
-    self.assertEqual(
-        str(computation.type_signature.result), '<x=float32[?,2,2,1],y=int32[?]>*'
-    )
+    self.assertEqual(str(computation.type_signature.result), '<x=float32[?,2,2,1],y=int32[?]>*')
 
   def test_evaluation_batches_in_order(self):
     batches = list(federated.preprocess_for_evaluation(self.dataset(), 4))
@@ -274,14 +277,22 @@ class PreprocessTest(tf.test.TestCase):
 
   def test_invalid_arguments(self):
     for call, message in (
-        (lambda: federated.preprocess_for_training(self.dataset(), 0, 1, 0),
-         '`batch_size` must be an integer >= 1. Found 0.'),
-        (lambda: federated.preprocess_for_training(self.dataset(), 2, 0, 0),
-         '`local_epochs` must be an integer >= 1. Found 0.'),
-        (lambda: federated.preprocess_for_training(self.dataset(), 2, 1, 0, shuffle_buffer=0),
-         '`shuffle_buffer` must be an integer >= 1. Found 0.'),
-        (lambda: federated.preprocess_for_evaluation(self.dataset(), 2.5),
-         '`batch_size` must be an integer >= 1. Found 2.5.'),
+      (
+        lambda: federated.preprocess_for_training(self.dataset(), 0, 1, 0),
+        '`batch_size` must be an integer >= 1. Found 0.',
+      ),
+      (
+        lambda: federated.preprocess_for_training(self.dataset(), 2, 0, 0),
+        '`local_epochs` must be an integer >= 1. Found 0.',
+      ),
+      (
+        lambda: federated.preprocess_for_training(self.dataset(), 2, 1, 0, shuffle_buffer=0),
+        '`shuffle_buffer` must be an integer >= 1. Found 0.',
+      ),
+      (
+        lambda: federated.preprocess_for_evaluation(self.dataset(), 2.5),
+        '`batch_size` must be an integer >= 1. Found 2.5.',
+      ),
     ):
       with self.subTest(message=message):
         with self.assertRaisesRegex(ValueError, message):

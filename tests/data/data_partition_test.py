@@ -11,7 +11,6 @@ LABELS = np.random.default_rng(0).permutation(np.arange(1000) % 10)
 
 
 class PartitionTestCase(tf.test.TestCase, parameterized.TestCase):
-
   def assert_is_partition(self, parts: list[np.ndarray], num_examples: int) -> None:
     """Every example index appears in exactly one client, once."""
     for part in parts:
@@ -20,7 +19,6 @@ class PartitionTestCase(tf.test.TestCase, parameterized.TestCase):
 
 
 class IidTest(PartitionTestCase):
-
   @parameterized.parameters((1000, 10), (1003, 7), (5, 5), (10, 1))
   def test_balanced_partition(self, num_examples, num_clients):
     parts = partition.partition_iid(num_examples, num_clients, seed=1)
@@ -54,12 +52,18 @@ class IidTest(PartitionTestCase):
     self.assertNotAllEqual(np.concatenate(first), np.concatenate(other))
 
   @parameterized.named_parameters(
-      ('no_clients', dict(num_examples=10, num_clients=0, seed=0), '`num_clients` must be >= 1'),
-      ('more_clients_than_examples', dict(num_examples=3, num_clients=4, seed=0),
-       r'`num_clients` must be <= the number of examples \(3\). Found 4.'),
-      ('negative_sigma', dict(num_examples=10, num_clients=2, seed=0, size_sigma=-1.0),
-       '`size_sigma` must be >= 0. Found -1.0.'),
-      ('no_examples', dict(num_examples=0, num_clients=1, seed=0), '`num_examples` must be >= 1'),
+    ('no_clients', dict(num_examples=10, num_clients=0, seed=0), '`num_clients` must be >= 1'),
+    (
+      'more_clients_than_examples',
+      dict(num_examples=3, num_clients=4, seed=0),
+      r'`num_clients` must be <= the number of examples \(3\). Found 4.',
+    ),
+    (
+      'negative_sigma',
+      dict(num_examples=10, num_clients=2, seed=0, size_sigma=-1.0),
+      '`size_sigma` must be >= 0. Found -1.0.',
+    ),
+    ('no_examples', dict(num_examples=0, num_clients=1, seed=0), '`num_examples` must be >= 1'),
   )
   def test_invalid_arguments(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):
@@ -67,7 +71,6 @@ class IidTest(PartitionTestCase):
 
 
 class DirichletTest(PartitionTestCase):
-
   def test_is_partition(self):
     parts = partition.partition_dirichlet(LABELS, 10, alpha=0.5, seed=0)
     self.assertLen(parts, 10)
@@ -94,9 +97,7 @@ class DirichletTest(PartitionTestCase):
     other = partition.partition_dirichlet(LABELS, 5, alpha=0.3, seed=8)
     for a, b in zip(first, again):
       self.assertAllEqual(a, b)
-    self.assertNotAllEqual(
-        [len(part) for part in first], [len(part) for part in other]
-    )
+    self.assertNotAllEqual([len(part) for part in first], [len(part) for part in other])
 
   def test_empty_clients_are_found(self):
     labels = np.arange(20) % 2
@@ -107,12 +108,12 @@ class DirichletTest(PartitionTestCase):
     self.assertEqual(empty, [c for c, part in enumerate(parts) if len(part) == 0])
 
   @parameterized.named_parameters(
-      ('negative_alpha', dict(alpha=-1), '`alpha` must be > 0. Found -1.'),
-      ('zero_alpha', dict(alpha=0.0), '`alpha` must be > 0. Found 0.0.'),
-      ('infinite_alpha', dict(alpha=np.inf), '`alpha` must be > 0. Found inf.'),
-      ('no_clients', dict(num_clients=0), '`num_clients` must be >= 1. Found 0.'),
-      ('float_labels', dict(labels=np.zeros(4)), '`labels` must be a non-empty 1-D integer'),
-      ('negative_labels', dict(labels=np.array([0, -2])), '`labels` must be non-negative'),
+    ('negative_alpha', dict(alpha=-1), '`alpha` must be > 0. Found -1.'),
+    ('zero_alpha', dict(alpha=0.0), '`alpha` must be > 0. Found 0.0.'),
+    ('infinite_alpha', dict(alpha=np.inf), '`alpha` must be > 0. Found inf.'),
+    ('no_clients', dict(num_clients=0), '`num_clients` must be >= 1. Found 0.'),
+    ('float_labels', dict(labels=np.zeros(4)), '`labels` must be a non-empty 1-D integer'),
+    ('negative_labels', dict(labels=np.array([0, -2])), '`labels` must be non-negative'),
   )
   def test_invalid_arguments(self, overrides, message):
     kwargs = dict(labels=LABELS, num_clients=4, alpha=0.5, seed=0) | overrides
@@ -121,7 +122,6 @@ class DirichletTest(PartitionTestCase):
 
 
 class ShardsTest(PartitionTestCase):
-
   @parameterized.parameters(1, 2, 5)
   def test_clients_hold_at_most_shards_per_client_labels(self, shards_per_client):
     # 100 examples per class and shards of 1000 / (10 * s) examples: boundaries match classes.
@@ -152,12 +152,15 @@ class ShardsTest(PartitionTestCase):
     self.assertNotAllEqual(np.concatenate(first), np.concatenate(other))
 
   @parameterized.named_parameters(
-      ('no_shards', dict(shards_per_client=0), '`shards_per_client` must be >= 1. Found 0.'),
-      ('float_shards', dict(shards_per_client=1.5), '`shards_per_client` must be an integer'),
-      ('too_many_shards', dict(num_clients=10, shards_per_client=101),
-       r'`num_clients \* shards_per_client` must be <= the number of examples \(1000\). '
-       r'Found 10 \* 101 = 1010.'),
-      ('too_many_clients', dict(num_clients=1001), '`num_clients` must be <='),
+    ('no_shards', dict(shards_per_client=0), '`shards_per_client` must be >= 1. Found 0.'),
+    ('float_shards', dict(shards_per_client=1.5), '`shards_per_client` must be an integer'),
+    (
+      'too_many_shards',
+      dict(num_clients=10, shards_per_client=101),
+      r'`num_clients \* shards_per_client` must be <= the number of examples \(1000\). '
+      r'Found 10 \* 101 = 1010.',
+    ),
+    ('too_many_clients', dict(num_clients=1001), '`num_clients` must be <='),
   )
   def test_invalid_arguments(self, overrides, message):
     kwargs = dict(labels=LABELS, num_clients=10, shards_per_client=2, seed=0) | overrides
@@ -166,13 +169,12 @@ class ShardsTest(PartitionTestCase):
 
 
 class LabelHistogramTest(tf.test.TestCase):
-
   def test_counts_labels_per_client(self):
     labels = np.array([0, 1, 1, 2, 2, 2])
     parts = [np.array([0, 3]), np.array([], np.int64), np.array([1, 2, 4, 5])]
     self.assertAllEqual(
-        partition.label_histogram(labels, parts, num_classes=4),
-        [[1, 0, 1, 0], [0, 0, 0, 0], [0, 2, 2, 0]],
+      partition.label_histogram(labels, parts, num_classes=4),
+      [[1, 0, 1, 0], [0, 0, 0, 0], [0, 2, 2, 0]],
     )
     self.assertEqual(partition.find_empty_clients(parts), [1])
 

@@ -29,23 +29,27 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
 
 def write_file(path: str, content: bytes) -> str:
   """Writes `content`, gzip-compressed if `path` ends with .gz; returns `path`."""
-  with (gzip.open(path, 'wb') if path.endswith('.gz') else open(path, 'wb')) as f:
+  with gzip.open(path, 'wb') if path.endswith('.gz') else open(path, 'wb') as f:
     f.write(content)
   return path
 
 
 def write_idx_split(
-    directory: str, prefix: str, images: np.ndarray, labels: np.ndarray, suffix: str = '.gz',
-    separator: str = '-',
+  directory: str,
+  prefix: str,
+  images: np.ndarray,
+  labels: np.ndarray,
+  suffix: str = '.gz',
+  separator: str = '-',
 ) -> None:
   """Writes `{prefix}-images-idx3-ubyte{suffix}` and the matching labels file."""
   write_file(
-      os.path.join(directory, f'{prefix}-images{separator}idx3-ubyte{suffix}'),
-      idx_bytes(images, sources.IDX_IMAGES_MAGIC),
+    os.path.join(directory, f'{prefix}-images{separator}idx3-ubyte{suffix}'),
+    idx_bytes(images, sources.IDX_IMAGES_MAGIC),
   )
   write_file(
-      os.path.join(directory, f'{prefix}-labels{separator}idx1-ubyte{suffix}'),
-      idx_bytes(labels, sources.IDX_LABELS_MAGIC),
+    os.path.join(directory, f'{prefix}-labels{separator}idx1-ubyte{suffix}'),
+    idx_bytes(labels, sources.IDX_LABELS_MAGIC),
   )
 
 
@@ -65,18 +69,18 @@ class SourcesTestCase(tf.test.TestCase):
     environ['HOME'] = self.home
     self.enter_context(mock.patch.dict(os.environ, environ, clear=True))
     self.enter_context(
-        mock.patch.dict(
-            sources.SYSTEM_DIRS,
-            {name: (os.path.join(self.home, 'none'),) for name in ('mnist', 'fashion_mnist')},
-        )
+      mock.patch.dict(
+        sources.SYSTEM_DIRS,
+        {name: (os.path.join(self.home, 'none'),) for name in ('mnist', 'fashion_mnist')},
+      )
     )
     self.keras_load_data = {
-        name: self.enter_context(
-            mock.patch.object(
-                getattr(tf.keras.datasets, name), 'load_data', side_effect=OSError('no network')
-            )
+      name: self.enter_context(
+        mock.patch.object(
+          getattr(tf.keras.datasets, name), 'load_data', side_effect=OSError('no network')
         )
-        for name in sources.ENV_VARS
+      )
+      for name in sources.ENV_VARS
     }
 
   def write_full_idx_dir(self, name: str = 'idx', **kwargs) -> str:
@@ -87,8 +91,11 @@ class SourcesTestCase(tf.test.TestCase):
 
   def write_npz(self, path: str) -> str:
     np.savez(
-        path, x_train=self.train_images, y_train=self.train_labels, x_test=self.test_images,
-        y_test=self.test_labels,
+      path,
+      x_train=self.train_images,
+      y_train=self.train_labels,
+      x_test=self.test_images,
+      y_test=self.test_labels,
     )
     return path
 
@@ -104,7 +111,6 @@ class SourcesTestCase(tf.test.TestCase):
 
 
 class FormatsTest(SourcesTestCase):
-
   def test_gzipped_idx_directory(self):
     directory = self.write_full_idx_dir()
     dataset = sources.load_array_dataset('mnist', data_dir=directory)
@@ -169,7 +175,6 @@ class FormatsTest(SourcesTestCase):
 
 
 class ResolutionTest(SourcesTestCase):
-
   def test_environment_variable_is_used(self):
     directory = self.write_full_idx_dir()
     with mock.patch.dict(os.environ, {'TFF_CLIPQ_MNIST_DIR': directory}):
@@ -190,7 +195,7 @@ class ResolutionTest(SourcesTestCase):
     missing = os.path.join(self.home, 'missing')
     with mock.patch.dict(os.environ, {'TFF_CLIPQ_MNIST_DIR': missing}):
       with self.assertRaisesRegex(
-          sources.DataSourceError, f'TFF_CLIPQ_MNIST_DIR={missing!r} does not exist'
+        sources.DataSourceError, f'TFF_CLIPQ_MNIST_DIR={missing!r} does not exist'
       ):
         sources.load_array_dataset('mnist')
 
@@ -202,7 +207,7 @@ class ResolutionTest(SourcesTestCase):
   def test_unusable_data_dir_raises_naming_it(self):
     directory = self.make_dir()
     with self.assertRaisesRegex(
-        sources.DataSourceError, f'`data_dir` {directory!r} is not a usable mnist source'
+      sources.DataSourceError, f'`data_dir` {directory!r} is not a usable mnist source'
     ):
       sources.load_array_dataset('mnist', data_dir=directory)
 
@@ -236,7 +241,8 @@ class ResolutionTest(SourcesTestCase):
     write_file(os.path.join(self.make_keras_cache_dir(), 'mnist.npz'), b'not a zip')
     self.keras_load_data['mnist'].side_effect = None
     self.keras_load_data['mnist'].return_value = (
-        (self.train_images, self.train_labels), (self.test_images, self.test_labels)
+      (self.train_images, self.train_labels),
+      (self.test_images, self.test_labels),
     )
     dataset = sources.load_array_dataset('mnist')
     self.assert_standard_split(dataset)
@@ -246,12 +252,13 @@ class ResolutionTest(SourcesTestCase):
   def test_keras_download_is_the_last_resort(self):
     self.keras_load_data['fashion_mnist'].side_effect = None
     self.keras_load_data['fashion_mnist'].return_value = (
-        (self.train_images, self.train_labels), (self.test_images, self.test_labels)
+      (self.train_images, self.train_labels),
+      (self.test_images, self.test_labels),
     )
     dataset = sources.load_array_dataset('fashion_mnist')
     self.assert_standard_split(dataset)
     self.assertEqual(
-        dataset.source, 'downloaded through tf.keras.datasets.fashion_mnist.load_data()'
+      dataset.source, 'downloaded through tf.keras.datasets.fashion_mnist.load_data()'
     )
 
   def test_no_source_found_lists_every_place_tried(self):
@@ -259,12 +266,12 @@ class ResolutionTest(SourcesTestCase):
       sources.load_array_dataset('fashion_mnist')
     message = str(raised.exception)
     for expected in (
-        '`data_dir`: not given',
-        'TFF_CLIPQ_FASHION_MNIST_DIR: not set',
-        os.path.join(self.home, '.keras', 'datasets', 'fashion-mnist') + ': does not exist',
-        os.path.join(self.home, 'none') + ': does not exist',
-        'tf.keras.datasets.fashion_mnist.load_data(): OSError: no network',
-        'pass --data_dir',
+      '`data_dir`: not given',
+      'TFF_CLIPQ_FASHION_MNIST_DIR: not set',
+      os.path.join(self.home, '.keras', 'datasets', 'fashion-mnist') + ': does not exist',
+      os.path.join(self.home, 'none') + ': does not exist',
+      'tf.keras.datasets.fashion_mnist.load_data(): OSError: no network',
+      'pass --data_dir',
     ):
       self.assertIn(expected, message)
 
@@ -342,7 +349,7 @@ class ValidationTest(SourcesTestCase):
     directory = self.write_full_idx_dir()
     os.remove(os.path.join(directory, 'train-labels-idx1-ubyte.gz'))
     self.assert_load_fails(
-        directory, 'incomplete set of IDX files: missing train-labels-idx1-ubyte'
+      directory, 'incomplete set of IDX files: missing train-labels-idx1-ubyte'
     )
 
   def test_corrupt_npz(self):
@@ -360,8 +367,11 @@ class ValidationTest(SourcesTestCase):
     directory = self.make_dir()
     path = os.path.join(directory, 'mnist.npz')
     np.savez(
-        path, x_train=self.train_images.astype(np.float32), y_train=self.train_labels,
-        x_test=self.test_images, y_test=self.test_labels,
+      path,
+      x_train=self.train_images.astype(np.float32),
+      y_train=self.train_labels,
+      x_test=self.test_images,
+      y_test=self.test_labels,
     )
     self.assert_load_fails(directory, path, 'x_train must be uint8 [N, 28, 28]. Found float32')
 
@@ -381,7 +391,6 @@ class ValidationTest(SourcesTestCase):
 
 
 class GeneratedDatasetsTest(tf.test.TestCase):
-
   def test_digits(self):
     dataset = sources.load_array_dataset('digits', seed=0)
     self.assertEqual(dataset.train_images.shape, (1438, 8, 8))

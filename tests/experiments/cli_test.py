@@ -22,8 +22,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO_ROOT / 'run_experiments.py')
 TIMEOUT_S = 300
 TINY_FLAGS = (
-    '--dataset=synthetic', '--model=logistic', '--num_clients=8', '--clients_per_round=3',
-    '--batch_size=16', '--client_learning_rate=0.05', '--aggregator=clipq', '--bits=2',
+  '--dataset=synthetic',
+  '--model=logistic',
+  '--num_clients=8',
+  '--clients_per_round=3',
+  '--batch_size=16',
+  '--client_learning_rate=0.05',
+  '--aggregator=clipq',
+  '--bits=2',
 )
 
 
@@ -78,7 +84,6 @@ def wait_until(condition, timeout_s: float, poll_s: float = 0.05) -> bool:
 
 
 class RunExperimentsScriptTest(tf.test.TestCase):
-
   def setUp(self):
     super().setUp()
     self.marker = f'TFF_CLIPQ_TEST_MARKER={uuid.uuid4().hex}'
@@ -86,14 +91,22 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     self.env = {**os.environ, name: value}
 
   def tearDown(self):
-    self.assertTrue(wait_until(lambda: not workers_with_marker(self.marker), timeout_s=10),
-                    f'TFF workers left running: {workers_with_marker(self.marker)}')
+    self.assertTrue(
+      wait_until(lambda: not workers_with_marker(self.marker), timeout_s=10),
+      f'TFF workers left running: {workers_with_marker(self.marker)}',
+    )
     super().tearDown()
 
   def run_script(self, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, SCRIPT, *args], cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+      [sys.executable, SCRIPT, *args],
+      cwd=REPO_ROOT,
+      env=self.env,
+      stdin=subprocess.DEVNULL,
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT_S,
+      check=False,
     )
 
   def start_script(self, *args: str) -> subprocess.Popen:
@@ -101,8 +114,14 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     log_dir = self.create_tempdir().full_path
     self.stdout_path, self.stderr_path = f'{log_dir}/stdout', f'{log_dir}/stderr'
     with open(self.stdout_path, 'w') as stdout, open(self.stderr_path, 'w') as stderr:
-      process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=REPO_ROOT, env=self.env,
-                                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+      process = subprocess.Popen(
+        [sys.executable, SCRIPT, *args],
+        cwd=REPO_ROOT,
+        env=self.env,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+      )
     self.addCleanup(lambda: process.poll() is None and process.kill())
     return process
 
@@ -128,8 +147,10 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     output_dir = self.create_tempdir().full_path
     process = self.start_script(*flags, f'--output_dir={output_dir}')
     checkpoint_3 = os.path.join(output_dir, program.CHECKPOINT_DIR, 'program_state_3')
-    self.assertTrue(wait_until(lambda: os.path.isdir(checkpoint_3) or process.poll() is not None,
-                               TIMEOUT_S), 'no checkpoint of round 3')
+    self.assertTrue(
+      wait_until(lambda: os.path.isdir(checkpoint_3) or process.poll() is not None, TIMEOUT_S),
+      'no checkpoint of round 3',
+    )
     process.send_signal(signal.SIGKILL)
     process.wait(TIMEOUT_S)
     self.assertBetween(program.completed_rounds(output_dir), 3, rounds - 1, self.output())
@@ -143,8 +164,9 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr)
     resumed = outputs.read_json(os.path.join(output_dir, 'summary.json'))
     reference = outputs.read_json(os.path.join(reference_dir, 'summary.json'))
-    drop_time = lambda history: [{k: v for k, v in r.items() if k != 'round_seconds'}
-                                 for r in history]
+    drop_time = lambda history: [
+      {k: v for k, v in r.items() if k != 'round_seconds'} for r in history
+    ]
     self.assertEqual(drop_time(resumed['history']), drop_time(reference['history']))
     with open(os.path.join(output_dir, program.METRICS_CSV)) as file:
       rounds_in_csv = [line.split(',')[0] for line in file.read().splitlines()[1:]]
@@ -156,8 +178,10 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     output_dir = self.create_tempdir().full_path
     process = self.start_script(*flags, f'--output_dir={output_dir}')
     checkpoint_2 = os.path.join(output_dir, program.CHECKPOINT_DIR, 'program_state_2')
-    self.assertTrue(wait_until(lambda: os.path.isdir(checkpoint_2) or process.poll() is not None,
-                               TIMEOUT_S), 'no checkpoint of round 2')
+    self.assertTrue(
+      wait_until(lambda: os.path.isdir(checkpoint_2) or process.poll() is not None, TIMEOUT_S),
+      'no checkpoint of round 2',
+    )
     workers = child_workers(process.pid)
     self.assertLen(workers, 2)
     os.kill(workers[0], signal.SIGKILL)

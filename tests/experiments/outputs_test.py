@@ -9,7 +9,6 @@ from tff_clipq.experiments import outputs
 
 
 class AtomicWriteTest(tf.test.TestCase):
-
   def test_write_leaves_only_the_target_readable_by_others(self):
     directory = os.path.join(self.get_temp_dir(), 'results')
     path = os.path.join(directory, 'report.md')

@@ -22,9 +22,16 @@ NOT_REPRODUCIBLE = ('round_seconds',)
 
 def tiny_config(output_dir: str, **overrides) -> config_lib.ExperimentConfig:
   settings = dict(
-      dataset='synthetic', model='logistic', num_clients=8, clients_per_round=3, rounds=3,
-      batch_size=16, client_learning_rate=0.05, aggregator='clipq', bits='4',
-      output_dir=output_dir,
+    dataset='synthetic',
+    model='logistic',
+    num_clients=8,
+    clients_per_round=3,
+    rounds=3,
+    batch_size=16,
+    client_learning_rate=0.05,
+    aggregator='clipq',
+    bits='4',
+    output_dir=output_dir,
   )
   settings.update(overrides)
   return config_lib.ExperimentConfig(**settings)
@@ -40,7 +47,6 @@ def read_csv(path):
 
 
 class ClientSamplingTest(tf.test.TestCase):
-
   def test_depends_only_on_seed_and_round(self):
     ids = [f'client_{i}' for i in range(20)]
     first = program.sample_clients(ids, 5, seed=3, round_num=7)
@@ -51,7 +57,6 @@ class ClientSamplingTest(tf.test.TestCase):
 
 
 class TrainingTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(payload=('update', 'weights'), model=('logistic', 'cnn'))
   def test_trains_above_chance(self, payload, model):
     config = tiny_config(self.create_tempdir().full_path, payload=payload, model=model)
@@ -73,15 +78,20 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
 
     stored = outputs.read_json(os.path.join(output_dir, outputs.SUMMARY_JSON))
     self.assertEqual(stored['final_test_accuracy'], summary['final_test_accuracy'])
-    self.assertEqual(stored['best_test_accuracy'],
-                     max(r['test_accuracy'] for r in stored['history'] if 'test_accuracy' in r))
-    self.assertEqual(stored['total_upload_bits'],
-                     sum(r['round_upload_bits'] for r in stored['history']))
+    self.assertEqual(
+      stored['best_test_accuracy'],
+      max(r['test_accuracy'] for r in stored['history'] if 'test_accuracy' in r),
+    )
+    self.assertEqual(
+      stored['total_upload_bits'], sum(r['round_upload_bits'] for r in stored['history'])
+    )
     self.assertEqual(stored['total_upload_bits'], 3 * 3 * stored['client_upload_bits'])
     self.assertEqual(stored['config']['bits'], '4')
     self.assertEqual(stored['data']['num_clients'], 8)
-    self.assertEqual(sum(stored['data']['client_sizes'].values()),
-                     sum(sum(h) for h in stored['data']['label_histograms'].values()))
+    self.assertEqual(
+      sum(stored['data']['client_sizes'].values()),
+      sum(sum(h) for h in stored['data']['label_histograms'].values()),
+    )
     self.assertIn('synthetic', stored['data']['source'])
 
     for name in (outputs.ACCURACY_VS_ROUND_PNG, outputs.ACCURACY_VS_BITS_PNG):
@@ -96,26 +106,24 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     for event in tf.compat.v1.train.summary_iterator(event_file):
       for value in event.summary.value:
         scalars[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
-    self.assertAlmostEqual(scalars[('test_accuracy', 3)], summary['final_test_accuracy'],
-                           places=6)
+    self.assertAlmostEqual(scalars[('test_accuracy', 3)], summary['final_test_accuracy'], places=6)
     self.assertEqual({step for tag, step in scalars if tag == 'train_loss'}, {1, 2, 3})
     self.assertEmpty([f for f in os.listdir(output_dir) if f.endswith('.tmp') or '_temp' in f])
 
 
 class ResumeTest(tf.test.TestCase):
-
   def test_resumed_run_reproduces_the_uninterrupted_run(self):
     settings = dict(rounds=4, bits='2', rounding='stochastic', payload='weights', model='cnn')
-    uninterrupted = program.run_experiment(
-        tiny_config(self.create_tempdir().full_path, **settings))
+    uninterrupted = program.run_experiment(tiny_config(self.create_tempdir().full_path, **settings))
 
     output_dir = self.create_tempdir().full_path
     program.run_experiment(tiny_config(output_dir, **{**settings, 'rounds': 2}))
     resumed = program.run_experiment(tiny_config(output_dir, resume=True, **settings))
 
     self.assertEqual(reproducible(resumed['history']), reproducible(uninterrupted['history']))
-    self.assertEqual([int(r['round']) for r in read_csv(os.path.join(output_dir, 'metrics.csv'))],
-                     [1, 2, 3, 4])
+    self.assertEqual(
+      [int(r['round']) for r in read_csv(os.path.join(output_dir, 'metrics.csv'))], [1, 2, 3, 4]
+    )
 
   def test_resuming_a_finished_run_trains_nothing(self):
     output_dir = self.create_tempdir().full_path
@@ -153,23 +161,30 @@ class ResumeTest(tf.test.TestCase):
 
 
 class SweepTest(tf.test.TestCase):
-
   def test_sweep_compares_methods_on_the_same_clients(self):
     output_dir = self.create_tempdir().full_path
-    config = tiny_config(output_dir, rounds=2, qat=False, sweep=(
-        'aggregator=float; aggregator=clipq,bits=2,rounding=nearest; '
-        'aggregator=tff_encoded,bits=2'))
+    config = tiny_config(
+      output_dir,
+      rounds=2,
+      qat=False,
+      sweep=(
+        'aggregator=float; aggregator=clipq,bits=2,rounding=nearest; aggregator=tff_encoded,bits=2'
+      ),
+    )
     summaries = program.run_study(config)
 
-    self.assertEqual([s['method'] for s in summaries], [
-        'float32', 'clipq-2b-max_abs-nearest-example_count', 'tff_minmax-2b'])
+    self.assertEqual(
+      [s['method'] for s in summaries],
+      ['float32', 'clipq-2b-max_abs-nearest-example_count', 'tff_minmax-2b'],
+    )
     # Round 1 trains the same initial model on the same clients with the same shuffles (no QAT, so
     # the forward passes agree): every method reports the same training loss.
     first_round_losses = {s['history'][0]['train_loss'] for s in summaries}
     self.assertLen(first_round_losses, 1)
     for summary in summaries:
-      self.assertTrue(os.path.exists(
-          os.path.join(output_dir, summary['run'], outputs.SUMMARY_JSON)))
+      self.assertTrue(
+        os.path.exists(os.path.join(output_dir, summary['run'], outputs.SUMMARY_JSON))
+      )
     self.assertGreater(summaries[1]['compression_ratio'], 10)
     self.assertLess(summaries[1]['total_upload_bits'], summaries[0]['total_upload_bits'] / 10)
     # A float32 run's summary keeps no quantizer settings; quantizing runs report the accuracy
@@ -192,12 +207,12 @@ class SweepTest(tf.test.TestCase):
 
 
 class LocalWorkersTest(tf.test.TestCase):
-
   def test_two_local_workers_reproduce_the_local_run(self):
     settings = dict(rounds=2, bits='2', rounding='nearest')
     local = program.run_experiment(tiny_config(self.create_tempdir().full_path, **settings))
     remote = program.run_experiment(
-        tiny_config(self.create_tempdir().full_path, num_local_workers=2, **settings))
+      tiny_config(self.create_tempdir().full_path, num_local_workers=2, **settings)
+    )
     # The clients are split across the workers, so float sums are added in another order:
     # equal up to rounding error.
     for local_row, remote_row in zip(local['history'], remote['history']):
@@ -210,8 +225,9 @@ class LocalWorkersTest(tf.test.TestCase):
     workers = runtime.start_local_workers(2)
     for worker in workers:
       self.addCleanup(worker.stop)
-    summary = program.run_experiment(tiny_config(
-        self.create_tempdir().full_path, rounds=1, workers=[w.address for w in workers]))
+    summary = program.run_experiment(
+      tiny_config(self.create_tempdir().full_path, rounds=1, workers=[w.address for w in workers])
+    )
     self.assertEqual(summary['history'][0]['accepted_clients'], 3)
     self.assertTrue(all(worker.is_running() for worker in workers))  # Not owned by the run.
 

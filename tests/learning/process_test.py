@@ -21,38 +21,46 @@ def _client_dataset(seed: int, poisoned: bool = False) -> tf.data.Dataset:
 
 
 def _config(**overrides) -> process_lib.ProcessConfig:
-  aggregator = overrides.pop('aggregator', process_lib.AggregatorConfig(bits=2, min_size_to_quantize=0))
+  aggregator = overrides.pop(
+    'aggregator', process_lib.AggregatorConfig(bits=2, min_size_to_quantize=0)
+  )
   settings = dict(
-      model='logistic', input_shape=INPUT_SHAPE, num_classes=2, aggregator=aggregator,
-      client_learning_rate=0.1, client_momentum=0.0,
+    model='logistic',
+    input_shape=INPUT_SHAPE,
+    num_classes=2,
+    aggregator=aggregator,
+    client_learning_rate=0.1,
+    client_momentum=0.0,
   )
   settings.update(overrides)
   return process_lib.ProcessConfig(**settings)
 
 
 class LearningProcessTest(tf.test.TestCase):
-
   def test_both_payloads_and_all_methods_learn(self):
     datasets = [_client_dataset(i) for i in range(3)]
     test_data = _client_dataset(99)
     for payload in process_lib.PAYLOADS:
       for method in process_lib.AGGREGATORS:
         config = _config(
-            payload=payload, aggregator=process_lib.AggregatorConfig(method=method, bits=3, min_size_to_quantize=0)
+          payload=payload,
+          aggregator=process_lib.AggregatorConfig(method=method, bits=3, min_size_to_quantize=0),
         )
         process = process_lib.build_learning_process(config)
         state = process.initialize()
         for _ in range(4):
           state = process.next(state, datasets).state
         accuracy = process_lib.evaluate(
-            process, state, process_lib.build_evaluation_model(config), test_data
+          process, state, process_lib.build_evaluation_model(config), test_data
         )['accuracy']
         self.assertGreater(accuracy, 0.75, msg=f'{payload} {method}')
 
   def test_upload_bits_match_the_aggregator_measurement(self):
     for weighting in ('inverse_error', 'inverse_normalized_error', 'example_count', 'uniform'):
       config = _config(
-          aggregator=process_lib.AggregatorConfig(bits=3, weighting=weighting, min_size_to_quantize=10)
+        aggregator=process_lib.AggregatorConfig(
+          bits=3, weighting=weighting, min_size_to_quantize=10
+        )
       )
       process = process_lib.build_learning_process(config)
       output = process.next(process.initialize(), [_client_dataset(0)])
@@ -81,16 +89,19 @@ class LearningProcessTest(tf.test.TestCase):
       state = process.initialize()
       output = process.next(state, [_client_dataset(0, poisoned=True)])
       for a, b in zip(
-          process.get_model_weights(output.state).trainable, process.get_model_weights(state).trainable
+        process.get_model_weights(output.state).trainable,
+        process.get_model_weights(state).trainable,
       ):
         self.assertAllEqual(a, b)
 
   def test_rotation_learns_and_its_upload_bits_match_the_measurement(self):
     datasets = [_client_dataset(i) for i in range(3)]
     for weighting in process_lib.ROTATION_WEIGHTINGS:
-      config = _config(aggregator=process_lib.AggregatorConfig(
+      config = _config(
+        aggregator=process_lib.AggregatorConfig(
           bits=2, rotation='hadamard', weighting=weighting, min_size_to_quantize=10
-      ))
+        )
+      )
       process = process_lib.build_learning_process(config)
       state = process.initialize()
       for _ in range(4):
@@ -101,7 +112,7 @@ class LearningProcessTest(tf.test.TestCase):
       # the float32 weight that TFF's MeanFactory sums.
       self.assertEqual(inner['client_upload_bits'] + 32, process_lib.upload_bits_per_client(config))
       accuracy = process_lib.evaluate(
-          process, state, process_lib.build_evaluation_model(config), _client_dataset(99)
+        process, state, process_lib.build_evaluation_model(config), _client_dataset(99)
       )['accuracy']
       self.assertGreater(accuracy, 0.75, msg=weighting)
 
@@ -121,8 +132,13 @@ class LearningProcessTest(tf.test.TestCase):
     self.assertAllEqual(bias, float_bias)
     float_accuracy = process_lib.evaluate(process, state, keras_model, _client_dataset(99))
     deployed_16 = process_lib.evaluate(
-        process, state, keras_model, _client_dataset(99),
-        deployed_by=_config(aggregator=process_lib.AggregatorConfig(bits=16, min_size_to_quantize=10)),
+      process,
+      state,
+      keras_model,
+      _client_dataset(99),
+      deployed_by=_config(
+        aggregator=process_lib.AggregatorConfig(bits=16, min_size_to_quantize=10)
+      ),
     )
     self.assertAllClose(deployed_16['loss'], float_accuracy['loss'], rtol=1e-3)
 
@@ -130,8 +146,8 @@ class LearningProcessTest(tf.test.TestCase):
     config = process_lib.ProcessConfig()
     self.assertFalse(config.qat)
     self.assertEqual(
-        (config.aggregator.clipping, config.aggregator.rounding, config.aggregator.weighting),
-        ('max_abs', 'stochastic', 'example_count'),
+      (config.aggregator.clipping, config.aggregator.rounding, config.aggregator.weighting),
+      ('max_abs', 'stochastic', 'example_count'),
     )
     self.assertEqual(process_lib.AggregatorConfig(weighting='fedavg').weighting, 'example_count')
 

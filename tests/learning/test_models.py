@@ -14,23 +14,28 @@ from tff_clipq.learning import qat
 MNIST_SHAPE = (28, 28, 1)
 DIGITS_SHAPE = (8, 8, 1)
 CNN_TENSOR_NAMES = (
-    'conv1/kernel', 'conv1/bias', 'conv2/kernel', 'conv2/bias',
-    'dense1/kernel', 'dense1/bias', 'logits/kernel', 'logits/bias',
+  'conv1/kernel',
+  'conv1/bias',
+  'conv2/kernel',
+  'conv2/bias',
+  'dense1/kernel',
+  'dense1/bias',
+  'logits/kernel',
+  'logits/bias',
 )
 
 
 def _client_data(seed: int, input_shape=DIGITS_SHAPE, num_examples: int = 12) -> tf.data.Dataset:
   rng = np.random.default_rng(seed)
   return tf.data.Dataset.from_tensor_slices(
-      collections.OrderedDict(
-          x=rng.normal(size=(num_examples, *input_shape)).astype(np.float32),
-          y=rng.integers(0, 10, num_examples).astype(np.int32),
-      )
+    collections.OrderedDict(
+      x=rng.normal(size=(num_examples, *input_shape)).astype(np.float32),
+      y=rng.integers(0, 10, num_examples).astype(np.int32),
+    )
   ).batch(4)
 
 
 class CreateKerasModelTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(name=models.MODEL_NAMES, input_shape=(MNIST_SHAPE, DIGITS_SHAPE))
   def test_outputs_one_logit_per_class(self, name, input_shape):
     model = models.create_keras_model(name, input_shape, num_classes=10, seed=0)
@@ -47,10 +52,16 @@ class CreateKerasModelTest(tf.test.TestCase, parameterized.TestCase):
   def test_cnn_is_the_paper_architecture_on_mnist(self):
     model = models.create_keras_model('cnn', MNIST_SHAPE, seed=0)
     self.assertEqual(
-        [(layer.name, type(layer).__name__) for layer in model.layers],
-        [('conv1', 'Conv2D'), ('pool1', 'MaxPooling2D'), ('conv2', 'Conv2D'),
-         ('pool2', 'MaxPooling2D'), ('flatten', 'Flatten'), ('dense1', 'Dense'),
-         ('logits', 'Dense')],
+      [(layer.name, type(layer).__name__) for layer in model.layers],
+      [
+        ('conv1', 'Conv2D'),
+        ('pool1', 'MaxPooling2D'),
+        ('conv2', 'Conv2D'),
+        ('pool2', 'MaxPooling2D'),
+        ('flatten', 'Flatten'),
+        ('dense1', 'Dense'),
+        ('logits', 'Dense'),
+      ],
     )
     for name in ('conv1', 'conv2'):
       conv = model.get_layer(name)
@@ -79,8 +90,10 @@ class CreateKerasModelTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_mlp_and_logistic_layers(self):
     mlp = models.create_keras_model('mlp', MNIST_SHAPE, seed=0)
-    self.assertEqual([w.shape for w in mlp.trainable_variables],
-                     [(784, 200), (200,), (200, 200), (200,), (200, 10), (10,)])
+    self.assertEqual(
+      [w.shape for w in mlp.trainable_variables],
+      [(784, 200), (200,), (200, 200), (200,), (200, 10), (10,)],
+    )
     logistic = models.create_keras_model('logistic', MNIST_SHAPE, seed=0)
     self.assertEqual([w.shape for w in logistic.trainable_variables], [(784, 10), (10,)])
 
@@ -105,15 +118,15 @@ class CreateKerasModelTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_unknown_model_name_raises(self):
     with self.assertRaisesRegex(
-        ValueError, r"`model` must be one of \('cnn', 'mlp', 'logistic'\). Found 'resnet'"
+      ValueError, r"`model` must be one of \('cnn', 'mlp', 'logistic'\). Found 'resnet'"
     ):
       models.create_keras_model('resnet')
 
   @parameterized.named_parameters(
-      ('two_dims', dict(input_shape=(28, 28))),
-      ('zero_size', dict(input_shape=(0, 28, 1))),
-      ('one_class', dict(num_classes=1)),
-      ('negative_seed', dict(seed=-1)),
+    ('two_dims', dict(input_shape=(28, 28))),
+    ('zero_size', dict(input_shape=(0, 28, 1))),
+    ('one_class', dict(num_classes=1)),
+    ('negative_seed', dict(seed=-1)),
   )
   def test_invalid_arguments_raise(self, kwargs):
     with self.assertRaises(ValueError):
@@ -121,13 +134,12 @@ class CreateKerasModelTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class TensorOrderTest(tf.test.TestCase):
-
   def test_model_input_spec(self):
     self.assertEqual(
-        models.model_input_spec(DIGITS_SHAPE),
-        collections.OrderedDict(
-            x=tf.TensorSpec([None, 8, 8, 1], tf.float32), y=tf.TensorSpec([None], tf.int32)
-        ),
+      models.model_input_spec(DIGITS_SHAPE),
+      collections.OrderedDict(
+        x=tf.TensorSpec([None, 8, 8, 1], tf.float32), y=tf.TensorSpec([None], tf.int32)
+      ),
     )
 
   def test_cnn_tensor_names_follow_trainable_variables(self):
@@ -136,9 +148,11 @@ class TensorOrderTest(tf.test.TestCase):
     self.assertEqual(names, CNN_TENSOR_NAMES)
     layers_and_weights = [name.split('/') for name in names]
     self.assertEqual(
-        [model.get_layer(layer).trainable_variables[('kernel', 'bias').index(weight)].shape
-         for layer, weight in layers_and_weights],
-        [variable.shape for variable in model.trainable_variables],
+      [
+        model.get_layer(layer).trainable_variables[('kernel', 'bias').index(weight)].shape
+        for layer, weight in layers_and_weights
+      ],
+      [variable.shape for variable in model.trainable_variables],
     )
 
   def test_tff_model_lists_trainable_variables_in_keras_order(self):
@@ -146,11 +160,11 @@ class TensorOrderTest(tf.test.TestCase):
     tff_model = model_fn()
     keras_model = models.create_keras_model('cnn', MNIST_SHAPE, seed=0)
     self.assertEqual(
-        [variable.shape for variable in tff_model.trainable_variables],
-        [variable.shape for variable in keras_model.trainable_variables],
+      [variable.shape for variable in tff_model.trainable_variables],
+      [variable.shape for variable in keras_model.trainable_variables],
     )
     for tff_variable, keras_variable in zip(
-        tff_model.trainable_variables, keras_model.trainable_variables
+      tff_model.trainable_variables, keras_model.trainable_variables
     ):
       self.assertAllEqual(tff_variable, keras_variable)
 
@@ -166,7 +180,6 @@ class TensorOrderTest(tf.test.TestCase):
   def test_variables_outside_layers_raise(self):
 
     class ScaledDense(tf.keras.Model):
-
       def __init__(self):
         super().__init__(name='scaled_dense')
         self.dense = tf.keras.layers.Dense(2, name='dense')
@@ -182,24 +195,24 @@ class TensorOrderTest(tf.test.TestCase):
 
 
 class BuildTffModelFnTest(tf.test.TestCase):
-
   def test_each_call_builds_fresh_variables(self):
     model_fn = models.build_tff_model_fn('logistic', DIGITS_SHAPE, seed=0)
     first, second = model_fn(), model_fn()
     self.assertIsInstance(first, tff.learning.models.VariableModel)
-    self.assertNotIn(first.trainable_variables[0].ref(),
-                     [v.ref() for v in second.trainable_variables])
+    self.assertNotIn(
+      first.trainable_variables[0].ref(), [v.ref() for v in second.trainable_variables]
+    )
     self.assertEqual(first.input_spec, models.model_input_spec(DIGITS_SHAPE))
 
   def test_bad_arguments_raise_when_building(self):
-    with self.assertRaisesRegex(ValueError, 'Found \'lenet\''):
+    with self.assertRaisesRegex(ValueError, "Found 'lenet'"):
       models.build_tff_model_fn('lenet')
     with self.assertRaisesRegex(ValueError, 'expected 2, found 3'):
       models.build_tff_model_fn('logistic', DIGITS_SHAPE, qat=qat.QatConfig(bits=(4, 4, 4)))
 
   def _run_one_round(self, model_fn, input_shape):
     process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.05)
+      model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.05)
     )
     state = process.initialize()
     initial = process.get_model_weights(state)
@@ -212,8 +225,9 @@ class BuildTffModelFnTest(tf.test.TestCase):
     model_fn = models.build_tff_model_fn('cnn', DIGITS_SHAPE, seed=0)
     initial, trained = self._run_one_round(model_fn, DIGITS_SHAPE)
     keras_model = models.create_keras_model('cnn', DIGITS_SHAPE, seed=0)
-    self.assertEqual([w.shape for w in trained.trainable],
-                     [v.shape for v in keras_model.trainable_variables])
+    self.assertEqual(
+      [w.shape for w in trained.trainable], [v.shape for v in keras_model.trainable_variables]
+    )
     self.assertEmpty(trained.non_trainable)
     self.assertNotAllClose(initial.trainable[0], trained.trainable[0])
 
@@ -224,21 +238,23 @@ class BuildTffModelFnTest(tf.test.TestCase):
     model_fn = models.build_tff_model_fn('logistic', DIGITS_SHAPE, seed=0, qat=config)
     initial, trained = self._run_one_round(model_fn, DIGITS_SHAPE)
     keras_model = models.create_keras_model('logistic', DIGITS_SHAPE, seed=0)
-    self.assertEqual([w.shape for w in trained.trainable],
-                     [v.shape for v in keras_model.trainable_variables])
+    self.assertEqual(
+      [w.shape for w in trained.trainable], [v.shape for v in keras_model.trainable_variables]
+    )
     # tfmot's wrapper adds one int32 `optimizer_step` per wrapped layer, QAT the kernel's cached
     # threshold and pass counter. FedAvg leaves them at their initial zeros on the server, so
     # every client round starts with an empty cache and computes the threshold afresh.
     self.assertEqual(
-        [(w.dtype, w.shape) for w in trained.non_trainable],
-        [(np.int32, ()), (np.float32, ()), (np.int32, ())],
+      [(w.dtype, w.shape) for w in trained.non_trainable],
+      [(np.int32, ()), (np.float32, ()), (np.int32, ())],
     )
     for value in trained.non_trainable[1:]:
       self.assertEqual(value, 0)
     self.assertNotAllClose(initial.trainable[0], trained.trainable[0])
     # The server's weights load into the plain (float) model for evaluation.
-    tf.nest.map_structure(lambda v, w: v.assign(w), keras_model.trainable_variables,
-                          list(trained.trainable))
+    tf.nest.map_structure(
+      lambda v, w: v.assign(w), keras_model.trainable_variables, list(trained.trainable)
+    )
     self.assertAllEqual(keras_model.trainable_variables[0], trained.trainable[0])
 
   @pytest.mark.slow
@@ -248,8 +264,9 @@ class BuildTffModelFnTest(tf.test.TestCase):
     config = qat.QatConfig(bits=models.bits_per_tensor(keras_model, (4, 2, 2, 4)))
     model_fn = models.build_tff_model_fn('cnn', DIGITS_SHAPE, seed=0, qat=config)
     _, trained = self._run_one_round(model_fn, DIGITS_SHAPE)
-    self.assertEqual([w.shape for w in trained.trainable],
-                     [v.shape for v in keras_model.trainable_variables])
+    self.assertEqual(
+      [w.shape for w in trained.trainable], [v.shape for v in keras_model.trainable_variables]
+    )
     # Per layer tfmot's `optimizer_step`; per tensor QAT's cached threshold and pass counter.
     self.assertLen(trained.non_trainable, 4 + 2 * 8)
 

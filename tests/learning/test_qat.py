@@ -28,24 +28,24 @@ def _squared_error(outputs):
 
 
 class QatConfigTest(tf.test.TestCase, parameterized.TestCase):
-
   def test_defaults_and_sequence_bits(self):
     config = qat.QatConfig(bits=[4, 2])
     self.assertEqual(config.bits, (4, 2))
-    self.assertEqual((config.clipping, config.rounding, config.min_size_to_quantize),
-                     ('octav', 'nearest', 0))
+    self.assertEqual(
+      (config.clipping, config.rounding, config.min_size_to_quantize), ('octav', 'nearest', 0)
+    )
     self.assertEqual(config.bits_per_tensor(2), (4, 2))
     self.assertEqual(qat.QatConfig(bits=3).bits_per_tensor(4), (3, 3, 3, 3))
 
   @parameterized.named_parameters(
-      ('zero_bits', dict(bits=0), '`bits` must be an integer in \\[1, 16\\]. Found 0'),
-      ('too_many_bits', dict(bits=(4, 17)), 'Found 17'),
-      ('bool_bits', dict(bits=True), 'Found True'),
-      ('empty_bits', dict(bits=()), 'non-empty'),
-      ('clipping', dict(bits=4, clipping='mse'), "`clipping` must be one of .* Found 'mse'"),
-      ('negative_clipping', dict(bits=4, clipping=-1.0), 'Found -1.0'),
-      ('rounding', dict(bits=4, rounding='up'), "`rounding` must be one of .* Found 'up'"),
-      ('min_size', dict(bits=4, min_size_to_quantize=-1), '`min_size_to_quantize` .* Found -1'),
+    ('zero_bits', dict(bits=0), '`bits` must be an integer in \\[1, 16\\]. Found 0'),
+    ('too_many_bits', dict(bits=(4, 17)), 'Found 17'),
+    ('bool_bits', dict(bits=True), 'Found True'),
+    ('empty_bits', dict(bits=()), 'non-empty'),
+    ('clipping', dict(bits=4, clipping='mse'), "`clipping` must be one of .* Found 'mse'"),
+    ('negative_clipping', dict(bits=4, clipping=-1.0), 'Found -1.0'),
+    ('rounding', dict(bits=4, rounding='up'), "`rounding` must be one of .* Found 'up'"),
+    ('min_size', dict(bits=4, min_size_to_quantize=-1), '`min_size_to_quantize` .* Found -1'),
   )
   def test_invalid_values_raise(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):
@@ -57,7 +57,6 @@ class QatConfigTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.parameters('octav', 'octav_paper', 'max_abs', 0.5)
   def test_dense_output_uses_quantized_kernel(self, clipping):
     model = _dense_model()
@@ -91,14 +90,15 @@ class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(d1(eye) - d1_bias, _quantized(model.get_layer('d1').kernel, 2), atol=1e-5)
     d2 = qat_model.get_layer('quant_d2')
     d2_bias = _quantized(model.get_layer('d2').bias, 16)
-    self.assertAllClose(d2(tf.eye(6)) - d2_bias, _quantized(model.get_layer('d2').kernel, 3),
-                        atol=1e-5)
+    self.assertAllClose(
+      d2(tf.eye(6)) - d2_bias, _quantized(model.get_layer('d2').kernel, 3), atol=1e-5
+    )
 
   def test_stochastic_upload_uses_its_threshold_with_deterministic_nearest_forward(self):
     model = _dense_model(units=(30,), input_size=20)
     bias = model.get_layer('d1').bias
     qat_model = qat.apply_qat(
-        model, qat.QatConfig(bits=2, rounding='stochastic', min_size_to_quantize=100)
+      model, qat.QatConfig(bits=2, rounding='stochastic', min_size_to_quantize=100)
     )
     kernel = model.get_layer('d1').kernel
     threshold = quantization.optimal_clipping_threshold(kernel, 2, 'stochastic')
@@ -114,10 +114,16 @@ class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
     qat_model = qat.apply_qat(model, qat.QatConfig(bits=4, min_size_to_quantize=200))
     # conv1 (144 + 16 elements) stays float entirely; every other weighted layer is wrapped.
     self.assertEqual(
-        [(layer.name, type(layer).__name__) for layer in qat_model.layers],
-        [('conv1', 'Conv2D'), ('pool1', 'MaxPooling2D'), ('quant_conv2', 'QuantizeWrapperV2'),
-         ('pool2', 'MaxPooling2D'), ('flatten', 'Flatten'), ('quant_dense1', 'QuantizeWrapperV2'),
-         ('quant_logits', 'QuantizeWrapperV2')],
+      [(layer.name, type(layer).__name__) for layer in qat_model.layers],
+      [
+        ('conv1', 'Conv2D'),
+        ('pool1', 'MaxPooling2D'),
+        ('quant_conv2', 'QuantizeWrapperV2'),
+        ('pool2', 'MaxPooling2D'),
+        ('flatten', 'Flatten'),
+        ('quant_dense1', 'QuantizeWrapperV2'),
+        ('quant_logits', 'QuantizeWrapperV2'),
+      ],
     )
     for name in ('quant_conv2', 'quant_dense1', 'quant_logits'):
       config = qat_model.get_layer(name).quantize_config
@@ -130,12 +136,12 @@ class ForwardPassTest(tf.test.TestCase, parameterized.TestCase):
     qat_model = qat.apply_qat(model, qat.QatConfig(bits=2, min_size_to_quantize=1000))
     x = tf.ones([2, 4])
     self.assertAllEqual(qat_model(x), model(x))
-    self.assertNotIn(qat_model.trainable_variables[0].ref(),
-                     [v.ref() for v in model.trainable_variables])
+    self.assertNotIn(
+      qat_model.trainable_variables[0].ref(), [v.ref() for v in model.trainable_variables]
+    )
 
 
 class GradientTest(tf.test.TestCase):
-
   def test_gradient_is_straight_through(self):
     model = _dense_model(units=(3,), input_size=4)
     kernel, bias = model.get_weights()
@@ -175,7 +181,7 @@ class GradientTest(tf.test.TestCase):
       with tf.GradientTape() as tape:
         loss = loss_fn(y, qat_model(x, training=True))
       optimizer.apply_gradients(
-          zip(tape.gradient(loss, qat_model.trainable_variables), qat_model.trainable_variables)
+        zip(tape.gradient(loss, qat_model.trainable_variables), qat_model.trainable_variables)
       )
       return loss
 
@@ -193,7 +199,6 @@ def _effective_kernel(qat_model: tf.keras.Model, model: tf.keras.Model) -> tf.Te
 
 
 class NearestLevelsTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(bits=(1, 2, 3, 4, 8), threshold=(0.0, 0.3, 1.0, 2.5))
   def test_matches_the_upload_quantizers_nearest_rounding(self, bits, threshold):
     weights = tf.constant(np.random.default_rng(bits).standard_t(3, size=4096), tf.float32)
@@ -204,7 +209,6 @@ class NearestLevelsTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class ThresholdRefreshTest(tf.test.TestCase, parameterized.TestCase):
-
   def _models(self, refresh_steps: int):
     model = _dense_model(units=(30,), input_size=20)
     config = qat.QatConfig(bits=2, min_size_to_quantize=100, threshold_refresh_steps=refresh_steps)
@@ -219,8 +223,9 @@ class ThresholdRefreshTest(tf.test.TestCase, parameterized.TestCase):
     model, qat_model, kernel = self._models(1)
     for scale in (1.0, 3.0):
       kernel.assign(kernel * scale)
-      self.assertAllClose(_effective_kernel(qat_model, model), self._expected(kernel.numpy()),
-                          atol=1e-5)
+      self.assertAllClose(
+        _effective_kernel(qat_model, model), self._expected(kernel.numpy()), atol=1e-5
+      )
 
   @parameterized.parameters(2, 3)
   def test_every_n_passes(self, refresh_steps):
@@ -243,13 +248,17 @@ class ThresholdRefreshTest(tf.test.TestCase, parameterized.TestCase):
     kernel.assign(start * 3.0)
     threshold = quantization.optimal_clipping_threshold(start, 2)
     for _ in range(3):  # Not refreshed: the first pass's threshold clips the grown kernel.
-      self.assertAllClose(_effective_kernel(qat_model, model),
-                          quantization.fake_quantize(kernel, 2, threshold), atol=1e-5)
+      self.assertAllClose(
+        _effective_kernel(qat_model, model),
+        quantization.fake_quantize(kernel, 2, threshold),
+        atol=1e-5,
+      )
     # What TFF does at the start of a client round: load the server's non-trainable values.
     for variable in qat_model.non_trainable_variables:
       variable.assign(tf.zeros_like(variable))
-    self.assertAllClose(_effective_kernel(qat_model, model), self._expected(kernel.numpy()),
-                        atol=1e-5)
+    self.assertAllClose(
+      _effective_kernel(qat_model, model), self._expected(kernel.numpy()), atol=1e-5
+    )
 
   def test_cached_threshold_in_a_tf_function_training_step(self):
     model, qat_model, kernel = self._models(0)
@@ -280,32 +289,32 @@ class ThresholdRefreshTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class VariablesTest(tf.test.TestCase):
-
   def test_qat_model_has_the_plain_trainable_variables(self):
     model = models.create_keras_model('cnn', seed=0)
     bits = models.bits_per_tensor(model, (4, 2, 2, 4))
     qat_model = qat.apply_qat(model, qat.QatConfig(bits=bits))
     self.assertEqual(models.trainable_tensor_names(qat_model), models.trainable_tensor_names(model))
-    self.assertEqual([v.shape for v in qat_model.trainable_variables],
-                     [v.shape for v in model.trainable_variables])
+    self.assertEqual(
+      [v.shape for v in qat_model.trainable_variables], [v.shape for v in model.trainable_variables]
+    )
     for qat_variable, variable in zip(qat_model.trainable_variables, model.trainable_variables):
       self.assertAllEqual(qat_variable, variable)
     layers = ('conv1', 'conv2', 'dense1', 'logits')
     cached = [
-        (f'quant_{layer}/{weight}_{suffix}:0', dtype, ())
-        for layer in layers
-        for weight in ('kernel', 'bias')
-        for suffix, dtype in (('clip_threshold', tf.float32), ('threshold_passes', tf.int32))
+      (f'quant_{layer}/{weight}_{suffix}:0', dtype, ())
+      for layer in layers
+      for weight in ('kernel', 'bias')
+      for suffix, dtype in (('clip_threshold', tf.float32), ('threshold_passes', tf.int32))
     ]
     expected = [(f'quant_{layer}/optimizer_step:0', tf.int32, ()) for layer in layers] + cached
     self.assertCountEqual(
-        [(v.name, v.dtype, tuple(v.shape)) for v in qat_model.non_trainable_variables], expected
+      [(v.name, v.dtype, tuple(v.shape)) for v in qat_model.non_trainable_variables], expected
     )
     # Refreshing at every pass keeps no state beyond tfmot's step counters.
     stateless = qat.apply_qat(model, qat.QatConfig(bits=bits, threshold_refresh_steps=1))
     self.assertEqual(
-        [(v.name, v.dtype, tuple(v.shape)) for v in stateless.non_trainable_variables],
-        [(f'quant_{layer}/optimizer_step:0', tf.int32, ()) for layer in layers],
+      [(v.name, v.dtype, tuple(v.shape)) for v in stateless.non_trainable_variables],
+      [(f'quant_{layer}/optimizer_step:0', tf.int32, ()) for layer in layers],
     )
 
   def test_qat_model_owns_its_variables(self):
@@ -324,10 +333,13 @@ class VariablesTest(tf.test.TestCase):
     self.assertEqual((restored.bits, restored.threshold_refresh_steps), (4, 1))
 
   def test_unsupported_layer_raises(self):
-    model = tf.keras.Sequential([
-        tf.keras.Input([4]), tf.keras.layers.LayerNormalization(name='norm'),
+    model = tf.keras.Sequential(
+      [
+        tf.keras.Input([4]),
+        tf.keras.layers.LayerNormalization(name='norm'),
         tf.keras.layers.Dense(2),
-    ])
+      ]
+    )
     with self.assertRaisesRegex(ValueError, "Found layer 'norm' of type LayerNormalization"):
       qat.apply_qat(model, qat.QatConfig(bits=4))
 

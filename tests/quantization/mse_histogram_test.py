@@ -11,7 +11,7 @@ from tff_clipq.quantization import thresholds
 
 
 def numpy_mse_sum(
-    magnitudes: np.ndarray, threshold: float, bits: int, rounding: str, rounding_weight=1.0
+  magnitudes: np.ndarray, threshold: float, bits: int, rounding: str, rounding_weight=1.0
 ) -> float:
   """Exact (expected, if stochastic) sum of squared errors, from the quantizer's definition.
 
@@ -25,7 +25,7 @@ def numpy_mse_sum(
   else:
     rounding_error = step**2 * fraction * (1.0 - fraction)
   return float(
-      np.sum(rounding_weight * rounding_error + np.maximum(magnitudes - threshold, 0.0) ** 2)
+    np.sum(rounding_weight * rounding_error + np.maximum(magnitudes - threshold, 0.0) ** 2)
   )
 
 
@@ -39,18 +39,17 @@ def magnitudes_of(distribution: str, size: int = 20000, seed: int = 0) -> np.nda
 def histogram_of(magnitudes: np.ndarray, upper: float, finite_count=None):
   finite_count = magnitudes.size if finite_count is None else finite_count
   return mse_histogram.histogram(
-      tf.constant(magnitudes[None], tf.float64),
-      tf.constant([finite_count], tf.float64),
-      tf.constant([upper], tf.float64),
+    tf.constant(magnitudes[None], tf.float64),
+    tf.constant([finite_count], tf.float64),
+    tf.constant([upper], tf.float64),
   )
 
 
 class ModelTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      distribution=('gaussian', 'laplace'),
-      rounding=quantizer.ROUNDING_MODES,
-      bits=(1, 2, 3, 4),
+    distribution=('gaussian', 'laplace'),
+    rounding=quantizer.ROUNDING_MODES,
+    bits=(1, 2, 3, 4),
   )
   def test_model_matches_exact_mse_at_low_bit_widths(self, distribution, rounding, bits):
     magnitudes = magnitudes_of(distribution)
@@ -58,7 +57,7 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
     histogram = histogram_of(magnitudes, upper)
     candidates = np.linspace(0.05, upper, 12)
     modelled = mse_histogram._modelled_squared_error(
-        histogram, tf.constant(candidates[:, None], tf.float64), bits, rounding
+      histogram, tf.constant(candidates[:, None], tf.float64), bits, rounding
     ).numpy()[:, 0]
     exact = [numpy_mse_sum(magnitudes, s, bits, rounding) for s in candidates]
     # Bins are 0.4% of a threshold at most here: only the within-bin spread is modelled.
@@ -71,7 +70,7 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
     histogram = histogram_of(magnitudes, 0.9)
     candidates = np.linspace(0.3, 0.9, 7)
     modelled = mse_histogram._modelled_squared_error(
-        histogram, tf.constant(candidates[:, None], tf.float64), 8, rounding
+      histogram, tf.constant(candidates[:, None], tf.float64), 8, rounding
     ).numpy()[:, 0]
     exact = [numpy_mse_sum(magnitudes, s, 8, rounding) for s in candidates]
     self.assertAllClose(modelled, exact, rtol=2e-2)
@@ -97,21 +96,20 @@ class ModelTest(tf.test.TestCase, parameterized.TestCase):
   def test_zero_upper_gives_finite_results(self):
     histogram = histogram_of(np.zeros(100), 0.0)
     errors = mse_histogram._modelled_squared_error(
-        histogram, tf.constant([[0.0], [0.5]], tf.float64), 3, 'nearest'
+      histogram, tf.constant([[0.0], [0.5]], tf.float64), 3, 'nearest'
     )
     self.assertTrue(np.all(np.isfinite(errors.numpy())))
 
 
 class FixedPointTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      distribution=('gaussian', 'laplace'), rounding=quantizer.ROUNDING_MODES, bits=(1, 2, 4, 8)
+    distribution=('gaussian', 'laplace'), rounding=quantizer.ROUNDING_MODES, bits=(1, 2, 4, 8)
   )
   def test_matches_the_iterated_fixed_point(self, distribution, rounding, bits):
     magnitudes = magnitudes_of(distribution)
     coefficient = thresholds.noise_coefficient(bits, rounding)
     counts = mse_histogram.fixed_point_counts(
-        tf.constant(magnitudes[None], tf.float64), tf.constant([magnitudes.size], tf.float64)
+      tf.constant(magnitudes[None], tf.float64), tf.constant([magnitudes.size], tf.float64)
     )
     found = mse_histogram.fixed_point(counts, coefficient).numpy()[0]
     iterated = thresholds.octav_threshold(magnitudes, bits, rounding, tolerance=1e-9).numpy()
@@ -126,22 +124,21 @@ class FixedPointTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class SearchTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      distribution=('gaussian', 'laplace'),
-      rounding=quantizer.ROUNDING_MODES,
-      bits=(1, 2, 4, 8),
+    distribution=('gaussian', 'laplace'),
+    rounding=quantizer.ROUNDING_MODES,
+    bits=(1, 2, 4, 8),
   )
   def test_search_finds_the_exact_minimum(self, distribution, rounding, bits):
     magnitudes = magnitudes_of(distribution)
     lower, upper = 0.05, 0.9
     found = mse_histogram.histogram_search(
-        histogram_of(magnitudes, upper),
-        tf.constant([lower], tf.float64),
-        tf.constant([upper], tf.float64),
-        bits,
-        rounding,
-        relative_resolution=1e-3,
+      histogram_of(magnitudes, upper),
+      tf.constant([lower], tf.float64),
+      tf.constant([upper], tf.float64),
+      bits,
+      rounding,
+      relative_resolution=1e-3,
     ).numpy()[0]
     self.assertBetween(found, lower, upper)
     grid = np.linspace(lower, upper, 2000)
@@ -156,24 +153,25 @@ class SearchTest(tf.test.TestCase, parameterized.TestCase):
       magnitudes = tf.constant(magnitudes, tf.float64)
       upper = tf.constant(upper, tf.float64)
       return mse_histogram.histogram_search(
-          mse_histogram.histogram(magnitudes, tf.reduce_sum(tf.ones_like(magnitudes), -1), upper),
-          tf.constant(lower, tf.float64),
-          upper,
-          **arguments,
+        mse_histogram.histogram(magnitudes, tf.reduce_sum(tf.ones_like(magnitudes), -1), upper),
+        tf.constant(lower, tf.float64),
+        upper,
+        **arguments,
       ).numpy()
 
     both = search(np.stack([wide, narrow]), [0.05, 0.01], [0.9, 0.3])
-    self.assertAllClose(both, [search(wide[None], [0.05], [0.9])[0],
-                               search(narrow[None], [0.01], [0.3])[0]])
+    self.assertAllClose(
+      both, [search(wide[None], [0.05], [0.9])[0], search(narrow[None], [0.01], [0.3])[0]]
+    )
 
 
 class RoundingWeightTest(tf.test.TestCase, parameterized.TestCase):
   """`rounding_weight` (1/K for the mean of K clients' copies) in the model, search, fixed point."""
 
   @parameterized.product(
-      rounding=quantizer.ROUNDING_MODES,
-      bits=(1, 2, 3, 4),
-      weight=(0.2, 1.0 / 30.0, 'tensor'),
+    rounding=quantizer.ROUNDING_MODES,
+    bits=(1, 2, 3, 4),
+    weight=(0.2, 1.0 / 30.0, 'tensor'),
   )
   def test_weighted_model_matches_exact_weighted_mse(self, rounding, bits, weight):
     magnitudes = magnitudes_of('laplace')
@@ -182,11 +180,11 @@ class RoundingWeightTest(tf.test.TestCase, parameterized.TestCase):
     rounding_weight = tf.constant(value, tf.float64) if weight == 'tensor' else weight
     candidates = np.linspace(0.05, upper, 12)
     modelled = mse_histogram._modelled_squared_error(
-        histogram_of(magnitudes, upper),
-        tf.constant(candidates[:, None], tf.float64),
-        bits,
-        rounding,
-        rounding_weight,
+      histogram_of(magnitudes, upper),
+      tf.constant(candidates[:, None], tf.float64),
+      bits,
+      rounding,
+      rounding_weight,
     ).numpy()[:, 0]
     exact = [numpy_mse_sum(magnitudes, s, bits, rounding, value) for s in candidates]
     self.assertAllClose(modelled, exact, rtol=3e-3)
@@ -197,49 +195,47 @@ class RoundingWeightTest(tf.test.TestCase, parameterized.TestCase):
     candidates = tf.constant(np.linspace(0.05, 0.6, 12)[:, None], tf.float64)
     for rounding in quantizer.ROUNDING_MODES:
       self.assertAllEqual(
-          mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding, 1.0),
-          mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding),
+        mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding, 1.0),
+        mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding),
       )
       # As a tensor (known only at run time) it is one multiplication by 1: equal to rounding.
       self.assertAllClose(
-          mse_histogram._modelled_squared_error(
-              histogram, candidates, 2, rounding, tf.constant(1.0, tf.float64)
-          ),
-          mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding),
-          rtol=1e-12,
+        mse_histogram._modelled_squared_error(
+          histogram, candidates, 2, rounding, tf.constant(1.0, tf.float64)
+        ),
+        mse_histogram._modelled_squared_error(histogram, candidates, 2, rounding),
+        rtol=1e-12,
       )
 
-  @parameterized.product(
-      distribution=('gaussian', 'laplace'), bits=(1, 2, 4), num_clients=(5, 30)
-  )
+  @parameterized.product(distribution=('gaussian', 'laplace'), bits=(1, 2, 4), num_clients=(5, 30))
   def test_weighted_search_finds_the_exact_minimum(self, distribution, bits, num_clients):
     magnitudes = magnitudes_of(distribution)
     lower, upper = 0.05, 1.0
     found = mse_histogram.histogram_search(
-        histogram_of(magnitudes, upper),
-        tf.constant([lower], tf.float64),
-        tf.constant([upper], tf.float64),
-        bits,
-        'stochastic',
-        relative_resolution=1e-3,
-        rounding_weight=1.0 / num_clients,
+      histogram_of(magnitudes, upper),
+      tf.constant([lower], tf.float64),
+      tf.constant([upper], tf.float64),
+      bits,
+      'stochastic',
+      relative_resolution=1e-3,
+      rounding_weight=1.0 / num_clients,
     ).numpy()[0]
     grid = np.linspace(lower, upper, 2000)
     mse = lambda s: numpy_mse_sum(magnitudes, s, bits, 'stochastic', 1.0 / num_clients)
     best = min(mse(s) for s in grid)
     self.assertLessEqual(mse(found), 1.01 * best)
     unweighted = mse_histogram.histogram_search(
-        histogram_of(magnitudes, upper),
-        tf.constant([lower], tf.float64),
-        tf.constant([upper], tf.float64),
-        bits,
-        'stochastic',
-        relative_resolution=1e-3,
+      histogram_of(magnitudes, upper),
+      tf.constant([lower], tf.float64),
+      tf.constant([upper], tf.float64),
+      bits,
+      'stochastic',
+      relative_resolution=1e-3,
     ).numpy()[0]
     self.assertGreater(found, unweighted)  # Less rounding noise: less clipping.
 
   @parameterized.product(
-      distribution=('gaussian', 'laplace'), bits=(1, 2, 4, 8), num_clients=(5, 30)
+    distribution=('gaussian', 'laplace'), bits=(1, 2, 4, 8), num_clients=(5, 30)
   )
   def test_weighted_fixed_point_matches_the_iterated_one(self, distribution, bits, num_clients):
     magnitudes = magnitudes_of(distribution)
@@ -250,13 +246,13 @@ class RoundingWeightTest(tf.test.TestCase, parameterized.TestCase):
     weight = 1.0 / num_clients
     found = mse_histogram.fixed_point(counts, coefficient, weight).numpy()[0]
     as_tensor = mse_histogram.fixed_point(
-        counts, coefficient, tf.constant(weight, tf.float64)
+      counts, coefficient, tf.constant(weight, tf.float64)
     ).numpy()[0]
     folded = mse_histogram.fixed_point(counts, coefficient * weight).numpy()[0]
     self.assertEqual(found, folded)
     self.assertAllClose(as_tensor, found, rtol=1e-12)
     iterated = threshold_search.fixed_point_iteration(
-        magnitudes_tensor, finite_count, coefficient, 1000, 1e-9, rounding_weight=weight
+      magnitudes_tensor, finite_count, coefficient, 1000, 1e-9, rounding_weight=weight
     ).numpy()[0]
     self.assertNear(found, iterated, 1.0 / mse_histogram.FIXED_POINT_BINS)
 

@@ -18,7 +18,6 @@ def _random_codes(bits: int, length: int, seed: int = 0) -> np.ndarray:
 
 
 class PackingTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.parameters(*ALL_BITS)
   def test_round_trip_and_packed_length(self, bits):
     for length in LENGTHS:

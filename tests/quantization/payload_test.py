@@ -15,7 +15,6 @@ def client_tensors(seed: int = 0) -> list[np.ndarray]:
 
 
 class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
-
   def setUp(self):
     super().setUp()
     self.plan = payload.make_plan(SHAPES, (2, 4), min_size_to_quantize=100, rounding='stochastic')
@@ -29,13 +28,13 @@ class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
     decoded = payload.decode_quantized(self.plan, quantized)
     quantized_inputs = [tensors[i] for i in self.plan.quantized_indices]
     self.assertAllClose(
-        statistics['quantization_mse'],
-        [np.mean((d.numpy() - x) ** 2) for d, x in zip(decoded, quantized_inputs)],
-        rtol=1e-5,
+      statistics['quantization_mse'],
+      [np.mean((d.numpy() - x) ** 2) for d, x in zip(decoded, quantized_inputs)],
+      rtol=1e-5,
     )
     self.assertAllClose(
-        statistics['clipped_fraction'],
-        [np.mean(np.abs(x) > part['threshold']) for x, part in zip(quantized_inputs, quantized)],
+      statistics['clipped_fraction'],
+      [np.mean(np.abs(x) > part['threshold']) for x, part in zip(quantized_inputs, quantized)],
     )
     self.assertAllEqual(floats[0], tensors[1])
     self.assertAllEqual(floats[1], tensors[3])
@@ -53,14 +52,14 @@ class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllEqual(zero_weight, tf.zeros(encoding.shape))
 
   @parameterized.named_parameters(
-      ('nan', np.nan, True), ('inf', np.inf, True), ('not_taking_part', 0.0, False)
+    ('nan', np.nan, True), ('inf', np.inf, True), ('not_taking_part', 0.0, False)
   )
   def test_rejected_client_sends_only_zeros(self, bad_value, takes_part):
     tensors = client_tensors()
     tensors[2][5, 5] = bad_value if takes_part else tensors[2][5, 5]
     tensors[1][0] = bad_value if takes_part else tensors[1][0]
     quantized, floats, statistics, accepted = payload.encode_tensors(
-        self.plan, tensors, self.seed, tf.constant(takes_part)
+      self.plan, tensors, self.seed, tf.constant(takes_part)
     )
     self.assertFalse(accepted)
     for part in tf.nest.flatten([quantized, floats, statistics]):

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 _PATH = os.path.join(
-    os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'quantizer_quality.py'
+  os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'quantizer_quality.py'
 )
 
 
@@ -25,7 +25,6 @@ benchmark = _load_benchmark()
 
 
 class QuantizerQualityBenchmarkTest(tf.test.TestCase):
-
   def test_tff_encoder_is_min_max_with_two_to_the_bits_levels(self):
     # What the report says about TFF's convention: levels min + k (max - min) / (2^B - 1).
     x = tf.constant(np.random.default_rng(0).uniform(-1.0, 3.0, 1000), tf.float32)

@@ -16,7 +16,6 @@ def _step(threshold: float, bits: int) -> float:
 
 
 class CodesAndLevelsTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.parameters(*ALL_BITS)
   def test_codes_are_int32_within_range(self, bits):
     x = np.random.default_rng(bits).normal(scale=2.0, size=2000).astype(np.float32)
@@ -74,7 +73,6 @@ class CodesAndLevelsTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class RoundingTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.parameters(1, 2, 3, 4, 8, 12, 16)
   def test_nearest_rounding_error_is_at_most_half_a_step(self, bits):
     threshold = 1.7
@@ -98,12 +96,14 @@ class RoundingTest(tf.test.TestCase, parameterized.TestCase):
     step = _step(threshold, bits)
     values = np.array([-1.3, -1.0, -0.37, 0.0, 0.1234, 0.5, 0.99, 1.29, 1.3, 2.0, -5.0])
     repetitions_per_seed, seeds = 5000, 4
-    samples = np.concatenate([
+    samples = np.concatenate(
+      [
         quantization.fake_quantize(
-            np.tile(values, (repetitions_per_seed, 1)), bits, threshold, 'stochastic', seed=[s, 1]
+          np.tile(values, (repetitions_per_seed, 1)), bits, threshold, 'stochastic', seed=[s, 1]
         ).numpy()
         for s in range(seeds)
-    ])
+      ]
+    )
     clipped = np.clip(values, -threshold, threshold)
     position = (clipped + threshold) / step
     fraction = position - np.floor(position)
@@ -118,9 +118,7 @@ class RoundingTest(tf.test.TestCase, parameterized.TestCase):
     on_neighbour |= np.isclose(samples, lower + step, atol=1e-9)
     self.assertTrue(np.all(on_neighbour))
     random_columns = fraction * (1 - fraction) > 0.05
-    self.assertAllClose(
-        samples.var(axis=0)[random_columns], variance[random_columns], rtol=0.1
-    )
+    self.assertAllClose(samples.var(axis=0)[random_columns], variance[random_columns], rtol=0.1)
 
   def test_seeded_stochastic_rounding_is_reproducible(self):
     x = np.random.default_rng(0).normal(size=(100, 10)).astype(np.float32)
@@ -164,7 +162,6 @@ class RoundingTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class PerChannelAndSpecialValuesTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.parameters(((50, 4),), ((2, 5, 4),))
   def test_per_channel_threshold_matches_per_tensor_quantization(self, shape):
     x = np.random.default_rng(1).normal(scale=2.0, size=shape).astype(np.float32)
@@ -206,26 +203,25 @@ class PerChannelAndSpecialValuesTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class MeasureTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(rounding=quantization.ROUNDING_MODES, per_channel=(False, True))
   def test_all_finite_promise_changes_nothing_for_finite_input(self, rounding, per_channel):
     x = np.random.default_rng(6).normal(size=(50, 4)).astype(np.float32)
     threshold = [0.8, 1.0, 1.2, 1.5] if per_channel else 1.1
     measure = lambda all_finite: quantizer.quantize_and_measure(
-        x, 3, threshold, rounding, seed=[1, 2], all_finite=all_finite
+      x, 3, threshold, rounding, seed=[1, 2], all_finite=all_finite
     )
     (promised, *promised_stats), (checked, *checked_stats) = measure(True), measure(False)
     self.assertAllEqual(promised.codes, checked.codes)
     self.assertAllClose(promised_stats, checked_stats, rtol=1e-6)
 
   @parameterized.product(
-      rounding=quantization.ROUNDING_MODES, bits=(1, 2, 4, 8), per_channel=(False, True)
+    rounding=quantization.ROUNDING_MODES, bits=(1, 2, 4, 8), per_channel=(False, True)
   )
   def test_measured_error_is_that_of_the_decoded_levels(self, rounding, bits, per_channel):
     x = np.random.default_rng(bits).laplace(size=(300, 4)).astype(np.float32)
     threshold = np.array([0.5, 1.0, 2.0, 8.0], np.float32) if per_channel else np.float32(1.2)
     quantized, mse, clipped_fraction = quantization.quantize_and_measure(
-        x, bits, threshold, rounding, seed=[bits, 1]
+      x, bits, threshold, rounding, seed=[bits, 1]
     )
     decoded = quantization.dequantize(quantized).numpy()
     self.assertAllClose(mse, np.mean((decoded - x) ** 2), rtol=1e-5)
@@ -241,7 +237,6 @@ class MeasureTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.parameters(0, 17, -1, 2.5, True, '4', None)
   def test_invalid_bits_raise_naming_bits(self, bits):
     with self.assertRaisesRegex(ValueError, '`bits`'):
@@ -259,14 +254,14 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
       quantization.quantize(tf.zeros([3], dtype), 4, 1.0)
 
   @parameterized.parameters(
-      ((3, 4), (3,)), ((3, 4), (4, 1)), ((3, 4), (5,)), ((), (1,)), ((4,), (2, 2))
+    ((3, 4), (3,)), ((3, 4), (4, 1)), ((3, 4), (5,)), ((), (1,)), ((4,), (2, 2))
   )
   def test_wrong_threshold_shape_raises(self, x_shape, threshold_shape):
     with self.assertRaisesRegex(ValueError, '`threshold`'):
       quantization.quantize(tf.zeros(x_shape), 4, tf.ones(threshold_shape))
 
   @parameterized.parameters(
-      (tf.zeros([3], tf.int32),), ((tf.zeros([3], tf.int32), 1.0, 4),), (None,)
+    (tf.zeros([3], tf.int32),), ((tf.zeros([3], tf.int32), 1.0, 4),), (None,)
   )
   def test_dequantize_rejects_other_types(self, value):
     with self.assertRaises(TypeError):
@@ -297,7 +292,6 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class GraphModeTest(tf.test.TestCase):
-
   def test_quantize_and_dequantize_in_tf_function(self):
     x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
 

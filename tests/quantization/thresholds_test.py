@@ -21,7 +21,7 @@ LARGE = 2 * thresholds.HISTOGRAM_MIN_ENTRIES
 
 
 def numpy_quantization_mse(
-    x: np.ndarray, thresholds: np.ndarray, bits: int, rounding: str
+  x: np.ndarray, thresholds: np.ndarray, bits: int, rounding: str
 ) -> np.ndarray:
   """Exact (expected, if stochastic) MSE of the symmetric quantizer, one per threshold.
 
@@ -67,7 +67,6 @@ def exact_mse(x, threshold, bits, rounding='nearest') -> float:
 
 
 class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
-
   def test_gaussian_matches_max_1960(self):
     x = tf.constant(sample('gaussian', 1_000_000, seed=1960), tf.float32)
     for bits, optimum in MAX_1960_MSE.items():
@@ -79,16 +78,16 @@ class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(threshold, optimal_threshold, rtol=0.01)
 
   @parameterized.product(
-      distribution=('gaussian', 'laplace'),
-      rounding=quantization.ROUNDING_MODES,
-      bits=(2, 3, 4, 5, 6, 7, 8),
+    distribution=('gaussian', 'laplace'),
+    rounding=quantization.ROUNDING_MODES,
+    bits=(2, 3, 4, 5, 6, 7, 8),
   )
   def test_within_one_percent_of_grid_search(self, distribution, rounding, bits):
     x = sample(distribution, GRID_SAMPLES)
     threshold = quantization.optimal_clipping_threshold(x, bits, rounding)
     ours = exact_mse(x, threshold, bits, rounding)
     self.assertAllClose(
-        quantization.expected_quantization_mse(x, threshold, bits, rounding), ours, rtol=1e-9
+      quantization.expected_quantization_mse(x, threshold, bits, rounding), ours, rtol=1e-9
     )
     best = grid_search_mse(x, bits, rounding)
     self.assertLessEqual(ours, 1.01 * best)
@@ -100,11 +99,10 @@ class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
     expected = float(quantization.expected_quantization_mse(x, threshold, bits, 'stochastic'))
     repetitions = 8
     squared_errors = [
-        np.mean(
-            (quantization.fake_quantize(x, bits, threshold, 'stochastic', seed=[seed, 5]) - x)
-            ** 2
-        )
-        for seed in range(repetitions)
+      np.mean(
+        (quantization.fake_quantize(x, bits, threshold, 'stochastic', seed=[seed, 5]) - x) ** 2
+      )
+      for seed in range(repetitions)
     ]
     empirical = np.mean(squared_errors)
     # Given x, each entry's squared error is a two-point variable: (p step)^2 w.p. 1 - p and
@@ -135,7 +133,7 @@ class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
         paper = quantization.clipping_threshold(x, bits, 'octav_paper', 'stochastic')
         ours = quantization.clipping_threshold(x, bits, 'octav', 'stochastic')
         self.assertGreater(
-            exact_mse(x, paper, bits, 'stochastic'), 1.04 * exact_mse(x, ours, bits, 'stochastic')
+          exact_mse(x, paper, bits, 'stochastic'), 1.04 * exact_mse(x, ours, bits, 'stochastic')
         )
 
   @parameterized.product(rounding=quantization.ROUNDING_MODES, bits=(2, 3, 4, 5, 6))
@@ -146,7 +144,7 @@ class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
     fixed_point = quantization.octav_threshold(x, bits, rounding, noise_model='matched')
     refined = quantization.optimal_clipping_threshold(x, bits, rounding)
     self.assertLessEqual(
-        exact_mse(x, fixed_point, bits, rounding), 1.015 * exact_mse(x, refined, bits, rounding)
+      exact_mse(x, fixed_point, bits, rounding), 1.015 * exact_mse(x, refined, bits, rounding)
     )
 
   @parameterized.product(bits=(2, 3, 4), rounding=quantization.ROUNDING_MODES)
@@ -156,27 +154,24 @@ class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
     octav = quantization.clipping_threshold(x, bits, 'octav', rounding)
     self.assertAllClose(max_abs, np.max(np.abs(x)))
     self.assertGreater(
-        exact_mse(x, max_abs, bits, rounding), 1.5 * exact_mse(x, octav, bits, rounding)
+      exact_mse(x, max_abs, bits, rounding), 1.5 * exact_mse(x, octav, bits, rounding)
     )
 
 
 class PerChannelTest(tf.test.TestCase, parameterized.TestCase):
-
   def _kernel(self) -> np.ndarray:
     rng = np.random.default_rng(3)
     columns = [
-        0.1 * rng.standard_normal(2048),
-        3.0 * rng.laplace(size=2048),
-        rng.standard_t(3, size=2048),
-        rng.uniform(-2.0, 5.0, size=2048),
-        np.full(2048, -0.25),
-        np.zeros(2048),
+      0.1 * rng.standard_normal(2048),
+      3.0 * rng.laplace(size=2048),
+      rng.standard_t(3, size=2048),
+      rng.uniform(-2.0, 5.0, size=2048),
+      np.full(2048, -0.25),
+      np.zeros(2048),
     ]
     return np.stack(columns, axis=-1).reshape(32, 64, 6)
 
-  @parameterized.product(
-      method=quantization.CLIPPING_METHODS, rounding=quantization.ROUNDING_MODES
-  )
+  @parameterized.product(method=quantization.CLIPPING_METHODS, rounding=quantization.ROUNDING_MODES)
   def test_each_channel_gets_its_own_per_tensor_threshold(self, method, rounding):
     kernel = self._kernel()
     thresholds = quantization.clipping_threshold(kernel, 3, method, rounding, per_channel=True)
@@ -189,9 +184,9 @@ class PerChannelTest(tf.test.TestCase, parameterized.TestCase):
       # and their MSE tightly.
       self.assertAllClose(thresholds[channel], alone, rtol=1e-2, atol=0.0)
       self.assertAllClose(
-          exact_mse(column, thresholds[channel], 3, rounding),
-          exact_mse(column, alone, 3, rounding),
-          rtol=1e-5,
+        exact_mse(column, thresholds[channel], 3, rounding),
+        exact_mse(column, alone, 3, rounding),
+        rtol=1e-5,
       )
     restored = quantization.fake_quantize(kernel, 3, thresholds, rounding, seed=[1, 1])
     self.assertEqual(restored.shape, kernel.shape)
@@ -204,7 +199,7 @@ class PerChannelTest(tf.test.TestCase, parameterized.TestCase):
     errors = quantization.expected_quantization_mse(kernel, thresholds, 4, per_channel=True)
     for channel in range(6):
       self.assertAllClose(
-          errors[channel], exact_mse(kernel[..., channel], thresholds[channel], 4), rtol=1e-9
+        errors[channel], exact_mse(kernel[..., channel], thresholds[channel], 4), rtol=1e-9
       )
 
   def test_per_channel_on_a_scalar_raises(self):
@@ -213,12 +208,11 @@ class PerChannelTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      method=quantization.CLIPPING_METHODS,
-      rounding=quantization.ROUNDING_MODES,
-      dtype=(tf.float16, tf.float32, tf.float64),
-      rows=(10, LARGE // 3),  # LARGE: the histogram search's path.
+    method=quantization.CLIPPING_METHODS,
+    rounding=quantization.ROUNDING_MODES,
+    dtype=(tf.float16, tf.float32, tf.float64),
+    rows=(10, LARGE // 3),  # LARGE: the histogram search's path.
   )
   def test_all_zero_tensor(self, method, rounding, dtype, rows):
     x = tf.zeros([rows, 3], dtype)
@@ -233,10 +227,13 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(per_channel, [0.0, 0.0, 0.0])
 
   @parameterized.product(
-      method=quantization.CLIPPING_METHODS, value=(-2.5, 1e-3, 7.0), size=(100, LARGE)
+    method=quantization.CLIPPING_METHODS, value=(-2.5, 1e-3, 7.0), size=(100, LARGE)
   )
   def test_constant_and_sign_tensors_are_exact(self, method, value, size):
-    for x in (np.full(size, value, np.float32), np.array([value, -value] * (size // 2), np.float32)):
+    for x in (
+      np.full(size, value, np.float32),
+      np.array([value, -value] * (size // 2), np.float32),
+    ):
       for bits in (1, 3, 16):
         for rounding in quantization.ROUNDING_MODES:
           with self.subTest(x=x[:2], bits=bits, rounding=rounding):
@@ -245,9 +242,7 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
             restored = quantization.fake_quantize(x, bits, threshold, rounding)
             self.assertAllClose(restored, x, rtol=1e-6)
 
-  @parameterized.product(
-      scale=(1e-30, 1e30), rounding=quantization.ROUNDING_MODES, bits=(1, 2, 8)
-  )
+  @parameterized.product(scale=(1e-30, 1e30), rounding=quantization.ROUNDING_MODES, bits=(1, 2, 8))
   def test_thresholds_scale_with_the_data(self, scale, rounding, bits):
     x = sample('gaussian', 8192).astype(np.float32)
     scaled = tf.constant(x * np.float32(scale))
@@ -259,17 +254,17 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
         unscaled = quantization.clipping_threshold(x, bits, method, rounding)
         # Equal MSE (as a function of the threshold it is jagged, so compare errors, not values).
         self.assertAllClose(
-            exact_mse(x, threshold.numpy() / scale, bits, rounding),
-            exact_mse(x, unscaled, bits, rounding),
-            rtol=2e-3,
+          exact_mse(x, threshold.numpy() / scale, bits, rounding),
+          exact_mse(x, unscaled, bits, rounding),
+          rtol=2e-3,
         )
         restored = quantization.fake_quantize(scaled, bits, threshold, rounding)
         self.assertTrue(np.all(np.isfinite(restored.numpy())))
 
   @parameterized.product(
-      method=quantization.CLIPPING_METHODS,
-      rounding=quantization.ROUNDING_MODES,
-      size=(4096, LARGE),
+    method=quantization.CLIPPING_METHODS,
+    rounding=quantization.ROUNDING_MODES,
+    size=(4096, LARGE),
   )
   def test_non_finite_entries_are_ignored(self, method, rounding, size):
     finite = sample('laplace', size).astype(np.float32)
@@ -281,42 +276,39 @@ class RobustnessTest(tf.test.TestCase, parameterized.TestCase):
     # Summation order differs, and the exact MSE is jagged in the threshold: compare the MSE.
     self.assertAllClose(threshold, expected, rtol=1e-3)
     self.assertAllClose(
-        exact_mse(kept, threshold, 3, rounding), exact_mse(kept, expected, 3, rounding), rtol=1e-4
+      exact_mse(kept, threshold, 3, rounding), exact_mse(kept, expected, 3, rounding), rtol=1e-4
     )
     restored = quantization.fake_quantize(x, 3, threshold, rounding)
     self.assertTrue(np.all(np.isfinite(restored.numpy())))
     self.assertAllEqual(
-        quantization.clipping_threshold([np.nan, np.inf, -np.inf], 3, method, rounding), 0.0
+      quantization.clipping_threshold([np.nan, np.inf, -np.inf], 3, method, rounding), 0.0
     )
 
-  @parameterized.product(
-      method=quantization.CLIPPING_METHODS, rounding=quantization.ROUNDING_MODES
-  )
+  @parameterized.product(method=quantization.CLIPPING_METHODS, rounding=quantization.ROUNDING_MODES)
   def test_empty_tensor_gets_threshold_zero(self, method, rounding):
     self.assertAllEqual(quantization.clipping_threshold(tf.zeros([0]), 3, method, rounding), 0.0)
     self.assertAllEqual(
-        quantization.clipping_threshold(tf.zeros([0, 3]), 3, method, rounding, per_channel=True),
-        [0.0, 0.0, 0.0],
+      quantization.clipping_threshold(tf.zeros([0, 3]), 3, method, rounding, per_channel=True),
+      [0.0, 0.0, 0.0],
     )
 
 
 class ClippingThresholdTest(tf.test.TestCase, parameterized.TestCase):
-
   def test_methods_dispatch(self):
     x = sample('gaussian', 4096)
     self.assertAllEqual(
-        quantization.clipping_threshold(x, 3, 'octav', 'stochastic'),
-        quantization.optimal_clipping_threshold(x, 3, 'stochastic'),
+      quantization.clipping_threshold(x, 3, 'octav', 'stochastic'),
+      quantization.optimal_clipping_threshold(x, 3, 'stochastic'),
     )
     self.assertAllEqual(
-        quantization.clipping_threshold(x, 3, 'octav_paper', 'nearest'),
-        quantization.octav_threshold(x, 3, 'nearest', noise_model='paper'),
+      quantization.clipping_threshold(x, 3, 'octav_paper', 'nearest'),
+      quantization.octav_threshold(x, 3, 'nearest', noise_model='paper'),
     )
     self.assertAllEqual(quantization.clipping_threshold(x, 3, 'max_abs'), np.max(np.abs(x)))
     self.assertAllEqual(quantization.clipping_threshold(x, 3, 0.7), 0.7)
     self.assertAllEqual(quantization.clipping_threshold(x, 3, 2), 2.0)
     self.assertAllEqual(
-        quantization.clipping_threshold(x.reshape(-1, 4), 3, 0.7, per_channel=True), [0.7] * 4
+      quantization.clipping_threshold(x.reshape(-1, 4), 3, 0.7, per_channel=True), [0.7] * 4
     )
 
   def test_noise_coefficients(self):
@@ -326,7 +318,7 @@ class ClippingThresholdTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(quantization.noise_coefficient(bits, 'stochastic'), 2 * nearest)
       for rounding in quantization.ROUNDING_MODES:
         self.assertAllClose(
-            quantization.noise_coefficient(bits, rounding, noise_model='paper'), 4.0**-bits / 3
+          quantization.noise_coefficient(bits, rounding, noise_model='paper'), 4.0**-bits / 3
         )
 
   @parameterized.parameters(0, 0.0, -1.0, -1e-9)
@@ -342,10 +334,10 @@ class ClippingThresholdTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters(0, 17, 2.5, True)
   def test_invalid_bits_raise_naming_bits(self, bits):
     for function in (
-        lambda: quantization.optimal_clipping_threshold([1.0, 2.0], bits),
-        lambda: quantization.clipping_threshold([1.0, 2.0], bits, 'octav_paper'),
-        lambda: quantization.expected_quantization_mse([1.0, 2.0], 1.0, bits),
-        lambda: quantization.noise_coefficient(bits),
+      lambda: quantization.optimal_clipping_threshold([1.0, 2.0], bits),
+      lambda: quantization.clipping_threshold([1.0, 2.0], bits, 'octav_paper'),
+      lambda: quantization.expected_quantization_mse([1.0, 2.0], 1.0, bits),
+      lambda: quantization.noise_coefficient(bits),
     ):
       with self.assertRaisesRegex(ValueError, '`bits`'):
         function()
@@ -366,19 +358,18 @@ class ClippingThresholdTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class BatchedThresholdsTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      method=quantization.CLIPPING_METHODS,
-      rounding=quantization.ROUNDING_MODES,
-      per_channel=(False, True),
+    method=quantization.CLIPPING_METHODS,
+    rounding=quantization.ROUNDING_MODES,
+    per_channel=(False, True),
   )
   def test_each_tensor_gets_its_own_threshold(self, method, rounding, per_channel):
     rng = np.random.default_rng(3)
     tensors = [  # A model's shapes: small ones padded into one block, the large one a block alone.
-        (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
-        (0.05 * rng.standard_normal((3, 3, 16, 16))).astype(np.float32),
-        rng.laplace(size=(400, 100)).astype(np.float32),
-        rng.uniform(-3.0, 1.0, size=(100, 10)).astype(np.float32),
+      (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
+      (0.05 * rng.standard_normal((3, 3, 16, 16))).astype(np.float32),
+      rng.laplace(size=(400, 100)).astype(np.float32),
+      rng.uniform(-3.0, 1.0, size=(100, 10)).astype(np.float32),
     ]
     tensors[1][0, 0, 0, :2] = [np.nan, np.inf]
     for bits in (2, 4):
@@ -389,22 +380,22 @@ class BatchedThresholdsTest(tf.test.TestCase, parameterized.TestCase):
           self.assertEqual(threshold.shape, alone.shape)
           # Batched, a tensor may take another search path to the same resolution: equal MSE.
           self.assertAllClose(
-              quantization.expected_quantization_mse(x, threshold, bits, rounding, per_channel),
-              quantization.expected_quantization_mse(x, alone, bits, rounding, per_channel),
-              rtol=2e-3,
+            quantization.expected_quantization_mse(x, threshold, bits, rounding, per_channel),
+            quantization.expected_quantization_mse(x, alone, bits, rounding, per_channel),
+            rtol=2e-3,
           )
 
   @parameterized.product(rounding=quantization.ROUNDING_MODES, per_channel=(False, True))
   def test_all_finite_promise_changes_nothing_for_finite_tensors(self, rounding, per_channel):
     rng = np.random.default_rng(5)
     tensors = [
-        (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
-        rng.laplace(size=(400, 100)).astype(np.float32),
-        rng.uniform(-3.0, 1.0, size=(100, 10)).astype(np.float32),
+      (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
+      rng.laplace(size=(400, 100)).astype(np.float32),
+      rng.uniform(-3.0, 1.0, size=(100, 10)).astype(np.float32),
     ]
     for bits in (2, 4):
       promised = thresholds.clipping_thresholds(
-          tensors, bits, 'octav', rounding, per_channel, all_finite=True
+        tensors, bits, 'octav', rounding, per_channel, all_finite=True
       )
       checked = thresholds.clipping_thresholds(tensors, bits, 'octav', rounding, per_channel)
       for with_promise, without in zip(promised, checked):
@@ -428,11 +419,10 @@ class BatchedThresholdsTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      method=quantization.CLIPPING_METHODS,
-      rounding=quantization.ROUNDING_MODES,
-      static_shape=(True, False),
+    method=quantization.CLIPPING_METHODS,
+    rounding=quantization.ROUNDING_MODES,
+    static_shape=(True, False),
   )
   def test_thresholds_in_tf_function(self, method, rounding, static_shape):
     x = sample('student_t3', 4096).astype(np.float32).reshape(-1, 8)
@@ -441,8 +431,8 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
     @tf.function(input_signature=[tf.TensorSpec(spec_shape, tf.float32)])
     def thresholds(values):
       return (
-          quantization.clipping_threshold(values, 3, method, rounding),
-          quantization.clipping_threshold(values, 3, method, rounding, per_channel=True),
+        quantization.clipping_threshold(values, 3, method, rounding),
+        quantization.clipping_threshold(values, 3, method, rounding, per_channel=True),
       )
 
     per_tensor, per_channel = thresholds(x)
@@ -454,7 +444,7 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(per_tensor, eager_tensor, rtol=1e-2)
     self.assertAllClose(per_channel, eager_channel, rtol=1e-2)
     self.assertAllClose(
-        exact_mse(x, per_tensor, 3, rounding), exact_mse(x, eager_tensor, 3, rounding), rtol=1e-3
+      exact_mse(x, per_tensor, 3, rounding), exact_mse(x, eager_tensor, 3, rounding), rtol=1e-3
     )
 
 
@@ -465,7 +455,7 @@ MEAN_SIZES = (2000, 600)
 
 
 def numpy_mean_mse(
-    x: np.ndarray, thresholds: np.ndarray, bits: int, num_clients: float
+  x: np.ndarray, thresholds: np.ndarray, bits: int, num_clients: float
 ) -> np.ndarray:
   """Exact expected squared error per entry of the mean of `num_clients` copies of x, each
   quantized with independent stochastic rounding; one value per threshold.
@@ -493,7 +483,7 @@ def brute_force_mean_mse(x: np.ndarray, bits: int, num_clients: float) -> float:
 
 
 def simulated_mean_errors(
-    x: np.ndarray, threshold: float, bits: int, uniforms: np.ndarray
+  x: np.ndarray, threshold: float, bits: int, uniforms: np.ndarray
 ) -> np.ndarray:
   """Monte Carlo: squared error per entry of the mean of K stochastically quantized copies of x.
 
@@ -510,16 +500,15 @@ def simulated_mean_errors(
 
 def mean_optimal(x, bits, num_clients, rounding='stochastic', **kwargs) -> float:
   return float(
-      quantization.clipping_threshold(
-          x, bits, 'mean_optimal', rounding, num_clients=num_clients, **kwargs
-      )
+    quantization.clipping_threshold(
+      x, bits, 'mean_optimal', rounding, num_clients=num_clients, **kwargs
+    )
   )
 
 
 class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
-
   @parameterized.product(
-      distribution=('gaussian', 'student_t3'), num_clients=CLIENT_COUNTS, bits=(1, 2, 3, 4)
+    distribution=('gaussian', 'student_t3'), num_clients=CLIENT_COUNTS, bits=(1, 2, 3, 4)
   )
   def test_monte_carlo_agrees_with_exact_expectation(self, distribution, num_clients, bits):
     x = sample(distribution, 2000, seed=7)
@@ -533,19 +522,19 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(abs(np.mean(simulated) - exact), 5 * standard_error)
         # The library's expected MSE of the mean is that expectation.
         ours = quantization.expected_quantization_mse(
-            x, threshold, bits, 'stochastic', num_clients=num_clients
+          x, threshold, bits, 'stochastic', num_clients=num_clients
         )
         self.assertAllClose(ours, exact, rtol=1e-9, atol=0.0)
         self.assertLess(abs(np.mean(simulated) - float(ours)), 5 * standard_error)
 
   @parameterized.product(
-      distribution=('gaussian', 'student_t3'),
-      num_clients=CLIENT_COUNTS,
-      bits=(1, 2, 3, 4),
-      size=MEAN_SIZES,
+    distribution=('gaussian', 'student_t3'),
+    num_clients=CLIENT_COUNTS,
+    bits=(1, 2, 3, 4),
+    size=MEAN_SIZES,
   )
   def test_mean_optimal_within_two_percent_of_brute_force(
-      self, distribution, num_clients, bits, size
+    self, distribution, num_clients, bits, size
   ):
     x = sample(distribution, size, seed=3)
     threshold = mean_optimal(x, bits, num_clients)
@@ -561,7 +550,7 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
     ours = mean_optimal(x, bits, 30)
     self.assertGreater(ours, octav)
     self.assertLess(
-        numpy_mean_mse(x, [ours], bits, 30)[0], 0.7 * numpy_mean_mse(x, [octav], bits, 30)[0]
+      numpy_mean_mse(x, [ours], bits, 30)[0], 0.7 * numpy_mean_mse(x, [octav], bits, 30)[0]
     )
 
   def test_averaged_fake_quantize_matches_expected_mse_of_the_mean(self):
@@ -572,18 +561,18 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
     errors = []
     for repeat in range(repeats):
       copies = [
-          quantization.fake_quantize(x, bits, threshold, 'stochastic', seed=[repeat, client])
-          for client in range(num_clients)
+        quantization.fake_quantize(x, bits, threshold, 'stochastic', seed=[repeat, client])
+        for client in range(num_clients)
       ]
       errors.append(np.mean((np.mean(copies, axis=0) - x) ** 2))
     expected = quantization.expected_quantization_mse(
-        x, threshold, bits, 'stochastic', num_clients=num_clients
+      x, threshold, bits, 'stochastic', num_clients=num_clients
     )
     standard_error = np.std(errors, ddof=1) / np.sqrt(repeats)
     self.assertLess(abs(np.mean(errors) - float(expected)), 5 * standard_error)
 
   @parameterized.product(
-      distribution=('gaussian', 'student_t3'), bits=(1, 2, 3, 4), size=MEAN_SIZES
+    distribution=('gaussian', 'student_t3'), bits=(1, 2, 3, 4), size=MEAN_SIZES
   )
   def test_more_clients_clip_less(self, distribution, bits, size):
     x = sample(distribution, size, seed=4)
@@ -593,22 +582,22 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLessEqual(found[-1], np.max(np.abs(x)))
 
   @parameterized.product(
-      rounding=quantization.ROUNDING_MODES, size=MEAN_SIZES, per_channel=(False, True)
+    rounding=quantization.ROUNDING_MODES, size=MEAN_SIZES, per_channel=(False, True)
   )
   def test_one_client_equals_octav(self, rounding, size, per_channel):
     x = sample('student_t3', size, seed=6).reshape(-1, 4 if per_channel else 1)
     octav = quantization.clipping_threshold(x, 3, 'octav', rounding, per_channel)
     for one in (1, 1.0, np.int64(1)):
       self.assertAllEqual(
-          quantization.clipping_threshold(x, 3, 'mean_optimal', rounding, per_channel, one), octav
+        quantization.clipping_threshold(x, 3, 'mean_optimal', rounding, per_channel, one), octav
       )
     self.assertAllEqual(
-        quantization.expected_quantization_mse(x, octav, 3, rounding, per_channel, 1),
-        quantization.expected_quantization_mse(x, octav, 3, rounding, per_channel),
+      quantization.expected_quantization_mse(x, octav, 3, rounding, per_channel, 1),
+      quantization.expected_quantization_mse(x, octav, 3, rounding, per_channel),
     )
     self.assertAllEqual(
-        thresholds.clipping_thresholds([x, 2 * x], 3, 'mean_optimal', rounding, per_channel),
-        thresholds.clipping_thresholds([x, 2 * x], 3, 'octav', rounding, per_channel),
+      thresholds.clipping_thresholds([x, 2 * x], 3, 'mean_optimal', rounding, per_channel),
+      thresholds.clipping_thresholds([x, 2 * x], 3, 'octav', rounding, per_channel),
     )
 
   @parameterized.parameters(*MEAN_SIZES)
@@ -619,16 +608,16 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
       for many in (5, 30.0, tf.constant(30.0)):
         with self.subTest(bits=bits, num_clients=many):
           self.assertAllEqual(
-              quantization.clipping_threshold(x, bits, 'mean_optimal', 'nearest', num_clients=many),
-              one,
+            quantization.clipping_threshold(x, bits, 'mean_optimal', 'nearest', num_clients=many),
+            one,
           )
           self.assertAllEqual(
-              quantization.expected_quantization_mse(x, one, bits, 'nearest', num_clients=many),
-              quantization.expected_quantization_mse(x, one, bits, 'nearest'),
+            quantization.expected_quantization_mse(x, one, bits, 'nearest', num_clients=many),
+            quantization.expected_quantization_mse(x, one, bits, 'nearest'),
           )
 
   @parameterized.product(
-      size=MEAN_SIZES, static_shape=(True, False), form=('per_tensor', 'per_channel', 'batched')
+    size=MEAN_SIZES, static_shape=(True, False), form=('per_tensor', 'per_channel', 'batched')
   )
   def test_num_clients_as_a_tensor_in_tf_function(self, size, static_shape, form):
     x = sample('student_t3', size, seed=10).astype(np.float32).reshape(-1, 4)
@@ -636,36 +625,36 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
     per_channel = form == 'per_channel'
 
     @tf.function(
-        input_signature=[tf.TensorSpec(spec_shape, tf.float32), tf.TensorSpec([], tf.float32)]
+      input_signature=[tf.TensorSpec(spec_shape, tf.float32), tf.TensorSpec([], tf.float32)]
     )
     def found(values, num_clients):
       if form == 'batched':
         return thresholds.clipping_thresholds(
-            [values, 3.0 * values], 2, 'mean_optimal', 'stochastic', num_clients=num_clients
+          [values, 3.0 * values], 2, 'mean_optimal', 'stochastic', num_clients=num_clients
         )
       return [
-          quantization.clipping_threshold(
-              values, 2, 'mean_optimal', 'stochastic', per_channel, num_clients=num_clients
-          ),
-          quantization.expected_quantization_mse(
-              values, 1.0, 2, 'stochastic', num_clients=num_clients
-          ),
+        quantization.clipping_threshold(
+          values, 2, 'mean_optimal', 'stochastic', per_channel, num_clients=num_clients
+        ),
+        quantization.expected_quantization_mse(
+          values, 1.0, 2, 'stochastic', num_clients=num_clients
+        ),
       ]
 
     for num_clients in (1.0, 5.0, 30.0):
       with self.subTest(num_clients=num_clients):
         first, second = found(x, num_clients)
         eager = quantization.clipping_threshold(
-            x, 2, 'mean_optimal', 'stochastic', per_channel, num_clients=num_clients
+          x, 2, 'mean_optimal', 'stochastic', per_channel, num_clients=num_clients
         )
         # The exact MSE is jagged in the threshold: a differently fused graph may move the
         # threshold slightly, its MSE must not move.
         self.assertAllClose(first, eager, rtol=1e-2)
         if form == 'per_tensor':
           self.assertAllClose(
-              numpy_mean_mse(x, [first], 2, num_clients),
-              numpy_mean_mse(x, [eager], 2, num_clients),
-              rtol=1e-3,
+            numpy_mean_mse(x, [first], 2, num_clients),
+            numpy_mean_mse(x, [eager], 2, num_clients),
+            rtol=1e-3,
           )
           self.assertAllClose(second, numpy_mean_mse(x, [1.0], 2, num_clients)[0], rtol=1e-5)
         if form == 'batched':
@@ -679,22 +668,26 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
   def test_batched_mean_optimal_matches_each_tensor_alone(self, per_channel, size):
     rng = np.random.default_rng(12)
     tensors = [
-        (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
-        rng.laplace(size=(size // 100, 100)).astype(np.float32),
-        rng.standard_t(3, size=(100, 10)).astype(np.float32),
+      (0.2 * rng.standard_normal((3, 3, 1, 16))).astype(np.float32),
+      rng.laplace(size=(size // 100, 100)).astype(np.float32),
+      rng.standard_t(3, size=(100, 10)).astype(np.float32),
     ]
     for bits in (1, 3):
       found = thresholds.clipping_thresholds(
-          tensors, bits, 'mean_optimal', 'stochastic', per_channel, num_clients=5
+        tensors, bits, 'mean_optimal', 'stochastic', per_channel, num_clients=5
       )
       for x, threshold in zip(tensors, found):
         with self.subTest(bits=bits, shape=x.shape):
           alone = quantization.clipping_threshold(
-              x, bits, 'mean_optimal', 'stochastic', per_channel, num_clients=5
+            x, bits, 'mean_optimal', 'stochastic', per_channel, num_clients=5
           )
           mse = functools.partial(
-              quantization.expected_quantization_mse,
-              x, bits=bits, rounding='stochastic', per_channel=per_channel, num_clients=5,
+            quantization.expected_quantization_mse,
+            x,
+            bits=bits,
+            rounding='stochastic',
+            per_channel=per_channel,
+            num_clients=5,
           )
           self.assertAllClose(mse(threshold=threshold), mse(threshold=alone), rtol=2e-3)
 
@@ -702,14 +695,14 @@ class MeanOfClientsTest(tf.test.TestCase, parameterized.TestCase):
   def test_invalid_num_clients_raise_naming_num_clients(self, num_clients):
     x = [1.0, 2.0]
     for function in (
-        lambda: quantization.optimal_clipping_threshold(x, 2, num_clients=num_clients),
-        lambda: thresholds.optimal_clipping_thresholds([x], 2, num_clients=num_clients),
-        lambda: quantization.clipping_threshold(
-            x, 2, 'mean_optimal', 'stochastic', num_clients=num_clients
-        ),
-        lambda: quantization.clipping_threshold(x, 2, 'octav', num_clients=num_clients),
-        lambda: thresholds.clipping_thresholds([x], 2, 'mean_optimal', num_clients=num_clients),
-        lambda: quantization.expected_quantization_mse(x, 1.0, 2, num_clients=num_clients),
+      lambda: quantization.optimal_clipping_threshold(x, 2, num_clients=num_clients),
+      lambda: thresholds.optimal_clipping_thresholds([x], 2, num_clients=num_clients),
+      lambda: quantization.clipping_threshold(
+        x, 2, 'mean_optimal', 'stochastic', num_clients=num_clients
+      ),
+      lambda: quantization.clipping_threshold(x, 2, 'octav', num_clients=num_clients),
+      lambda: thresholds.clipping_thresholds([x], 2, 'mean_optimal', num_clients=num_clients),
+      lambda: quantization.expected_quantization_mse(x, 1.0, 2, num_clients=num_clients),
     ):
       with self.assertRaisesRegex(ValueError, r'`num_clients`.*' + repr(num_clients)):
         function()

@@ -120,7 +120,7 @@ class SumViaAggregateFactory(tff.aggregators.UnweightedAggregationFactory):
       return tff.federated_value((), tff.SERVER)
 
     @tff.federated_computation(
-        init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
+      init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS)
     )
     def next_fn(state, value):
       total = tff.federated_aggregate(value, zeros(), add, add, identity)
@@ -130,26 +130,30 @@ class SumViaAggregateFactory(tff.aggregators.UnweightedAggregationFactory):
 
 
 def _model_fn() -> tff.learning.models.VariableModel:
-  keras_model = tf.keras.Sequential([
+  keras_model = tf.keras.Sequential(
+    [
       tf.keras.layers.Input(shape=(3,)),
       tf.keras.layers.Dense(2, kernel_initializer='ones'),
-  ])
+    ]
+  )
   return tff.learning.models.from_keras_model(
-      keras_model,
-      input_spec=(tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None], tf.int32)),
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+    keras_model,
+    input_spec=(tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None], tf.int32)),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
   )
 
 
 def _client_datasets(num_clients: int = 4) -> list[tf.data.Dataset]:
   rng = np.random.default_rng(0)
   return [
-      tf.data.Dataset.from_tensor_slices((
-          rng.normal(size=(5, 3)).astype(np.float32),
-          rng.integers(0, 2, size=5).astype(np.int32),
-      )).batch(2)
-      for _ in range(num_clients)
+    tf.data.Dataset.from_tensor_slices(
+      (
+        rng.normal(size=(5, 3)).astype(np.float32),
+        rng.integers(0, 2, size=5).astype(np.int32),
+      )
+    ).batch(2)
+    for _ in range(num_clients)
   ]
 
 
@@ -183,7 +187,6 @@ class RuntimeTestCase(tf.test.TestCase):
 
 
 class LocalContextTest(RuntimeTestCase):
-
   def test_computations_give_right_answers_and_replacing_stops_the_worker(self):
     runtime.set_local_execution_context()
     self.assertEqual(runtime.live_worker_pids(), [])  # Started on first use, as TFF does.
@@ -244,7 +247,7 @@ class LocalContextTest(RuntimeTestCase):
       (pid,) = runtime.live_worker_pids()
       with open(f'/proc/{pid}/environ', 'rb') as environ:
         entries = dict(
-            entry.split(b'=', 1) for entry in environ.read().split(b'\0') if b'=' in entry
+          entry.split(b'=', 1) for entry in environ.read().split(b'\0') if b'=' in entry
         )
       value = entries.get(b'TF_NUM_INTRAOP_THREADS')
       return value.decode() if value is not None else None
@@ -277,7 +280,6 @@ class LocalContextTest(RuntimeTestCase):
 
 
 class WorkerStartTest(RuntimeTestCase):
-
   def _fake_binary(self, body: str) -> str:
     path = os.path.join(self.get_temp_dir(), 'fake_worker')
     pathlib.Path(path).write_text(f'#!/bin/sh\n{body}\n')
@@ -319,7 +321,6 @@ _CHILD_SCRIPT = textwrap.dedent("""
 
 
 class ProcessExitTest(RuntimeTestCase):
-
   def test_worker_dies_with_python_and_never_holds_its_pipes(self):
     # `python script.py | cat`: communicate() returns only once every writer of the pipes has
     # closed them, so a worker that inherited them (as TFF's does) would make it time out.
@@ -327,15 +328,15 @@ class ProcessExitTest(RuntimeTestCase):
     # covers `os._exit` (no atexit handlers either).
     modes = ('normal', 'sigkill')
     children = {  # Run concurrently: each one spends ~10 s importing TFF.
-        mode: subprocess.Popen(
-            [sys.executable, '-c', _CHILD_SCRIPT, mode],
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for mode in modes
+      mode: subprocess.Popen(
+        [sys.executable, '-c', _CHILD_SCRIPT, mode],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for mode in modes
     }
     for mode, child in children.items():
       with self.subTest(mode=mode):
@@ -352,12 +353,11 @@ class ProcessExitTest(RuntimeTestCase):
 
 
 class RemoteContextTest(RuntimeTestCase, parameterized.TestCase):
-
   def test_two_workers_match_the_local_context(self):
     computations = {
-        'sum': federated_total,
-        'mean': federated_average,
-        'aggregate': sum_and_merge_count,
+      'sum': federated_total,
+      'mean': federated_average,
+      'aggregate': sum_and_merge_count,
     }
     runtime.set_local_execution_context()
     local = {name: comp(CLIENT_VALUES) for name, comp in computations.items()}
@@ -383,20 +383,20 @@ class RemoteContextTest(RuntimeTestCase, parameterized.TestCase):
   def test_fed_avg_with_default_and_custom_aggregators_matches_local(self):
     datasets = _client_datasets(4)
     processes = {
-        'mean_factory': tff.learning.algorithms.build_weighted_fed_avg(
-            _model_fn,
-            client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
-            server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+      'mean_factory': tff.learning.algorithms.build_weighted_fed_avg(
+        _model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+      ),
+      'federated_aggregate': tff.learning.algorithms.build_weighted_fed_avg(
+        _model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+        model_aggregator=tff.aggregators.MeanFactory(
+          value_sum_factory=SumViaAggregateFactory(),
+          weight_sum_factory=SumViaAggregateFactory(),
         ),
-        'federated_aggregate': tff.learning.algorithms.build_weighted_fed_avg(
-            _model_fn,
-            client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
-            server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
-            model_aggregator=tff.aggregators.MeanFactory(
-                value_sum_factory=SumViaAggregateFactory(),
-                weight_sum_factory=SumViaAggregateFactory(),
-            ),
-        ),
+      ),
     }
     runtime.set_local_execution_context()
     local = {name: _run_fed_avg(p, datasets) for name, p in processes.items()}
@@ -464,16 +464,16 @@ class RemoteContextTest(RuntimeTestCase, parameterized.TestCase):
       self.assertTrue(_pid_gone(pid))
 
   @parameterized.named_parameters(
-      ('no_port', ['localhost:8000', 'localhost'], r'worker_addresses\[1\]'),
-      ('port_zero', ['localhost:0'], r"worker_addresses\[0\].*'localhost:0'"),
-      ('port_too_big', ['localhost:65536'], r"'localhost:65536'"),
-      ('port_not_int', ['localhost:http'], r"'localhost:http'"),
-      ('no_host', [':8000'], r"':8000'"),
-      ('ipv6_without_brackets', ['::1:8000'], r"'::1:8000'"),
-      ('whitespace', ['localhost: 8000'], r"'localhost: 8000'"),
-      ('not_a_string', ['localhost:8000', 8000], r'worker_addresses\[1\].*8000'),
-      ('single_string', 'localhost:8000', 'sequence'),
-      ('empty', [], 'at least one'),
+    ('no_port', ['localhost:8000', 'localhost'], r'worker_addresses\[1\]'),
+    ('port_zero', ['localhost:0'], r"worker_addresses\[0\].*'localhost:0'"),
+    ('port_too_big', ['localhost:65536'], r"'localhost:65536'"),
+    ('port_not_int', ['localhost:http'], r"'localhost:http'"),
+    ('no_host', [':8000'], r"':8000'"),
+    ('ipv6_without_brackets', ['::1:8000'], r"'::1:8000'"),
+    ('whitespace', ['localhost: 8000'], r"'localhost: 8000'"),
+    ('not_a_string', ['localhost:8000', 8000], r'worker_addresses\[1\].*8000'),
+    ('single_string', 'localhost:8000', 'sequence'),
+    ('empty', [], 'at least one'),
   )
   def test_bad_addresses_raise_value_error_naming_them(self, addresses, message):
     with self.assertRaisesRegex(ValueError, message):

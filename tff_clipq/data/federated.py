@@ -62,14 +62,14 @@ class FederatedData:
 
 
 def build_federated_data(
-    dataset: str,
-    partition: str = 'iid',
-    num_clients: int = 10,
-    seed: int = 0,
-    data_dir: Optional[str] = None,
-    dirichlet_alpha: float = 0.3,
-    shards_per_client: int = 2,
-    size_sigma: float = 0.0,
+  dataset: str,
+  partition: str = 'iid',
+  num_clients: int = 10,
+  seed: int = 0,
+  data_dir: Optional[str] = None,
+  dirichlet_alpha: float = 0.3,
+  shards_per_client: int = 2,
+  size_sigma: float = 0.0,
 ) -> FederatedData:
   """Loads `dataset` and splits its training set into `num_clients` clients.
 
@@ -97,8 +97,8 @@ def build_federated_data(
   if dataset == EMNIST:
     if partition != EMNIST_PARTITION:
       raise ValueError(
-          f'`partition` must be {EMNIST_PARTITION!r} for {EMNIST!r}, whose clients are its '
-          f'writers. Found {partition!r}.'
+        f'`partition` must be {EMNIST_PARTITION!r} for {EMNIST!r}, whose clients are its '
+        f'writers. Found {partition!r}.'
       )
     return _load_emnist(num_clients, seed, data_dir)
   if partition not in PARTITIONS:
@@ -112,27 +112,27 @@ def build_federated_data(
     description = f'iid: {num_clients} clients, {sizes}, seed {seed}'
   elif partition == 'dirichlet':
     client_indices = partition_lib.partition_dirichlet(
-        arrays.train_labels, num_clients, dirichlet_alpha, seed
+      arrays.train_labels, num_clients, dirichlet_alpha, seed
     )
     description = (
-        f'dirichlet: per-class client proportions ~ Dirichlet({dirichlet_alpha}), '
-        f'{num_clients} clients, seed {seed}'
+      f'dirichlet: per-class client proportions ~ Dirichlet({dirichlet_alpha}), '
+      f'{num_clients} clients, seed {seed}'
     )
   else:
     client_indices = partition_lib.partition_shards(
-        arrays.train_labels, num_clients, shards_per_client, seed
+      arrays.train_labels, num_clients, shards_per_client, seed
     )
     description = (
-        f'shards: {num_clients} clients x {shards_per_client} label-sorted shards of '
-        f'~{num_examples // (num_clients * shards_per_client)} examples, seed {seed}'
+      f'shards: {num_clients} clients x {shards_per_client} label-sorted shards of '
+      f'~{num_examples // (num_clients * shards_per_client)} examples, seed {seed}'
     )
   return federated_data_from_arrays(arrays, client_indices, description)
 
 
 def federated_data_from_arrays(
-    arrays: sources.ArrayDataset,
-    client_indices: partition_lib.Partition,
-    partition_description: str,
+  arrays: sources.ArrayDataset,
+  client_indices: partition_lib.Partition,
+  partition_description: str,
 ) -> FederatedData:
   """Wraps a partitioned `ArrayDataset` as `FederatedData`; client ids are `client_000`, ....
 
@@ -142,35 +142,37 @@ def federated_data_from_arrays(
   empty_clients = partition_lib.find_empty_clients(client_indices)
   id_width = max(3, len(str(len(client_indices) - 1)))
   indices_by_id = {
-      f'client_{client:0{id_width}d}': indices
-      for client, indices in enumerate(client_indices)
-      if len(indices)
+    f'client_{client:0{id_width}d}': indices
+    for client, indices in enumerate(client_indices)
+    if len(indices)
   }
   if empty_clients:
     logging.warning(
-        '%d of %d clients received no example and are left out of the client ids: %s',
-        len(empty_clients), len(client_indices), empty_clients,
+      '%d of %d clients received no example and are left out of the client ids: %s',
+      len(empty_clients),
+      len(client_indices),
+      empty_clients,
     )
     partition_description += (
-        f'; {len(empty_clients)} empty clients left out (positions {empty_clients})'
+      f'; {len(empty_clients)} empty clients left out (positions {empty_clients})'
     )
   train_labels = arrays.train_labels.astype(np.int32)
   train = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-      list(indices_by_id),
-      _make_client_dataset_fn(arrays.train_images, train_labels, indices_by_id),
+    list(indices_by_id),
+    _make_client_dataset_fn(arrays.train_images, train_labels, indices_by_id),
   )
   return FederatedData(
-      train=train,
-      test=_examples_dataset(arrays.test_images, arrays.test_labels.astype(np.int32)),
-      input_shape=arrays.train_images.shape[1:] + (1,),
-      num_classes=arrays.num_classes,
-      client_sizes={client_id: len(indices) for client_id, indices in indices_by_id.items()},
-      label_histograms=partition_lib.label_histogram(
-          arrays.train_labels, list(indices_by_id.values()), arrays.num_classes
-      ),
-      empty_clients=empty_clients,
-      source=arrays.source,
-      partition_description=partition_description,
+    train=train,
+    test=_examples_dataset(arrays.test_images, arrays.test_labels.astype(np.int32)),
+    input_shape=arrays.train_images.shape[1:] + (1,),
+    num_classes=arrays.num_classes,
+    client_sizes={client_id: len(indices) for client_id, indices in indices_by_id.items()},
+    label_histograms=partition_lib.label_histogram(
+      arrays.train_labels, list(indices_by_id.values()), arrays.num_classes
+    ),
+    empty_clients=empty_clients,
+    source=arrays.source,
+    partition_description=partition_description,
   )
 
 
@@ -181,14 +183,14 @@ def _to_model_input(image: tf.Tensor, label: tf.Tensor) -> Example:
 
 
 def _examples_dataset(
-    images: Union[np.ndarray, tf.Tensor], labels: Union[np.ndarray, tf.Tensor]
+  images: Union[np.ndarray, tf.Tensor], labels: Union[np.ndarray, tf.Tensor]
 ) -> tf.data.Dataset:
   """An unbatched dataset of model inputs from uint8 images [N, H, W] and int labels [N]."""
   return tf.data.Dataset.from_tensor_slices((images, labels)).map(_to_model_input)
 
 
 def _make_client_dataset_fn(
-    images: np.ndarray, labels: np.ndarray, indices_by_id: dict[str, np.ndarray]
+  images: np.ndarray, labels: np.ndarray, indices_by_id: dict[str, np.ndarray]
 ) -> Callable[[Union[str, tf.Tensor]], tf.data.Dataset]:
   """Returns the `serializable_dataset_fn` mapping a client id to that client's dataset.
 
@@ -220,7 +222,7 @@ def emnist_to_model_input(element: collections.OrderedDict) -> Example:
   """
   pixels = 1.0 - tf.cast(element['pixels'], tf.float32)
   return collections.OrderedDict(
-      x=tf.expand_dims(pixels, -1), y=tf.reshape(tf.cast(element['label'], tf.int32), [])
+    x=tf.expand_dims(pixels, -1), y=tf.reshape(tf.cast(element['label'], tf.int32), [])
   )
 
 
@@ -230,23 +232,26 @@ def _load_emnist(num_clients: int, seed: int, cache_dir: Optional[str]) -> Feder
     train, test = tff.simulation.datasets.emnist.load_data(only_digits=True, cache_dir=cache_dir)
   except Exception as e:  # pylint: disable=broad-except  # Download and cache errors vary.
     raise sources.DataSourceError(
-        'Federated EMNIST could not be loaded through tff.simulation.datasets.emnist.load_data'
-        f'(only_digits=True, cache_dir={cache_dir!r}) ({type(e).__name__}: {e}). It needs network '
-        'access on first use (then it is cached under ~/.keras/datasets or `data_dir`); offline, '
-        'use mnist, fashion_mnist, digits or synthetic.'
+      'Federated EMNIST could not be loaded through tff.simulation.datasets.emnist.load_data'
+      f'(only_digits=True, cache_dir={cache_dir!r}) ({type(e).__name__}: {e}). It needs network '
+      'access on first use (then it is cached under ~/.keras/datasets or `data_dir`); offline, '
+      'use mnist, fashion_mnist, digits or synthetic.'
     ) from e
   return federated_emnist(
-      train, test, num_clients, seed,
-      source='tff.simulation.datasets.emnist.load_data(only_digits=True)',
+    train,
+    test,
+    num_clients,
+    seed,
+    source='tff.simulation.datasets.emnist.load_data(only_digits=True)',
   )
 
 
 def federated_emnist(
-    train: tff.simulation.datasets.ClientData,
-    test: tff.simulation.datasets.ClientData,
-    num_clients: int,
-    seed: int,
-    source: str,
+  train: tff.simulation.datasets.ClientData,
+  test: tff.simulation.datasets.ClientData,
+  num_clients: int,
+  seed: int,
+  source: str,
 ) -> FederatedData:
   """Samples `num_clients` writers of EMNIST-structured `train`; evaluates on all of `test`.
 
@@ -262,7 +267,7 @@ def federated_emnist(
     return train.serializable_dataset_fn(client_id).map(emnist_to_model_input)
 
   federated_train = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-      client_ids, client_dataset
+    client_ids, client_dataset
   )
   num_classes = 10
   label_histograms = np.zeros((num_clients, num_classes), dtype=np.int64)
@@ -271,27 +276,27 @@ def federated_emnist(
     for labels in client_labels.batch(4096).as_numpy_iterator():
       label_histograms[row] += np.bincount(labels, minlength=num_classes)
   return FederatedData(
-      train=federated_train,
-      test=test.create_tf_dataset_from_all_clients().map(emnist_to_model_input),
-      input_shape=(28, 28, 1),
-      num_classes=num_classes,
-      client_sizes=dict(zip(client_ids, label_histograms.sum(axis=1).tolist())),
-      label_histograms=label_histograms,
-      empty_clients=[],
-      source=source,
-      partition_description=(
-          f'natural (by writer): {num_clients} of {num_writers} writers sampled with '
-          f'np.random.default_rng({seed})'
-      ),
+    train=federated_train,
+    test=test.create_tf_dataset_from_all_clients().map(emnist_to_model_input),
+    input_shape=(28, 28, 1),
+    num_classes=num_classes,
+    client_sizes=dict(zip(client_ids, label_histograms.sum(axis=1).tolist())),
+    label_histograms=label_histograms,
+    empty_clients=[],
+    source=source,
+    partition_description=(
+      f'natural (by writer): {num_clients} of {num_writers} writers sampled with '
+      f'np.random.default_rng({seed})'
+    ),
   )
 
 
 def preprocess_for_training(
-    dataset: tf.data.Dataset,
-    batch_size: int,
-    local_epochs: int,
-    seed: Optional[int],
-    shuffle_buffer: int = 1000,
+  dataset: tf.data.Dataset,
+  batch_size: int,
+  local_epochs: int,
+  seed: Optional[int],
+  shuffle_buffer: int = 1000,
 ) -> tf.data.Dataset:
   """Shuffles, repeats for `local_epochs` and batches a client's dataset (pure tf.data, traceable).
 
@@ -303,9 +308,9 @@ def preprocess_for_training(
   _check_positive_int(local_epochs, 'local_epochs')
   _check_positive_int(shuffle_buffer, 'shuffle_buffer')
   return (
-      dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=seed is None)
-      .repeat(local_epochs)
-      .batch(batch_size)
+    dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=seed is None)
+    .repeat(local_epochs)
+    .batch(batch_size)
   )
 
 

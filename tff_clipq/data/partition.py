@@ -29,7 +29,7 @@ def _check_num_clients(num_clients: int, num_examples: int | None = None) -> Non
     raise ValueError(f'`num_clients` must be >= 1. Found {num_clients}.')
   if num_examples is not None and num_clients > num_examples:
     raise ValueError(
-        f'`num_clients` must be <= the number of examples ({num_examples}). Found {num_clients}.'
+      f'`num_clients` must be <= the number of examples ({num_examples}). Found {num_clients}.'
     )
 
 
@@ -38,8 +38,8 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
-        f'`labels` must be a non-empty 1-D integer array. Found dtype {labels.dtype}, shape '
-        f'{labels.shape}.'
+      f'`labels` must be a non-empty 1-D integer array. Found dtype {labels.dtype}, shape '
+      f'{labels.shape}.'
     )
   if labels.min() < 0:
     raise ValueError(f'`labels` must be non-negative. Found {labels.min()}.')
@@ -47,7 +47,7 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def partition_iid(
-    num_examples: int, num_clients: int, seed: int, size_sigma: float = 0.0
+  num_examples: int, num_clients: int, seed: int, size_sigma: float = 0.0
 ) -> Partition:
   """Shuffles the examples and splits them among clients, each client's labels matching the whole.
 
@@ -85,9 +85,7 @@ def _proportional_sizes(total: int, weights: np.ndarray) -> np.ndarray:
   return sizes
 
 
-def partition_dirichlet(
-    labels: np.ndarray, num_clients: int, alpha: float, seed: int
-) -> Partition:
+def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> Partition:
   """Label-skewed split: each class is spread over clients with Dirichlet(alpha) proportions.
 
   For every class, its examples are shuffled and cut at the cumulative proportions
@@ -120,7 +118,7 @@ def partition_dirichlet(
 
 
 def partition_shards(
-    labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int
+  labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int
 ) -> Partition:
   """McMahan et al.'s pathological non-IID split into label-sorted shards.
 
@@ -150,8 +148,8 @@ def partition_shards(
   num_shards = num_clients * shards_per_client
   if num_shards > len(labels):
     raise ValueError(
-        f'`num_clients * shards_per_client` must be <= the number of examples ({len(labels)}). '
-        f'Found {num_clients} * {shards_per_client} = {num_shards}.'
+      f'`num_clients * shards_per_client` must be <= the number of examples ({len(labels)}). '
+      f'Found {num_clients} * {shards_per_client} = {num_shards}.'
     )
   rng = np.random.default_rng(seed)
   shuffled = rng.permutation(len(labels))
@@ -159,8 +157,8 @@ def partition_shards(
   shards = np.array_split(sorted_by_label, num_shards)
   shard_order = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
   return [
-      np.concatenate([shards[shard] for shard in client_shards]).astype(np.int64)
-      for client_shards in shard_order
+    np.concatenate([shards[shard] for shard in client_shards]).astype(np.int64)
+    for client_shards in shard_order
   ]
 
 
@@ -170,7 +168,7 @@ def label_histogram(labels: np.ndarray, partition: Partition, num_classes: int) 
   if labels.max() >= num_classes:
     raise ValueError(f'`labels` must be < `num_classes` ({num_classes}). Found {labels.max()}.')
   return np.stack(
-      [np.bincount(labels[indices], minlength=num_classes) for indices in partition]
+    [np.bincount(labels[indices], minlength=num_classes) for indices in partition]
   ).astype(np.int64)
 
 

@@ -47,29 +47,29 @@ EVALUATION_FRACTION = 0.2
 ENV_VARS = {'mnist': 'TFF_CLIPQ_MNIST_DIR', 'fashion_mnist': 'TFF_CLIPQ_FASHION_MNIST_DIR'}
 # Paths relative to the user's home directory where `tf.keras.datasets` caches its downloads.
 KERAS_CACHE_PATHS = {
-    'mnist': os.path.join('.keras', 'datasets', 'mnist.npz'),
-    'fashion_mnist': os.path.join('.keras', 'datasets', 'fashion-mnist'),
+  'mnist': os.path.join('.keras', 'datasets', 'mnist.npz'),
+  'fashion_mnist': os.path.join('.keras', 'datasets', 'fashion-mnist'),
 }
 # A `shared/data/<name>` folder beside the checkout: how this project's offline development and CI
 # machines provide the data (used only when it exists).
 _CHECKOUT_SIBLING_DATA = os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'data')
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'data')
 )
 SYSTEM_DIRS = {
-    'mnist': (os.path.join(_CHECKOUT_SIBLING_DATA, 'mnist'),),
-    'fashion_mnist': (
-        '/usr/share/datasets/fashion-mnist',
-        os.path.join(_CHECKOUT_SIBLING_DATA, 'fashion_mnist'),
-    ),
+  'mnist': (os.path.join(_CHECKOUT_SIBLING_DATA, 'mnist'),),
+  'fashion_mnist': (
+    '/usr/share/datasets/fashion-mnist',
+    os.path.join(_CHECKOUT_SIBLING_DATA, 'fashion_mnist'),
+  ),
 }
 
 # The four IDX files of the MNIST distribution, keyed by role; each may also use a dot instead of
 # the dash before `idx` (as some archive tools extract them) and may be gzip-compressed.
 IDX_FILE_STEMS = {
-    'train_images': 'train-images-idx3-ubyte',
-    'train_labels': 'train-labels-idx1-ubyte',
-    'test_images': 't10k-images-idx3-ubyte',
-    'test_labels': 't10k-labels-idx1-ubyte',
+  'train_images': 'train-images-idx3-ubyte',
+  'train_labels': 'train-labels-idx1-ubyte',
+  'test_images': 't10k-images-idx3-ubyte',
+  'test_labels': 't10k-labels-idx1-ubyte',
 }
 
 
@@ -137,13 +137,13 @@ def load_array_dataset(name: str, data_dir: Optional[str] = None, seed: int = 0)
   splits = _resolve_mnist_like(name, data_dir, seed)
   logging.info('Loaded %s: %s', name, splits.source)
   return ArrayDataset(
-      name=name,
-      train_images=splits.train_images,
-      train_labels=splits.train_labels,
-      test_images=splits.test_images,
-      test_labels=splits.test_labels,
-      num_classes=MNIST_NUM_CLASSES,
-      source=splits.source,
+    name=name,
+    train_images=splits.train_images,
+    train_labels=splits.train_labels,
+    test_images=splits.test_images,
+    test_labels=splits.test_labels,
+    num_classes=MNIST_NUM_CLASSES,
+    source=splits.source,
   )
 
 
@@ -177,10 +177,10 @@ def _resolve_mnist_like(name: str, data_dir: Optional[str], seed: int) -> _Split
 
   tried = '\n'.join(f'  - {attempt}' for attempt in attempts)
   raise DataSourceError(
-      f'No usable source for the {name!r} dataset. Tried, in order:\n{tried}\n'
-      f'Fix: pass --data_dir (or `data_dir`) or set {env_var} to a directory holding the four '
-      f'IDX files ({", ".join(IDX_FILE_STEMS.values())}, raw or .gz), only the two t10k files, or '
-      'an .npz with x_train, y_train, x_test, y_test.'
+    f'No usable source for the {name!r} dataset. Tried, in order:\n{tried}\n'
+    f'Fix: pass --data_dir (or `data_dir`) or set {env_var} to a directory holding the four '
+    f'IDX files ({", ".join(IDX_FILE_STEMS.values())}, raw or .gz), only the two t10k files, or '
+    'an .npz with x_train, y_train, x_test, y_test.'
   )
 
 
@@ -195,13 +195,13 @@ def _load_explicit(path: str, origin: str, name: str, seed: int) -> _Splits:
 
 
 def _download_with_keras(
-    name: str,
+  name: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Downloads (or reads Keras' cache) through `tf.keras.datasets`; needs network on first use."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  # Only needed for this fallback.
 
   (train_images, train_labels), (test_images, test_labels) = getattr(
-      tf.keras.datasets, name
+    tf.keras.datasets, name
   ).load_data()
   return train_images, train_labels, test_images, test_labels
 
@@ -223,7 +223,7 @@ def _load_path(path: str, name: str, seed: int) -> _Splits:
   found = {role for role, file in idx_files.items() if file is not None}
   if found == set(IDX_FILE_STEMS):
     train_images, train_labels = _read_idx_pair(
-        idx_files['train_images'], idx_files['train_labels']
+      idx_files['train_images'], idx_files['train_labels']
     )
     test_images, test_labels = _read_idx_pair(idx_files['test_images'], idx_files['test_labels'])
     source = 'IDX files ' + ', '.join(idx_files[role] for role in IDX_FILE_STEMS)
@@ -235,8 +235,8 @@ def _load_path(path: str, name: str, seed: int) -> _Splits:
   if found:
     missing = ', '.join(IDX_FILE_STEMS[role] for role in IDX_FILE_STEMS if role not in found)
     raise DataSourceError(
-        f'{path} holds an incomplete set of IDX files: missing {missing} (raw or .gz). A '
-        'directory needs all four files, or only the two t10k files.'
+      f'{path} holds an incomplete set of IDX files: missing {missing} (raw or .gz). A '
+      'directory needs all four files, or only the two t10k files.'
     )
 
   npz_files = sorted(f for f in os.listdir(path) if f.endswith('.npz'))
@@ -246,11 +246,11 @@ def _load_path(path: str, name: str, seed: int) -> _Splits:
     return _read_npz(os.path.join(path, npz_files[0]))
   if npz_files:
     raise DataSourceError(
-        f'{path} holds several .npz files ({", ".join(npz_files)}) and none is named {name}.npz.'
+      f'{path} holds several .npz files ({", ".join(npz_files)}) and none is named {name}.npz.'
     )
   raise DataSourceError(
-      f'{path} holds neither IDX files ({", ".join(IDX_FILE_STEMS.values())}, raw or .gz) nor '
-      'an .npz file.'
+    f'{path} holds neither IDX files ({", ".join(IDX_FILE_STEMS.values())}, raw or .gz) nor '
+    'an .npz file.'
   )
 
 
@@ -267,14 +267,17 @@ def _split_test_only(images: np.ndarray, labels: np.ndarray, seed: int, files: s
   permutation = np.random.default_rng(seed).permutation(num_examples)
   train_indices, evaluation_indices = permutation[:num_train], permutation[num_train:]
   source = (
-      f'test split only ({files}): {num_examples} images permuted with '
-      f'np.random.default_rng({seed}).permutation; first {num_train} -> training pool, last '
-      f'{num_evaluation} -> held-out evaluation'
+    f'test split only ({files}): {num_examples} images permuted with '
+    f'np.random.default_rng({seed}).permutation; first {num_train} -> training pool, last '
+    f'{num_evaluation} -> held-out evaluation'
   )
   logging.info('Test-split-only source: %s', source)
   return _Splits(
-      images[train_indices], labels[train_indices], images[evaluation_indices],
-      labels[evaluation_indices], source,
+    images[train_indices],
+    labels[train_indices],
+    images[evaluation_indices],
+    labels[evaluation_indices],
+    source,
   )
 
 
@@ -294,13 +297,13 @@ def _read_idx_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.n
   labels = read_idx(labels_path, IDX_LABELS_MAGIC)
   if images.shape[1:] != MNIST_IMAGE_SHAPE:
     raise DataSourceError(
-        f'{images_path}: images must be {MNIST_IMAGE_SHAPE[0]}x{MNIST_IMAGE_SHAPE[1]}. Found '
-        f'{images.shape[1]}x{images.shape[2]}.'
+      f'{images_path}: images must be {MNIST_IMAGE_SHAPE[0]}x{MNIST_IMAGE_SHAPE[1]}. Found '
+      f'{images.shape[1]}x{images.shape[2]}.'
     )
   _check_labels(labels, labels_path)
   if len(images) != len(labels):
     raise DataSourceError(
-        f'{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels.'
+      f'{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels.'
     )
   return images, labels.astype(np.int64)
 
@@ -331,24 +334,22 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
   magic = int.from_bytes(content[:4], 'big')
   if magic != expected_magic:
     raise DataSourceError(
-        f'{path}: bad IDX magic number {magic}, expected {expected_magic} '
-        f'({"images" if expected_magic == IDX_IMAGES_MAGIC else "labels"}).'
+      f'{path}: bad IDX magic number {magic}, expected {expected_magic} '
+      f'({"images" if expected_magic == IDX_IMAGES_MAGIC else "labels"}).'
     )
   num_dims = magic & 0xFF
   header_length = 4 * (1 + num_dims)
   if len(content) < header_length:
     raise DataSourceError(
-        f'{path}: truncated IDX header ({len(content)} bytes, {header_length} expected).'
+      f'{path}: truncated IDX header ({len(content)} bytes, {header_length} expected).'
     )
-  shape = tuple(
-      int.from_bytes(content[4 * (i + 1):4 * (i + 2)], 'big') for i in range(num_dims)
-  )
+  shape = tuple(int.from_bytes(content[4 * (i + 1) : 4 * (i + 2)], 'big') for i in range(num_dims))
   expected_length = header_length + int(np.prod(shape))
   if len(content) != expected_length:
     problem = 'truncated' if len(content) < expected_length else 'has trailing bytes'
     raise DataSourceError(
-        f'{path}: file {problem}: header declares shape {shape} ({expected_length} bytes in all) '
-        f'but the file holds {len(content)} bytes.'
+      f'{path}: file {problem}: header declares shape {shape} ({expected_length} bytes in all) '
+      f'but the file holds {len(content)} bytes.'
     )
   return np.frombuffer(content, dtype=np.uint8, offset=header_length).reshape(shape)
 
@@ -361,43 +362,47 @@ def _read_npz(path: str) -> _Splits:
       missing = [key for key in keys if key not in archive.files]
       if missing:
         raise DataSourceError(
-            f'{path}: missing keys {missing}; an .npz source needs {", ".join(keys)}.'
+          f'{path}: missing keys {missing}; an .npz source needs {", ".join(keys)}.'
         )
       arrays = {key: archive[key] for key in keys}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     raise DataSourceError(f'{path}: not a readable .npz archive ({type(e).__name__}: {e}).') from e
   return _validated_splits(
-      arrays['x_train'], arrays['y_train'], arrays['x_test'], arrays['y_test'], source=path
+    arrays['x_train'], arrays['y_train'], arrays['x_test'], arrays['y_test'], source=path
   )
 
 
 def _validated_splits(
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    test_images: np.ndarray,
-    test_labels: np.ndarray,
-    source: str,
+  train_images: np.ndarray,
+  train_labels: np.ndarray,
+  test_images: np.ndarray,
+  test_labels: np.ndarray,
+  source: str,
 ) -> _Splits:
   """Checks arrays from an .npz or a Keras download: uint8 28x28 images, valid matching labels."""
   for split, images, labels in (
-      ('train', train_images, train_labels), ('test', test_images, test_labels)
+    ('train', train_images, train_labels),
+    ('test', test_images, test_labels),
   ):
     if images.dtype != np.uint8 or images.shape[1:] != MNIST_IMAGE_SHAPE:
       raise DataSourceError(
-          f'{source}: x_{split} must be uint8 [N, 28, 28]. Found {images.dtype} {images.shape}.'
+        f'{source}: x_{split} must be uint8 [N, 28, 28]. Found {images.dtype} {images.shape}.'
       )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
       raise DataSourceError(
-          f'{source}: y_{split} must be a 1-D integer array. Found {labels.dtype} {labels.shape}.'
+        f'{source}: y_{split} must be a 1-D integer array. Found {labels.dtype} {labels.shape}.'
       )
     _check_labels(labels, source)
     if len(images) != len(labels):
       raise DataSourceError(
-          f'{source}: x_{split} holds {len(images)} images but y_{split} {len(labels)} labels.'
+        f'{source}: x_{split} holds {len(images)} images but y_{split} {len(labels)} labels.'
       )
   return _Splits(
-      train_images, train_labels.astype(np.int64), test_images, test_labels.astype(np.int64),
-      source,
+    train_images,
+    train_labels.astype(np.int64),
+    test_images,
+    test_labels.astype(np.int64),
+    source,
   )
 
 
@@ -405,8 +410,8 @@ def _check_labels(labels: np.ndarray, origin: str) -> None:
   """Raises DataSourceError if a label lies outside [0, MNIST_NUM_CLASSES)."""
   if labels.size and (labels.min() < 0 or labels.max() >= MNIST_NUM_CLASSES):
     raise DataSourceError(
-        f'{origin}: labels must lie in [0, {MNIST_NUM_CLASSES}). Found values in '
-        f'[{labels.min()}, {labels.max()}].'
+      f'{origin}: labels must lie in [0, {MNIST_NUM_CLASSES}). Found values in '
+      f'[{labels.min()}, {labels.max()}].'
     )
 
 
@@ -424,26 +429,26 @@ def _load_digits(seed: int = 0) -> ArrayDataset:
   permutation = np.random.default_rng(seed).permutation(len(images))
   train_indices, test_indices = permutation[num_evaluation:], permutation[:num_evaluation]
   return ArrayDataset(
-      name='digits',
-      train_images=images[train_indices],
-      train_labels=labels[train_indices],
-      test_images=images[test_indices],
-      test_labels=labels[test_indices],
-      num_classes=10,
-      source=(
-          f'sklearn.datasets.load_digits (bundled, 8x8, 0..16 rescaled to 0..255): '
-          f'{len(images)} images permuted with np.random.default_rng({seed}).permutation; first '
-          f'{num_evaluation} -> test, remaining {len(train_indices)} -> train'
-      ),
+    name='digits',
+    train_images=images[train_indices],
+    train_labels=labels[train_indices],
+    test_images=images[test_indices],
+    test_labels=labels[test_indices],
+    num_classes=10,
+    source=(
+      f'sklearn.datasets.load_digits (bundled, 8x8, 0..16 rescaled to 0..255): '
+      f'{len(images)} images permuted with np.random.default_rng({seed}).permutation; first '
+      f'{num_evaluation} -> test, remaining {len(train_indices)} -> train'
+    ),
   )
 
 
 def _make_synthetic(
-    seed: int = 0,
-    num_train: int = 2000,
-    num_test: int = 500,
-    num_classes: int = 10,
-    image_shape: tuple[int, int] = MNIST_IMAGE_SHAPE,
+  seed: int = 0,
+  num_train: int = 2000,
+  num_test: int = 500,
+  num_classes: int = 10,
+  image_shape: tuple[int, int] = MNIST_IMAGE_SHAPE,
 ) -> ArrayDataset:
   """A generated, learnable stand-in for MNIST: class prototypes plus pixel noise.
 
@@ -463,14 +468,14 @@ def _make_synthetic(
   train_images, train_labels = sample(num_train)
   test_images, test_labels = sample(num_test)
   return ArrayDataset(
-      name='synthetic',
-      train_images=train_images,
-      train_labels=train_labels,
-      test_images=test_images,
-      test_labels=test_labels,
-      num_classes=num_classes,
-      source=(
-          f'synthetic (seed {seed}): {num_classes} random sparse class prototypes + Gaussian '
-          f'noise (std 50), {num_train} train / {num_test} test'
-      ),
+    name='synthetic',
+    train_images=train_images,
+    train_labels=train_labels,
+    test_images=test_images,
+    test_labels=test_labels,
+    num_classes=num_classes,
+    source=(
+      f'synthetic (seed {seed}): {num_classes} random sparse class prototypes + Gaussian '
+      f'noise (std 50), {num_train} train / {num_test} test'
+    ),
   )

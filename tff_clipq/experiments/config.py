@@ -35,8 +35,13 @@ NATURAL_PARTITION = 'natural'
 PARTITIONS = data_lib.PARTITIONS + (NATURAL_PARTITION,)
 # Fields a sweep may not override: they describe where and how the whole study runs.
 STUDY_FIELDS = (
-    'output_dir', 'resume', 'overwrite', 'sweep', 'workers', 'num_local_workers',
-    'worker_intra_op_threads',
+  'output_dir',
+  'resume',
+  'overwrite',
+  'sweep',
+  'workers',
+  'num_local_workers',
+  'worker_intra_op_threads',
 )
 # Fields that may differ between a run and its resumption: they do not change its results
 # (`rounds` may grow to extend a run; `eval_every` only affects rounds not yet run).
@@ -120,42 +125,50 @@ class ExperimentConfig:
   @property
   def aggregator_config(self) -> process_lib.AggregatorConfig:
     return process_lib.AggregatorConfig(
-        method=self.aggregator,
-        bits=self.bits,
-        clipping=_parse_clipping(self.clipping),
-        rounding=self.rounding,
-        weighting=self.weighting,
-        min_size_to_quantize=self.min_size_to_quantize,
-        per_channel=self.per_channel,
-        rotation=self.rotation,
+      method=self.aggregator,
+      bits=self.bits,
+      clipping=_parse_clipping(self.clipping),
+      rounding=self.rounding,
+      weighting=self.weighting,
+      min_size_to_quantize=self.min_size_to_quantize,
+      per_channel=self.per_channel,
+      rotation=self.rotation,
     )
 
   def process_config(
-      self, input_shape: tuple[int, int, int], num_classes: int
+    self, input_shape: tuple[int, int, int], num_classes: int
   ) -> process_lib.ProcessConfig:
     """The learning-process settings, for data of `input_shape` with `num_classes` labels."""
     return process_lib.ProcessConfig(
-        model=self.model,
-        input_shape=input_shape,
-        num_classes=num_classes,
-        aggregator=self.aggregator_config,
-        payload=self.payload,
-        qat=self.qat,
-        qat_threshold_refresh_steps=self.qat_threshold_refresh_steps,
-        client_optimizer=self.client_optimizer,
-        client_learning_rate=self.client_learning_rate,
-        client_momentum=self.client_momentum,
-        server_optimizer=self.server_optimizer,
-        server_learning_rate=self.server_learning_rate,
-        server_momentum=self.server_momentum,
-        seed=self.seed,
+      model=self.model,
+      input_shape=input_shape,
+      num_classes=num_classes,
+      aggregator=self.aggregator_config,
+      payload=self.payload,
+      qat=self.qat,
+      qat_threshold_refresh_steps=self.qat_threshold_refresh_steps,
+      client_optimizer=self.client_optimizer,
+      client_learning_rate=self.client_learning_rate,
+      client_momentum=self.client_momentum,
+      server_optimizer=self.server_optimizer,
+      server_learning_rate=self.server_learning_rate,
+      server_momentum=self.server_momentum,
+      seed=self.seed,
     )
 
   @property
   def data_settings(self) -> tuple[Any, ...]:
     """The fields that determine the federated data; runs sharing them share the data."""
-    return (self.dataset, self.data_dir, self.partition, self.num_clients, self.seed,
-            self.dirichlet_alpha, self.shards_per_client, self.size_sigma)
+    return (
+      self.dataset,
+      self.data_dir,
+      self.partition,
+      self.num_clients,
+      self.seed,
+      self.dirichlet_alpha,
+      self.shards_per_client,
+      self.size_sigma,
+    )
 
   def sweep_runs(self) -> list[tuple[str, ExperimentConfig]]:
     """(name, config) of each run: the base with each `sweep` entry's overrides applied.
@@ -165,9 +178,15 @@ class ExperimentConfig:
     """
     if not self.sweep:
       return [(os.path.basename(os.path.normpath(self.output_dir)), self)]
-    return [(name, dataclasses.replace(
-        self, sweep='', output_dir=os.path.join(self.output_dir, name), **overrides
-    )) for name, overrides in parse_sweep(self.sweep)]
+    return [
+      (
+        name,
+        dataclasses.replace(
+          self, sweep='', output_dir=os.path.join(self.output_dir, name), **overrides
+        ),
+      )
+      for name, overrides in parse_sweep(self.sweep)
+    ]
 
 
 def _parse_clipping(clipping: str) -> Union[str, float]:
@@ -186,8 +205,8 @@ def parse_bits(bits: str) -> tuple[int, ...]:
     widths = ()
   if not widths or not all(quantizer.MIN_BITS <= w <= quantizer.MAX_BITS for w in widths):
     raise ConfigError(
-        f'--bits must be an integer in [{quantizer.MIN_BITS}, {quantizer.MAX_BITS}], or one such '
-        f'integer per model layer with weights, dash-separated (e.g. 4-2-2-4). Found {bits!r}.'
+      f'--bits must be an integer in [{quantizer.MIN_BITS}, {quantizer.MAX_BITS}], or one such '
+      f'integer per model layer with weights, dash-separated (e.g. 4-2-2-4). Found {bits!r}.'
     )
   return widths
 
@@ -202,7 +221,7 @@ def weighted_layer_names(model: str) -> tuple[str, ...]:
 def _choice(config: ExperimentConfig, name: str, choices: tuple[str, ...]) -> None:
   if getattr(config, name) not in choices:
     raise ConfigError(
-        f'--{name} must be one of {", ".join(choices)}. Found {getattr(config, name)!r}.'
+      f'--{name} must be one of {", ".join(choices)}. Found {getattr(config, name)!r}.'
     )
 
 
@@ -224,21 +243,22 @@ def _validate(config: ExperimentConfig) -> None:
   _choice(config, 'partition', PARTITIONS)
   if (config.dataset == 'emnist') != (config.partition == NATURAL_PARTITION):
     raise ConfigError(
-        '--partition=natural (clients are EMNIST writers) goes with --dataset=emnist and only with '
-        f'it; other datasets are split with {", ".join(data_lib.PARTITIONS)}. '
-        f'Found --dataset={config.dataset} --partition={config.partition}.'
+      '--partition=natural (clients are EMNIST writers) goes with --dataset=emnist and only with '
+      f'it; other datasets are split with {", ".join(data_lib.PARTITIONS)}. '
+      f'Found --dataset={config.dataset} --partition={config.partition}.'
     )
   _positive(config, 'dirichlet_alpha')
   _at_least(config, 'shards_per_client', 1)
   if isinstance(config.size_sigma, bool) or not (
-      isinstance(config.size_sigma, (int, float)) and config.size_sigma >= 0):
+    isinstance(config.size_sigma, (int, float)) and config.size_sigma >= 0
+  ):
     raise ConfigError(f'--size_sigma must be a number >= 0. Found {config.size_sigma!r}.')
   _at_least(config, 'num_clients', 1)
   _at_least(config, 'clients_per_round', 1)
   if config.clients_per_round > config.num_clients:
     raise ConfigError(
-        f'--clients_per_round must be in [1, --num_clients={config.num_clients}]. '
-        f'Found {config.clients_per_round}.'
+      f'--clients_per_round must be in [1, --num_clients={config.num_clients}]. '
+      f'Found {config.clients_per_round}.'
     )
   for name in ('rounds', 'local_epochs', 'batch_size', 'eval_every'):
     _at_least(config, name, 1)
@@ -260,22 +280,22 @@ def _validate(config: ExperimentConfig) -> None:
     layers = weighted_layer_names(config.model)
     if len(widths) != len(layers):
       raise ConfigError(
-          f'--bits lists {len(widths)} widths, but --model={config.model} has {len(layers)} '
-          f'layers with weights ({", ".join(layers)}): give one width in '
-          f'[{quantizer.MIN_BITS}, {quantizer.MAX_BITS}] or {len(layers)} dash-separated ones. '
-          f'Found {config.bits!r}.'
+        f'--bits lists {len(widths)} widths, but --model={config.model} has {len(layers)} '
+        f'layers with weights ({", ".join(layers)}): give one width in '
+        f'[{quantizer.MIN_BITS}, {quantizer.MAX_BITS}] or {len(layers)} dash-separated ones. '
+        f'Found {config.bits!r}.'
       )
     if config.aggregator == 'tff_encoded':
       raise ConfigError(
-          f'--bits per layer ({config.bits!r}) needs --aggregator=clipq; tff_encoded takes one '
-          'width.'
+        f'--bits per layer ({config.bits!r}) needs --aggregator=clipq; tff_encoded takes one width.'
       )
   clipping = _parse_clipping(config.clipping)
   if (isinstance(clipping, float) and not 0 < clipping < math.inf) or (
-      isinstance(clipping, str) and clipping not in thresholds.CLIPPING_METHODS):
+    isinstance(clipping, str) and clipping not in thresholds.CLIPPING_METHODS
+  ):
     raise ConfigError(
-        f'--clipping must be one of {", ".join(thresholds.CLIPPING_METHODS)} or a positive '
-        f'threshold. Found {config.clipping!r}.'
+      f'--clipping must be one of {", ".join(thresholds.CLIPPING_METHODS)} or a positive '
+      f'threshold. Found {config.clipping!r}.'
     )
   _choice(config, 'rounding', quantizer.ROUNDING_MODES)
   _choice(config, 'weighting', aggregators.WEIGHTINGS)
@@ -287,24 +307,25 @@ def _validate(config: ExperimentConfig) -> None:
   if not config.output_dir:
     raise ConfigError('--output_dir must not be empty.')
   if config.resume and config.overwrite:
-    raise ConfigError('--resume continues the runs in --output_dir, --overwrite deletes them: '
-                      'pass at most one.')
+    raise ConfigError(
+      '--resume continues the runs in --output_dir, --overwrite deletes them: pass at most one.'
+    )
   _at_least(config, 'num_local_workers', 0)
   if config.workers and config.num_local_workers:
     raise ConfigError(
-        'Pass either --workers (remote TFF workers) or --num_local_workers, not both.'
+      'Pass either --workers (remote TFF workers) or --num_local_workers, not both.'
     )
   _at_least(config, 'worker_intra_op_threads', 0)
   if config.workers and config.worker_intra_op_threads:
     raise ConfigError(
-        '--worker_intra_op_threads applies to the TFF workers this program starts, not to '
-        '--workers started elsewhere (set TF_NUM_INTRAOP_THREADS where those run).'
+      '--worker_intra_op_threads applies to the TFF workers this program starts, not to '
+      '--workers started elsewhere (set TF_NUM_INTRAOP_THREADS where those run).'
     )
   for address in config.workers:
     host, _, port = address.rpartition(':')
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
       raise ConfigError(
-          f'--workers must be host:port addresses, comma-separated. Found {address!r}.'
+        f'--workers must be host:port addresses, comma-separated. Found {address!r}.'
       )
 
   if config.sweep:
@@ -358,7 +379,7 @@ def parse_sweep(sweep: str) -> list[tuple[str, dict[str, Any]]]:
         raise ConfigError(f'--sweep overrides must be flag=value. Found {item!r} in {run_text!r}.')
       if key not in allowed:
         raise ConfigError(
-            f'--sweep cannot set {key!r}; it can set: {", ".join(allowed)}. Found in {run_text!r}.'
+          f'--sweep cannot set {key!r}; it can set: {", ".join(allowed)}. Found in {run_text!r}.'
         )
       if key in raw:
         raise ConfigError(f'--sweep run {run_text.strip()!r} sets {key} twice.')
@@ -376,82 +397,202 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   default = defaults.__getitem__
   fv = dict(flag_values=flag_values)
 
-  flags.DEFINE_enum('dataset', default('dataset'), data_lib.FEDERATED_DATASET_NAMES,
-                    'Dataset. mnist/fashion_mnist load offline when on disk (--data_dir, '
-                    'TFF_CLIPQ_MNIST_DIR) and download otherwise; emnist (TFF federated '
-                    'EMNIST, clients are writers) downloads; digits and synthetic are offline.',
-                    **fv)
+  flags.DEFINE_enum(
+    'dataset',
+    default('dataset'),
+    data_lib.FEDERATED_DATASET_NAMES,
+    'Dataset. mnist/fashion_mnist load offline when on disk (--data_dir, '
+    'TFF_CLIPQ_MNIST_DIR) and download otherwise; emnist (TFF federated '
+    'EMNIST, clients are writers) downloads; digits and synthetic are offline.',
+    **fv,
+  )
   flags.DEFINE_string('data_dir', default('data_dir'), 'Where to read the dataset from.', **fv)
-  flags.DEFINE_enum('partition', default('partition'), PARTITIONS,
-                    'How the training set is split into clients (natural: emnist only).', **fv)
-  flags.DEFINE_float('dirichlet_alpha', default('dirichlet_alpha'),
-                     'Dirichlet concentration of --partition=dirichlet (small: few labels per '
-                     'client).', **fv)
-  flags.DEFINE_integer('shards_per_client', default('shards_per_client'),
-                       'Label-sorted shards per client for --partition=shards.', **fv)
-  flags.DEFINE_float('size_sigma', default('size_sigma'),
-                     'Lognormal sigma of client sizes for --partition=iid (0: balanced).', **fv)
+  flags.DEFINE_enum(
+    'partition',
+    default('partition'),
+    PARTITIONS,
+    'How the training set is split into clients (natural: emnist only).',
+    **fv,
+  )
+  flags.DEFINE_float(
+    'dirichlet_alpha',
+    default('dirichlet_alpha'),
+    'Dirichlet concentration of --partition=dirichlet (small: few labels per client).',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'shards_per_client',
+    default('shards_per_client'),
+    'Label-sorted shards per client for --partition=shards.',
+    **fv,
+  )
+  flags.DEFINE_float(
+    'size_sigma',
+    default('size_sigma'),
+    'Lognormal sigma of client sizes for --partition=iid (0: balanced).',
+    **fv,
+  )
   flags.DEFINE_integer('num_clients', default('num_clients'), 'Number of clients.', **fv)
-  flags.DEFINE_integer('clients_per_round', default('clients_per_round'),
-                       'Clients sampled (without replacement) each round.', **fv)
+  flags.DEFINE_integer(
+    'clients_per_round',
+    default('clients_per_round'),
+    'Clients sampled (without replacement) each round.',
+    **fv,
+  )
   flags.DEFINE_integer('rounds', default('rounds'), 'Federated rounds.', **fv)
   flags.DEFINE_integer('local_epochs', default('local_epochs'), 'Client epochs per round.', **fv)
   flags.DEFINE_integer('batch_size', default('batch_size'), 'Client batch size.', **fv)
   for side in ('client', 'server'):
-    flags.DEFINE_enum(f'{side}_optimizer', default(f'{side}_optimizer'), process_lib.OPTIMIZERS,
-                      f'{side.capitalize()} optimizer.', **fv)
-    flags.DEFINE_float(f'{side}_learning_rate', default(f'{side}_learning_rate'),
-                       f'{side.capitalize()} learning rate.', **fv)
-    flags.DEFINE_float(f'{side}_momentum', default(f'{side}_momentum'),
-                       f'{side.capitalize()} SGD momentum in [0, 1).', **fv)
+    flags.DEFINE_enum(
+      f'{side}_optimizer',
+      default(f'{side}_optimizer'),
+      process_lib.OPTIMIZERS,
+      f'{side.capitalize()} optimizer.',
+      **fv,
+    )
+    flags.DEFINE_float(
+      f'{side}_learning_rate',
+      default(f'{side}_learning_rate'),
+      f'{side.capitalize()} learning rate.',
+      **fv,
+    )
+    flags.DEFINE_float(
+      f'{side}_momentum',
+      default(f'{side}_momentum'),
+      f'{side.capitalize()} SGD momentum in [0, 1).',
+      **fv,
+    )
   flags.DEFINE_enum('model', default('model'), models.MODEL_NAMES, 'Model architecture.', **fv)
-  flags.DEFINE_integer('seed', default('seed'),
-                       'Seeds the data split, client sampling, shuffles, model and rounding.', **fv)
-  flags.DEFINE_enum('aggregator', default('aggregator'), process_lib.AGGREGATORS,
-                    'Upload compression: float (float32 FedAvg), clipq (clipped uniform '
-                    'quantization) or tff_encoded (TFF min-max quantization).', **fv)
-  flags.DEFINE_string('bits', default('bits'),
-                      'Bits per coordinate, or per layer with weights, e.g. 4-2-2-4 (clipq).', **fv)
-  flags.DEFINE_string('clipping', default('clipping'),
-                      f'Clipping threshold: {", ".join(thresholds.CLIPPING_METHODS)} or a '
-                      'fixed positive number.', **fv)
+  flags.DEFINE_integer(
+    'seed',
+    default('seed'),
+    'Seeds the data split, client sampling, shuffles, model and rounding.',
+    **fv,
+  )
+  flags.DEFINE_enum(
+    'aggregator',
+    default('aggregator'),
+    process_lib.AGGREGATORS,
+    'Upload compression: float (float32 FedAvg), clipq (clipped uniform '
+    'quantization) or tff_encoded (TFF min-max quantization).',
+    **fv,
+  )
+  flags.DEFINE_string(
+    'bits',
+    default('bits'),
+    'Bits per coordinate, or per layer with weights, e.g. 4-2-2-4 (clipq).',
+    **fv,
+  )
+  flags.DEFINE_string(
+    'clipping',
+    default('clipping'),
+    f'Clipping threshold: {", ".join(thresholds.CLIPPING_METHODS)} or a fixed positive number.',
+    **fv,
+  )
   flags.DEFINE_enum('rounding', default('rounding'), quantizer.ROUNDING_MODES, 'Rounding.', **fv)
-  flags.DEFINE_enum('weighting', default('weighting'), aggregators.WEIGHTINGS,
-                    'How clipq weights clients in the mean.', **fv)
-  flags.DEFINE_integer('min_size_to_quantize', default('min_size_to_quantize'),
-                       'Smaller tensors (biases) travel in float32.', **fv)
-  flags.DEFINE_boolean('per_channel', default('per_channel'),
-                       'One clipping threshold per output channel (clipq).', **fv)
-  flags.DEFINE_enum('rotation', default('rotation'), process_lib.ROTATIONS,
-                    'Random Hadamard rotation of each tensor before clipq quantizes it (TFF\'s '
-                    'HadamardTransformFactory; weighting example_count or uniform).', **fv)
-  flags.DEFINE_enum('payload', default('payload'), process_lib.PAYLOADS,
-                    'What clients upload: model updates or trained weights (the paper).', **fv)
-  flags.DEFINE_boolean('qat', default('qat'),
-                       'Quantization-aware client training for the quantizing aggregators '
-                       '(float runs train without it). Off by default: it lowers the float '
-                       'model\'s accuracy (docs/results.md).', **fv)
-  flags.DEFINE_integer('qat_threshold_refresh_steps', default('qat_threshold_refresh_steps'),
-                       'QAT recomputes each clipping threshold every this many local steps; 0: '
-                       'once per client round, at its first step.', **fv)
-  flags.DEFINE_integer('eval_every', default('eval_every'),
-                       'Evaluate on the test set every this many rounds (and at the last).', **fv)
-  flags.DEFINE_integer('max_eval_examples', default('max_eval_examples'),
-                       'Evaluate on the first this many test examples (0: all).', **fv)
-  flags.DEFINE_string('output_dir', default('output_dir'),
-                      'Where metrics, checkpoints, summaries, tables and plots go.', **fv)
-  flags.DEFINE_boolean('resume', default('resume'),
-                       'Continue the runs in --output_dir from their last checkpoint.', **fv)
-  flags.DEFINE_boolean('overwrite', default('overwrite'),
-                       'Delete the runs already in --output_dir and start afresh.', **fv)
-  flags.DEFINE_string('sweep', default('sweep'),
-                      'Runs to compare, ";"-separated, each ","-separated flag=value overrides, '
-                      'e.g. "aggregator=float; aggregator=clipq,bits=2".', **fv)
-  flags.DEFINE_list('workers', list(default('workers')),
-                    'host:port of remote TFF workers (worker_binary) to run rounds on.', **fv)
-  flags.DEFINE_integer('num_local_workers', default('num_local_workers'),
-                       'Start this many local TFF workers and split clients across them.', **fv)
-  flags.DEFINE_integer('worker_intra_op_threads', default('worker_intra_op_threads'),
-                       'Threads one TensorFlow operation may use in the TFF workers started here '
-                       '(0: one per core). 1 is faster with many clients per round (100 on 2 '
-                       'cores: rounds 10-14% faster), slower with few (10: 20% slower).', **fv)
+  flags.DEFINE_enum(
+    'weighting',
+    default('weighting'),
+    aggregators.WEIGHTINGS,
+    'How clipq weights clients in the mean.',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'min_size_to_quantize',
+    default('min_size_to_quantize'),
+    'Smaller tensors (biases) travel in float32.',
+    **fv,
+  )
+  flags.DEFINE_boolean(
+    'per_channel',
+    default('per_channel'),
+    'One clipping threshold per output channel (clipq).',
+    **fv,
+  )
+  flags.DEFINE_enum(
+    'rotation',
+    default('rotation'),
+    process_lib.ROTATIONS,
+    "Random Hadamard rotation of each tensor before clipq quantizes it (TFF's "
+    'HadamardTransformFactory; weighting example_count or uniform).',
+    **fv,
+  )
+  flags.DEFINE_enum(
+    'payload',
+    default('payload'),
+    process_lib.PAYLOADS,
+    'What clients upload: model updates or trained weights (the paper).',
+    **fv,
+  )
+  flags.DEFINE_boolean(
+    'qat',
+    default('qat'),
+    'Quantization-aware client training for the quantizing aggregators '
+    '(float runs train without it). Off by default: it lowers the float '
+    "model's accuracy (docs/results.md).",
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'qat_threshold_refresh_steps',
+    default('qat_threshold_refresh_steps'),
+    'QAT recomputes each clipping threshold every this many local steps; 0: '
+    'once per client round, at its first step.',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'eval_every',
+    default('eval_every'),
+    'Evaluate on the test set every this many rounds (and at the last).',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'max_eval_examples',
+    default('max_eval_examples'),
+    'Evaluate on the first this many test examples (0: all).',
+    **fv,
+  )
+  flags.DEFINE_string(
+    'output_dir',
+    default('output_dir'),
+    'Where metrics, checkpoints, summaries, tables and plots go.',
+    **fv,
+  )
+  flags.DEFINE_boolean(
+    'resume',
+    default('resume'),
+    'Continue the runs in --output_dir from their last checkpoint.',
+    **fv,
+  )
+  flags.DEFINE_boolean(
+    'overwrite',
+    default('overwrite'),
+    'Delete the runs already in --output_dir and start afresh.',
+    **fv,
+  )
+  flags.DEFINE_string(
+    'sweep',
+    default('sweep'),
+    'Runs to compare, ";"-separated, each ","-separated flag=value overrides, '
+    'e.g. "aggregator=float; aggregator=clipq,bits=2".',
+    **fv,
+  )
+  flags.DEFINE_list(
+    'workers',
+    list(default('workers')),
+    'host:port of remote TFF workers (worker_binary) to run rounds on.',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'num_local_workers',
+    default('num_local_workers'),
+    'Start this many local TFF workers and split clients across them.',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'worker_intra_op_threads',
+    default('worker_intra_op_threads'),
+    'Threads one TensorFlow operation may use in the TFF workers started here '
+    '(0: one per core). 1 is faster with many clients per round (100 on 2 '
+    'cores: rounds 10-14% faster), slower with few (10: 20% slower).',
+    **fv,
+  )

@@ -29,14 +29,14 @@ ACCURACY_VS_ROUND_PNG = 'accuracy_vs_round.png'
 ACCURACY_VS_BITS_PNG = 'accuracy_vs_bits.png'
 
 TABLE_COLUMNS = (
-    ('run', 'run'),
-    ('method', 'method'),
-    ('final_test_accuracy', 'final acc.'),
-    ('best_test_accuracy', 'best acc.'),
-    ('final_quantized_test_accuracy', 'quantized model acc.'),
-    ('total_upload_bits', 'total upload bits'),
-    ('compression_ratio', 'compression vs float32'),
-    ('wall_seconds', 'wall time (s)'),
+  ('run', 'run'),
+  ('method', 'method'),
+  ('final_test_accuracy', 'final acc.'),
+  ('best_test_accuracy', 'best acc.'),
+  ('final_quantized_test_accuracy', 'quantized model acc.'),
+  ('total_upload_bits', 'total upload bits'),
+  ('compression_ratio', 'compression vs float32'),
+  ('wall_seconds', 'wall time (s)'),
 )
 
 
@@ -49,7 +49,7 @@ def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, temp_path = tempfile.mkstemp(
-      dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp'
+    dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp'
   )
   try:
     with os.fdopen(fd, mode) as file:
@@ -111,8 +111,8 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
   header = '| ' + ' | '.join(title for _, title in TABLE_COLUMNS) + ' |'
   rule = '|' + '|'.join('---' for _ in TABLE_COLUMNS) + '|'
   rows = [
-      '| ' + ' | '.join(_format_cell(key, summary.get(key)) for key, _ in TABLE_COLUMNS) + ' |'
-      for summary in summaries
+    '| ' + ' | '.join(_format_cell(key, summary.get(key)) for key, _ in TABLE_COLUMNS) + ' |'
+    for summary in summaries
   ]
   return '\n'.join([header, rule, *rows]) + '\n'
 
@@ -126,7 +126,7 @@ def write_comparison(directory: str, summaries: Sequence[dict[str, Any]]) -> Non
     writer.writerow([key for key, _ in TABLE_COLUMNS])
     for summary in summaries:
       writer.writerow(
-          ['' if summary.get(key) is None else summary[key] for key, _ in TABLE_COLUMNS]
+        ['' if summary.get(key) is None else summary[key] for key, _ in TABLE_COLUMNS]
       )
 
 
@@ -154,9 +154,11 @@ def plot_title(summaries: Sequence[dict[str, Any]]) -> str:
   partition = config['partition']
   if partition == 'dirichlet':
     partition = f'Dirichlet({config["dirichlet_alpha"]:g})'
-  return (f'{config["dataset"]}, {partition}, {config["payload"]} payload, '
-          f'{config["clients_per_round"]} of {config["num_clients"]} clients per round, '
-          f'seed {config["seed"]}')
+  return (
+    f'{config["dataset"]}, {partition}, {config["payload"]} payload, '
+    f'{config["clients_per_round"]} of {config["num_clients"]} clients per round, '
+    f'seed {config["seed"]}'
+  )
 
 
 def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
@@ -164,18 +166,27 @@ def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
   labels = _legend_labels(summaries)
   title = plot_title(summaries)
   evaluated = [
-      [row for row in summary['history'] if row.get('test_accuracy') is not None]
-      for summary in summaries
+    [row for row in summary['history'] if row.get('test_accuracy') is not None]
+    for summary in summaries
   ]
   for x_key, x_label, file_name, log_x in (
-      ('round', 'round', ACCURACY_VS_ROUND_PNG, False),
-      ('cumulative_upload_bits', 'cumulative uploaded bits (all clients)', ACCURACY_VS_BITS_PNG,
-       True),
+    ('round', 'round', ACCURACY_VS_ROUND_PNG, False),
+    (
+      'cumulative_upload_bits',
+      'cumulative uploaded bits (all clients)',
+      ACCURACY_VS_BITS_PNG,
+      True,
+    ),
   ):
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for label, rows in zip(labels, evaluated):
-      axes.plot([row[x_key] for row in rows], [row['test_accuracy'] for row in rows],
-                marker='o', markersize=3, label=label)
+      axes.plot(
+        [row[x_key] for row in rows],
+        [row['test_accuracy'] for row in rows],
+        marker='o',
+        markersize=3,
+        label=label,
+      )
     if log_x:
       axes.set_xscale('log')
     axes.set_xlabel(x_label)

@@ -61,8 +61,15 @@ CHECKPOINT_PREFIX = 'program_state_'
 EVAL_BATCH_SIZE = 256
 # Settings of the quantizing aggregators, left out of a float32 run's summary.
 FLOAT_UNUSED_FIELDS = (
-    'bits', 'clipping', 'rounding', 'weighting', 'min_size_to_quantize', 'per_channel', 'rotation',
-    'qat', 'qat_threshold_refresh_steps',
+  'bits',
+  'clipping',
+  'rounding',
+  'weighting',
+  'min_size_to_quantize',
+  'per_channel',
+  'rotation',
+  'qat',
+  'qat_threshold_refresh_steps',
 )
 # Leftovers of an interrupted atomic write by TFF's file managers ('<name>_temp1234').
 _TFF_TEMPORARY = re.compile(r'.*_temp\d+$')
@@ -87,7 +94,7 @@ class _TensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
 
 
 def sample_clients(
-    client_ids: Sequence[str], clients_per_round: int, seed: int, round_num: int
+  client_ids: Sequence[str], clients_per_round: int, seed: int, round_num: int
 ) -> list[str]:
   """The clients of round `round_num`, drawn without replacement from (seed, round) alone."""
   rng = np.random.default_rng([seed, round_num])
@@ -102,21 +109,21 @@ def client_shuffle_seed(seed: int, round_num: int, position: int) -> int:
 def build_data(config: config_lib.ExperimentConfig) -> data_lib.FederatedData:
   """The run's federated data; raises ConfigError if too few clients hold examples."""
   data = data_lib.build_federated_data(
-      config.dataset,
-      partition=config.partition,
-      num_clients=config.num_clients,
-      seed=config.seed,
-      data_dir=config.data_dir,
-      dirichlet_alpha=config.dirichlet_alpha,
-      shards_per_client=config.shards_per_client,
-      size_sigma=config.size_sigma,
+    config.dataset,
+    partition=config.partition,
+    num_clients=config.num_clients,
+    seed=config.seed,
+    data_dir=config.data_dir,
+    dirichlet_alpha=config.dirichlet_alpha,
+    shards_per_client=config.shards_per_client,
+    size_sigma=config.size_sigma,
   )
   if len(data.train.client_ids) < config.clients_per_round:
     raise ConfigError(
-        f'--clients_per_round={config.clients_per_round} exceeds the {len(data.train.client_ids)} '
-        f'clients that received examples ({data.partition_description}). Lower it, or raise '
-        '--num_clients (or --dirichlet_alpha / --shards_per_client / lower --size_sigma, '
-        'whichever made clients empty).'
+      f'--clients_per_round={config.clients_per_round} exceeds the {len(data.train.client_ids)} '
+      f'clients that received examples ({data.partition_description}). Lower it, or raise '
+      '--num_clients (or --dirichlet_alpha / --shards_per_client / lower --size_sigma, '
+      'whichever made clients empty).'
     )
   return data
 
@@ -154,9 +161,9 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
   _prepare_output_dir(config, runs)
   summaries = []
   with runtime.execution_context(
-      workers=config.workers or None,
-      num_local_workers=config.num_local_workers,
-      intra_op_threads=config.worker_intra_op_threads or None,
+    workers=config.workers or None,
+    num_local_workers=config.num_local_workers,
+    intra_op_threads=config.worker_intra_op_threads or None,
   ):
     for name, run_config in runs:
       summaries.append(_run(name, run_config, data_by_settings[run_config.data_settings]))
@@ -171,26 +178,27 @@ def _config_dict(config: config_lib.ExperimentConfig) -> dict[str, Any]:
 
 def completed_rounds(run_dir: str) -> int:
   """The round of the latest checkpoint in `run_dir` (0 if none)."""
-  manager = tff.program.FileProgramStateManager(os.path.join(run_dir, CHECKPOINT_DIR),
-                                                prefix=CHECKPOINT_PREFIX)
+  manager = tff.program.FileProgramStateManager(
+    os.path.join(run_dir, CHECKPOINT_DIR), prefix=CHECKPOINT_PREFIX
+  )
   return max(asyncio.run(manager.get_versions()) or [0])
 
 
 def _check_output_dir(
-    config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
+  config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
 ) -> None:
   """Checks `output_dir` against --resume/--overwrite; changes nothing on disk."""
   root = config.output_dir
   if os.path.isdir(root) and os.listdir(root):
     if not os.path.exists(os.path.join(root, STUDY_JSON)):
       raise ConfigError(
-          f'--output_dir={root} is not empty and has no {STUDY_JSON}, so it was not written by '
-          'this program; choose another --output_dir.'
+        f'--output_dir={root} is not empty and has no {STUDY_JSON}, so it was not written by '
+        'this program; choose another --output_dir.'
       )
     if not (config.overwrite or config.resume):
       raise ConfigError(
-          f'--output_dir={root} already holds runs. Pass --resume to continue them from their '
-          'checkpoints, --overwrite to delete them, or choose another --output_dir.'
+        f'--output_dir={root} already holds runs. Pass --resume to continue them from their '
+        'checkpoints, --overwrite to delete them, or choose another --output_dir.'
       )
   if not config.overwrite:
     for name, run_config in runs:
@@ -198,7 +206,7 @@ def _check_output_dir(
 
 
 def _prepare_output_dir(
-    config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
+  config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
 ) -> None:
   """Applies --overwrite and writes the settings files (after every check has passed)."""
   root = config.output_dir
@@ -218,21 +226,21 @@ def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None
     return
   stored, current = outputs.read_json(config_path), _config_dict(run_config)
   changed = [
-      f'--{key}={stored.get(key)!r} (now {value!r})'
-      for key, value in current.items()
-      if key not in config_lib.RESUMABLE_CHANGES and stored.get(key) != value
+    f'--{key}={stored.get(key)!r} (now {value!r})'
+    for key, value in current.items()
+    if key not in config_lib.RESUMABLE_CHANGES and stored.get(key) != value
   ]
   run_label = f'run {name!r}'
   if changed:
     raise ConfigError(
-        f'--resume: {run_label} in {run_dir} was started with other settings: '
-        f'{", ".join(changed)}. Resume with the original flags, or use another --output_dir.'
+      f'--resume: {run_label} in {run_dir} was started with other settings: '
+      f'{", ".join(changed)}. Resume with the original flags, or use another --output_dir.'
     )
   completed = completed_rounds(run_dir)
   if completed > run_config.rounds:
     raise ConfigError(
-        f'--rounds={run_config.rounds} is below the {completed} rounds {run_label} in '
-        f'{run_dir} already completed.'
+      f'--rounds={run_config.rounds} is below the {completed} rounds {run_label} in '
+      f'{run_dir} already completed.'
     )
 
 
@@ -256,16 +264,18 @@ class _Checkpoints:
 
   def __init__(self, run_dir: str, initial_state: Any):
     self._manager = tff.program.FileProgramStateManager(
-        os.path.join(run_dir, CHECKPOINT_DIR), prefix=CHECKPOINT_PREFIX, keep_total=2,
-        keep_first=False,
+      os.path.join(run_dir, CHECKPOINT_DIR),
+      prefix=CHECKPOINT_PREFIX,
+      keep_total=2,
+      keep_first=False,
     )
     self._initial_state = initial_state
 
   def _program_state(self, round_num: int, state: Any, history: list[dict[str, Any]]):
     return collections.OrderedDict(
-        round=np.int64(round_num),
-        state=[np.asarray(leaf) for leaf in tf.nest.flatten(state)],
-        history=json.dumps(history),
+      round=np.int64(round_num),
+      state=[np.asarray(leaf) for leaf in tf.nest.flatten(state)],
+      history=json.dumps(history),
     )
 
   def save(self, round_num: int, state: Any, history: list[dict[str, Any]]) -> None:
@@ -278,8 +288,8 @@ class _Checkpoints:
     if saved is None:
       return 0, self._initial_state, []
     leaves = [
-        np.asarray(value, dtype=np.asarray(template).dtype)
-        for value, template in zip(saved['state'], structure['state'])
+      np.asarray(value, dtype=np.asarray(template).dtype)
+      for value, template in zip(saved['state'], structure['state'])
     ]
     history = saved['history']
     history = json.loads(history.decode() if isinstance(history, bytes) else history)
@@ -304,39 +314,40 @@ def quantized_measurements(aggregator_measurements: Any) -> Optional[Any]:
 
 
 def _round_metrics(
-    output: tff.learning.templates.LearningProcessOutput,
-    method: str,
-    client_upload_bits: int,
-    num_coordinates: int,
-    clients_per_round: int,
+  output: tff.learning.templates.LearningProcessOutput,
+  method: str,
+  client_upload_bits: int,
+  num_coordinates: int,
+  clients_per_round: int,
 ) -> dict[str, Any]:
   """Training and upload metrics of one round, from the process output."""
   train = output.metrics['client_work']['train']
   metrics = dict(
-      train_accuracy=float(train['sparse_categorical_accuracy']),
-      train_loss=float(train['loss']),
+    train_accuracy=float(train['sparse_categorical_accuracy']),
+    train_loss=float(train['loss']),
   )
   if method == 'clipq':
     quantized = quantized_measurements(output.metrics['aggregator'])
     accepted = int(quantized['accepted_clients'])
-    rejected = (int(quantized['rejected_nonfinite_clients'])
-                + int(quantized['rejected_malformed_clients']))
+    rejected = int(quantized['rejected_nonfinite_clients']) + int(
+      quantized['rejected_malformed_clients']
+    )
     # Per model coordinate: a rotation's zero padding is sent but is not the model's.
     metrics.update(
-        round_upload_bits=(accepted + rejected) * client_upload_bits,
-        bits_per_coordinate=client_upload_bits / num_coordinates,
-        compression_ratio=32.0 * num_coordinates / client_upload_bits,
-        quantization_mse=float(quantized['quantization_mse']),
-        normalized_mse=float(quantized['normalized_mse']),
-        clipped_fraction=float(quantized['clipped_fraction']),
-        accepted_clients=accepted,
-        rejected_clients=rejected,
+      round_upload_bits=(accepted + rejected) * client_upload_bits,
+      bits_per_coordinate=client_upload_bits / num_coordinates,
+      compression_ratio=32.0 * num_coordinates / client_upload_bits,
+      quantization_mse=float(quantized['quantization_mse']),
+      normalized_mse=float(quantized['normalized_mse']),
+      clipped_fraction=float(quantized['clipped_fraction']),
+      accepted_clients=accepted,
+      rejected_clients=rejected,
     )
   else:
     metrics.update(
-        round_upload_bits=client_upload_bits * clients_per_round,
-        bits_per_coordinate=client_upload_bits / num_coordinates,
-        compression_ratio=32.0 * num_coordinates / client_upload_bits,
+      round_upload_bits=client_upload_bits * clients_per_round,
+      bits_per_coordinate=client_upload_bits / num_coordinates,
+      compression_ratio=32.0 * num_coordinates / client_upload_bits,
     )
   return metrics
 
@@ -345,28 +356,29 @@ def _data_statistics(data: data_lib.FederatedData) -> dict[str, Any]:
   sizes = np.array(list(data.client_sizes.values()))
   test_examples = int(data.test.cardinality())
   return dict(
-      source=data.source,
-      partition=data.partition_description,
-      num_clients=len(data.train.client_ids),
-      empty_clients=list(data.empty_clients),
-      num_test_examples=test_examples if test_examples >= 0 else None,
-      samples_per_client=dict(min=int(sizes.min()), max=int(sizes.max()),
-                              mean=float(sizes.mean()), std=float(sizes.std())),
-      client_sizes={client: int(size) for client, size in data.client_sizes.items()},
-      label_histograms={
-          client: row.tolist() for client, row in zip(data.train.client_ids, data.label_histograms)
-      },
+    source=data.source,
+    partition=data.partition_description,
+    num_clients=len(data.train.client_ids),
+    empty_clients=list(data.empty_clients),
+    num_test_examples=test_examples if test_examples >= 0 else None,
+    samples_per_client=dict(
+      min=int(sizes.min()), max=int(sizes.max()), mean=float(sizes.mean()), std=float(sizes.std())
+    ),
+    client_sizes={client: int(size) for client, size in data.client_sizes.items()},
+    label_histograms={
+      client: row.tolist() for client, row in zip(data.train.client_ids, data.label_histograms)
+    },
   )
 
 
 def _summary(
-    name: str,
-    run_config: config_lib.ExperimentConfig,
-    process_config: process_lib.ProcessConfig,
-    data: data_lib.FederatedData,
-    history: list[dict[str, Any]],
-    client_upload_bits: int,
-    num_parameters: int,
+  name: str,
+  run_config: config_lib.ExperimentConfig,
+  process_config: process_lib.ProcessConfig,
+  data: data_lib.FederatedData,
+  history: list[dict[str, Any]],
+  client_upload_bits: int,
+  num_parameters: int,
 ) -> dict[str, Any]:
   evaluated = [row for row in history if row.get('test_accuracy') is not None]
   best = max(evaluated, key=lambda row: row['test_accuracy'], default=None)
@@ -377,31 +389,31 @@ def _summary(
     for key in FLOAT_UNUSED_FIELDS:
       config.pop(key)
   return dict(
-      run=name,
-      method=process_config.aggregator.label,
-      rounds_completed=len(history),
-      final_test_accuracy=evaluated[-1]['test_accuracy'] if evaluated else None,
-      final_test_loss=evaluated[-1]['test_loss'] if evaluated else None,
-      best_test_accuracy=best['test_accuracy'] if best else None,
-      best_round=best['round'] if best else None,
-      # The global model with its weights through the run's B-bit quantizer (None for float).
-      final_quantized_test_accuracy=deployed[-1]['quantized_test_accuracy'] if deployed else None,
-      final_train_accuracy=last.get('train_accuracy'),
-      total_upload_bits=last.get('cumulative_upload_bits', 0),
-      client_upload_bits=client_upload_bits,
-      bits_per_coordinate=last.get('bits_per_coordinate'),
-      compression_ratio=last.get('compression_ratio'),
-      wall_seconds=sum(row['round_seconds'] for row in history),
-      num_parameters=num_parameters,
-      config=config,
-      data=_data_statistics(data),
-      versions=dict(tensorflow=tf.__version__, tensorflow_federated=tff.__version__),
-      history=history,
+    run=name,
+    method=process_config.aggregator.label,
+    rounds_completed=len(history),
+    final_test_accuracy=evaluated[-1]['test_accuracy'] if evaluated else None,
+    final_test_loss=evaluated[-1]['test_loss'] if evaluated else None,
+    best_test_accuracy=best['test_accuracy'] if best else None,
+    best_round=best['round'] if best else None,
+    # The global model with its weights through the run's B-bit quantizer (None for float).
+    final_quantized_test_accuracy=deployed[-1]['quantized_test_accuracy'] if deployed else None,
+    final_train_accuracy=last.get('train_accuracy'),
+    total_upload_bits=last.get('cumulative_upload_bits', 0),
+    client_upload_bits=client_upload_bits,
+    bits_per_coordinate=last.get('bits_per_coordinate'),
+    compression_ratio=last.get('compression_ratio'),
+    wall_seconds=sum(row['round_seconds'] for row in history),
+    num_parameters=num_parameters,
+    config=config,
+    data=_data_statistics(data),
+    versions=dict(tensorflow=tf.__version__, tensorflow_federated=tff.__version__),
+    history=history,
   )
 
 
 def _run(
-    name: str, run_config: config_lib.ExperimentConfig, data: data_lib.FederatedData
+  name: str, run_config: config_lib.ExperimentConfig, data: data_lib.FederatedData
 ) -> dict[str, Any]:
   """Trains one run from its latest checkpoint (if any) to `rounds`; returns its summary."""
   run_dir = run_config.output_dir
@@ -412,13 +424,16 @@ def _run(
   start_round, state, history = checkpoints.load_latest()
 
   tensorboard = _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR))
-  release_manager = tff.program.GroupingReleaseManager([
+  release_manager = tff.program.GroupingReleaseManager(
+    [
       tff.program.CSVFileReleaseManager(
-          os.path.join(run_dir, METRICS_CSV), save_mode=tff.program.CSVSaveMode.WRITE,
-          key_fieldname='round',
+        os.path.join(run_dir, METRICS_CSV),
+        save_mode=tff.program.CSVSaveMode.WRITE,
+        key_fieldname='round',
       ),
       tensorboard,
-  ])
+    ]
+  )
   evaluation_model = process_lib.build_evaluation_model(process_config)
   num_parameters = int(sum(np.prod(v.shape) for v in evaluation_model.trainable_variables))
   test_data = data.test
@@ -429,28 +444,37 @@ def _run(
   cumulative_bits = history[-1]['cumulative_upload_bits'] if history else 0
 
   progress = tqdm.tqdm(
-      total=run_config.rounds, initial=start_round, desc=name,
-      unit='round', file=sys.stderr, dynamic_ncols=True,
+    total=run_config.rounds,
+    initial=start_round,
+    desc=name,
+    unit='round',
+    file=sys.stderr,
+    dynamic_ncols=True,
   )
   with progress, contextlib.closing(tensorboard):
     for round_num in range(start_round + 1, run_config.rounds + 1):
       started = time.monotonic()
       client_ids = sample_clients(
-          data.train.client_ids, run_config.clients_per_round, run_config.seed, round_num
+        data.train.client_ids, run_config.clients_per_round, run_config.seed, round_num
       )
       client_datasets = [
-          data_lib.preprocess_for_training(
-              data.train.create_tf_dataset_for_client(client_id),
-              run_config.batch_size,
-              run_config.local_epochs,
-              client_shuffle_seed(run_config.seed, round_num, position),
-          )
-          for position, client_id in enumerate(client_ids)
+        data_lib.preprocess_for_training(
+          data.train.create_tf_dataset_for_client(client_id),
+          run_config.batch_size,
+          run_config.local_epochs,
+          client_shuffle_seed(run_config.seed, round_num, position),
+        )
+        for position, client_id in enumerate(client_ids)
       ]
       output = process.next(state, client_datasets)
       state = output.state
-      metrics = _round_metrics(output, run_config.aggregator, client_upload_bits, num_parameters,
-                               run_config.clients_per_round)
+      metrics = _round_metrics(
+        output,
+        run_config.aggregator,
+        client_upload_bits,
+        num_parameters,
+        run_config.clients_per_round,
+      )
       cumulative_bits += metrics['round_upload_bits']
       metrics['cumulative_upload_bits'] = cumulative_bits
       if round_num % run_config.eval_every == 0 or round_num == run_config.rounds:
@@ -458,10 +482,11 @@ def _run(
         metrics.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
         if run_config.aggregator != 'float':
           deployed = process_lib.evaluate(
-              process, state, evaluation_model, test_batches, deployed_by=process_config
+            process, state, evaluation_model, test_batches, deployed_by=process_config
           )
-          metrics.update(quantized_test_accuracy=deployed['accuracy'],
-                         quantized_test_loss=deployed['loss'])
+          metrics.update(
+            quantized_test_accuracy=deployed['accuracy'], quantized_test_loss=deployed['loss']
+          )
       metrics['round_seconds'] = time.monotonic() - started
       history.append(dict(round=round_num, **metrics))
       # Release before checkpointing: a crash in between re-runs the round and replaces its row.
@@ -470,8 +495,9 @@ def _run(
       progress.set_postfix(_progress_fields(history), refresh=False)
       progress.update()
 
-  summary = _summary(name, run_config, process_config, data, history, client_upload_bits,
-                     num_parameters)
+  summary = _summary(
+    name, run_config, process_config, data, history, client_upload_bits, num_parameters
+  )
   outputs.write_json(os.path.join(run_dir, outputs.SUMMARY_JSON), summary)
   return summary
 
@@ -482,4 +508,3 @@ def _progress_fields(history: list[dict[str, Any]]) -> dict[str, str]:
   if accuracies:
     fields['acc'] = f'{accuracies[-1]:.4f}'
   return fields
-

@@ -24,11 +24,11 @@ DEPLOYED_ROUNDING = 'nearest'
 
 
 def quantize_weights(
-    weights: Sequence[np.ndarray],
-    bits: payload_lib.BitsSpec,
-    clipping: Union[str, float],
-    min_size_to_quantize: int,
-    per_channel: bool = False,
+  weights: Sequence[np.ndarray],
+  bits: payload_lib.BitsSpec,
+  clipping: Union[str, float],
+  min_size_to_quantize: int,
+  per_channel: bool = False,
 ) -> list[np.ndarray]:
   """Each tensor of `weights` clipped and rounded to nearest on its B-bit grid (small ones kept).
 
@@ -40,16 +40,20 @@ def quantize_weights(
     per_channel: one threshold per slice of the last axis.
   """
   plan = payload_lib.make_plan(
-      [np.shape(w) for w in weights], bits, min_size_to_quantize, clipping, DEPLOYED_ROUNDING,
-      per_channel,
+    [np.shape(w) for w in weights],
+    bits,
+    min_size_to_quantize,
+    clipping,
+    DEPLOYED_ROUNDING,
+    per_channel,
   )
   deployed = [np.asarray(w, np.float32) for w in weights]
   for index in plan.quantized_indices:
     encoding, value = plan.tensors[index], tf.constant(deployed[index])
     threshold = thresholds.clipping_threshold(
-        value, encoding.bits, clipping, DEPLOYED_ROUNDING, per_channel
+      value, encoding.bits, clipping, DEPLOYED_ROUNDING, per_channel
     )
     deployed[index] = quantizer.fake_quantize(
-        value, encoding.bits, threshold, DEPLOYED_ROUNDING
+      value, encoding.bits, threshold, DEPLOYED_ROUNDING
     ).numpy()
   return deployed

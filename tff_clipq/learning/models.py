@@ -44,11 +44,11 @@ _MLP_HIDDEN_UNITS = 200
 def _validate_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
   shape = tuple(input_shape)
   if len(shape) != 3 or not all(
-      isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in shape
+    isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in shape
   ):
     raise ValueError(
-        '`input_shape` must be three positive integers (height, width, channels). '
-        f'Found {input_shape!r}.'
+      '`input_shape` must be three positive integers (height, width, channels). '
+      f'Found {input_shape!r}.'
     )
   return shape
 
@@ -84,75 +84,75 @@ def cnn_padding(input_shape: Sequence[int]) -> str:
 
 
 def _cnn_layers(
-    input_shape: tuple[int, int, int], num_classes: int, initializers: _SeededInitializers
+  input_shape: tuple[int, int, int], num_classes: int, initializers: _SeededInitializers
 ) -> list[tf.keras.layers.Layer]:
   padding = cnn_padding(input_shape)
 
   def conv(name: str) -> tf.keras.layers.Layer:
     return tf.keras.layers.Conv2D(
-        _CNN_FILTERS,
-        kernel_size=3,
-        padding=padding,
-        activation='tanh',
-        kernel_initializer=initializers.glorot_uniform(),
-        name=name,
+      _CNN_FILTERS,
+      kernel_size=3,
+      padding=padding,
+      activation='tanh',
+      kernel_initializer=initializers.glorot_uniform(),
+      name=name,
     )
 
   return [
-      conv('conv1'),
-      tf.keras.layers.MaxPool2D(pool_size=2, name='pool1'),
-      conv('conv2'),
-      tf.keras.layers.MaxPool2D(pool_size=2, name='pool2'),
-      tf.keras.layers.Flatten(name='flatten'),
-      tf.keras.layers.Dense(
-          _CNN_HIDDEN_UNITS,
-          activation='tanh',
-          kernel_initializer=initializers.glorot_uniform(),
-          name='dense1',
-      ),
-      tf.keras.layers.Dense(
-          num_classes, kernel_initializer=initializers.glorot_uniform(), name='logits'
-      ),
+    conv('conv1'),
+    tf.keras.layers.MaxPool2D(pool_size=2, name='pool1'),
+    conv('conv2'),
+    tf.keras.layers.MaxPool2D(pool_size=2, name='pool2'),
+    tf.keras.layers.Flatten(name='flatten'),
+    tf.keras.layers.Dense(
+      _CNN_HIDDEN_UNITS,
+      activation='tanh',
+      kernel_initializer=initializers.glorot_uniform(),
+      name='dense1',
+    ),
+    tf.keras.layers.Dense(
+      num_classes, kernel_initializer=initializers.glorot_uniform(), name='logits'
+    ),
   ]
 
 
 def _mlp_layers(num_classes: int, initializers: _SeededInitializers) -> list[tf.keras.layers.Layer]:
   return [
-      tf.keras.layers.Flatten(name='flatten'),
-      tf.keras.layers.Dense(
-          _MLP_HIDDEN_UNITS,
-          activation='relu',
-          kernel_initializer=initializers.glorot_uniform(),
-          name='dense1',
-      ),
-      tf.keras.layers.Dense(
-          _MLP_HIDDEN_UNITS,
-          activation='relu',
-          kernel_initializer=initializers.glorot_uniform(),
-          name='dense2',
-      ),
-      tf.keras.layers.Dense(
-          num_classes, kernel_initializer=initializers.glorot_uniform(), name='logits'
-      ),
+    tf.keras.layers.Flatten(name='flatten'),
+    tf.keras.layers.Dense(
+      _MLP_HIDDEN_UNITS,
+      activation='relu',
+      kernel_initializer=initializers.glorot_uniform(),
+      name='dense1',
+    ),
+    tf.keras.layers.Dense(
+      _MLP_HIDDEN_UNITS,
+      activation='relu',
+      kernel_initializer=initializers.glorot_uniform(),
+      name='dense2',
+    ),
+    tf.keras.layers.Dense(
+      num_classes, kernel_initializer=initializers.glorot_uniform(), name='logits'
+    ),
   ]
 
 
 def _logistic_layers(
-    num_classes: int, initializers: _SeededInitializers
+  num_classes: int, initializers: _SeededInitializers
 ) -> list[tf.keras.layers.Layer]:
   return [
-      tf.keras.layers.Flatten(name='flatten'),
-      tf.keras.layers.Dense(
-          num_classes, kernel_initializer=initializers.glorot_uniform(), name='logits'
-      ),
+    tf.keras.layers.Flatten(name='flatten'),
+    tf.keras.layers.Dense(
+      num_classes, kernel_initializer=initializers.glorot_uniform(), name='logits'
+    ),
   ]
 
 
 def create_keras_model(
-    name: str,
-    input_shape: Sequence[int] = MNIST_INPUT_SHAPE,
-    num_classes: int = 10,
-    seed: Optional[int] = None,
+  name: str,
+  input_shape: Sequence[int] = MNIST_INPUT_SHAPE,
+  num_classes: int = 10,
+  seed: Optional[int] = None,
 ) -> tf.keras.Model:
   """Builds the uncompiled Keras classifier `name` ('cnn', 'mlp' or 'logistic'), outputting logits.
 
@@ -181,13 +181,13 @@ def create_keras_model(
 
 
 def model_input_spec(
-    input_shape: Sequence[int] = MNIST_INPUT_SHAPE,
+  input_shape: Sequence[int] = MNIST_INPUT_SHAPE,
 ) -> collections.OrderedDict[str, tf.TensorSpec]:
   """Element spec of batched client data: x float32 [batch, *input_shape], y int32 [batch]."""
   input_shape = _validate_input_shape(input_shape)
   return collections.OrderedDict(
-      x=tf.TensorSpec([None, *input_shape], tf.float32),
-      y=tf.TensorSpec([None], tf.int32),
+    x=tf.TensorSpec([None, *input_shape], tf.float32),
+    y=tf.TensorSpec([None], tf.int32),
   )
 
 
@@ -205,9 +205,9 @@ def trainable_tensor_names(keras_model: tf.keras.Model) -> tuple[str, ...]:
   Quantization wrappers are looked through, so a QAT model gives the same names as the plain one.
   """
   return tuple(
-      f'{layer.name}/{_weight_short_name(variable)}'
-      for layer, variables in qat_lib.trainable_variables_by_layer(keras_model)
-      for variable in variables
+    f'{layer.name}/{_weight_short_name(variable)}'
+    for layer, variables in qat_lib.trainable_variables_by_layer(keras_model)
+    for variable in variables
   )
 
 
@@ -221,21 +221,19 @@ def bits_per_tensor(keras_model: tf.keras.Model, bits_per_layer: Sequence[int]) 
   bits_per_layer = tuple(bits_per_layer)
   if len(bits_per_layer) != len(grouped):
     raise ValueError(
-        f'`bits_per_layer` must have one entry per layer with trainable weights; model '
-        f'{keras_model.name!r} has {len(grouped)} ({[layer.name for layer, _ in grouped]}). '
-        f'Found {len(bits_per_layer)}: {bits_per_layer!r}.'
+      f'`bits_per_layer` must have one entry per layer with trainable weights; model '
+      f'{keras_model.name!r} has {len(grouped)} ({[layer.name for layer, _ in grouped]}). '
+      f'Found {len(bits_per_layer)}: {bits_per_layer!r}.'
     )
-  return tuple(
-      bits for bits, (_, variables) in zip(bits_per_layer, grouped) for _ in variables
-  )
+  return tuple(bits for bits, (_, variables) in zip(bits_per_layer, grouped) for _ in variables)
 
 
 def build_tff_model_fn(
-    model_name: str,
-    input_shape: Sequence[int] = MNIST_INPUT_SHAPE,
-    num_classes: int = 10,
-    seed: Optional[int] = None,
-    qat: Optional[qat_lib.QatConfig] = None,
+  model_name: str,
+  input_shape: Sequence[int] = MNIST_INPUT_SHAPE,
+  num_classes: int = 10,
+  seed: Optional[int] = None,
+  qat: Optional[qat_lib.QatConfig] = None,
 ) -> Callable[[], tff.learning.models.VariableModel]:
   """A no-argument function building a fresh TFF model for `model_name` on every call.
 
@@ -255,10 +253,10 @@ def build_tff_model_fn(
     if qat is not None:
       keras_model = qat_lib.apply_qat(keras_model, qat)
     return tff.learning.models.from_keras_model(
-        keras_model,
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        input_spec=input_spec,
-        metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+      keras_model,
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      input_spec=input_spec,
+      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
     )
 
   return model_fn

@@ -74,7 +74,7 @@ class AggregatorConfig:
     if self.method not in AGGREGATORS:
       raise ValueError(f'`method` must be one of {AGGREGATORS}. Found {self.method!r}.')
     object.__setattr__(
-        self, 'weighting', aggregators.WEIGHTING_ALIASES.get(self.weighting, self.weighting)
+      self, 'weighting', aggregators.WEIGHTING_ALIASES.get(self.weighting, self.weighting)
     )
     if self.rotation not in ROTATIONS:
       raise ValueError(f'`rotation` must be one of {ROTATIONS}. Found {self.rotation!r}.')
@@ -82,19 +82,23 @@ class AggregatorConfig:
       raise ValueError(f'`rotation` applies to the clipq aggregator. Found method {self.method!r}.')
     if self.rotation != 'none' and self.weighting not in ROTATION_WEIGHTINGS:
       raise ValueError(
-          f'`rotation` composes with weighting {" or ".join(ROTATION_WEIGHTINGS)} (TFF\'s '
-          f'MeanFactory around the rotation weights at the clients). Found {self.weighting!r}.'
+        f"`rotation` composes with weighting {' or '.join(ROTATION_WEIGHTINGS)} (TFF's "
+        f'MeanFactory around the rotation weights at the clients). Found {self.weighting!r}.'
       )
     if self.rotation != 'none' and self.per_channel:
-      raise ValueError('`per_channel` thresholds need the tensors\' channels, which a rotation '
-                       'mixes: use one or the other.')
+      raise ValueError(
+        "`per_channel` thresholds need the tensors' channels, which a rotation "
+        'mixes: use one or the other.'
+      )
     bits = payload_lib.validate_encoding_settings(
-        self.bits, self.min_size_to_quantize, self.clipping, self.rounding
+      self.bits, self.min_size_to_quantize, self.clipping, self.rounding
     )
     if self.method == 'tff_encoded' and isinstance(bits, tuple):
       raise ValueError('`bits` per layer is only supported by the clipq aggregator.')
     if self.weighting not in aggregators.WEIGHTINGS:
-      raise ValueError(f'`weighting` must be one of {aggregators.WEIGHTINGS}. Found {self.weighting!r}.')
+      raise ValueError(
+        f'`weighting` must be one of {aggregators.WEIGHTINGS}. Found {self.weighting!r}.'
+      )
 
   @property
   def label(self) -> str:
@@ -142,9 +146,9 @@ class ProcessConfig:
         raise ValueError(f'`{name}` must be in [0, 1). Found {getattr(self, name)!r}.')
     if self.uses_qat and self.aggregator.clipping == 'mean_optimal':
       raise ValueError(
-          '`qat` trains through the upload\'s quantizer, but the mean_optimal threshold depends '
-          'on the number of clients the server averages, which a client does not know while it '
-          'trains: use another `clipping` with `qat`.'
+        "`qat` trains through the upload's quantizer, but the mean_optimal threshold depends "
+        'on the number of clients the server averages, which a client does not know while it '
+        'trains: use another `clipping` with `qat`.'
       )
 
   @property
@@ -152,7 +156,9 @@ class ProcessConfig:
     return self.qat and self.aggregator.method != 'float'
 
 
-def _optimizer(name: str, learning_rate: float, momentum: float) -> tff.learning.optimizers.Optimizer:
+def _optimizer(
+  name: str, learning_rate: float, momentum: float
+) -> tff.learning.optimizers.Optimizer:
   if name == 'adam':
     return tff.learning.optimizers.build_adam(learning_rate=learning_rate)
   return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate, momentum=momentum or None)
@@ -178,17 +184,17 @@ def qat_config(config: ProcessConfig) -> Optional[qat_lib.QatConfig]:
     return None
   agg = config.aggregator
   return qat_lib.QatConfig(
-      bits=bits_per_tensor(config),
-      clipping='max_abs' if agg.method == 'tff_encoded' else agg.clipping,
-      rounding=agg.rounding,
-      min_size_to_quantize=agg.min_size_to_quantize,
-      threshold_refresh_steps=config.qat_threshold_refresh_steps,
+    bits=bits_per_tensor(config),
+    clipping='max_abs' if agg.method == 'tff_encoded' else agg.clipping,
+    rounding=agg.rounding,
+    min_size_to_quantize=agg.min_size_to_quantize,
+    threshold_refresh_steps=config.qat_threshold_refresh_steps,
   )
 
 
 def build_model_fn(config: ProcessConfig) -> Callable[[], tff.learning.models.VariableModel]:
   return models.build_tff_model_fn(
-      config.model, config.input_shape, config.num_classes, config.seed, qat_config(config)
+    config.model, config.input_shape, config.num_classes, config.seed, qat_config(config)
   )
 
 
@@ -200,30 +206,30 @@ def build_model_aggregator(config: ProcessConfig) -> tff.aggregators.WeightedAgg
   if agg.rotation == 'hadamard':
     # TFF's composition: MeanFactory weights at the clients, the rotation wraps our sum.
     quantized_sum = aggregators.clipped_quantization_sum(
-        bits=bits_per_tensor(config),
-        clipping=agg.clipping,
-        rounding=agg.rounding,
-        min_size_to_quantize=agg.min_size_to_quantize,
-        seed=config.seed,
+      bits=bits_per_tensor(config),
+      clipping=agg.clipping,
+      rounding=agg.rounding,
+      min_size_to_quantize=agg.min_size_to_quantize,
+      seed=config.seed,
     )
     return tff.aggregators.MeanFactory(
-        value_sum_factory=tff.aggregators.HadamardTransformFactory(quantized_sum),
-        no_nan_division=True,
+      value_sum_factory=tff.aggregators.HadamardTransformFactory(quantized_sum),
+      no_nan_division=True,
     )
   if agg.method == 'tff_encoded':
     # quantize_above_threshold quantizes tensors with more than `threshold` elements.
     encoded = tff.aggregators.EncodedSumFactory.quantize_above_threshold(
-        quantization_bits=int(agg.bits), threshold=max(agg.min_size_to_quantize - 1, 0)
+      quantization_bits=int(agg.bits), threshold=max(agg.min_size_to_quantize - 1, 0)
     )
     return tff.aggregators.MeanFactory(value_sum_factory=encoded, no_nan_division=True)
   return aggregators.clipped_quantization_mean(
-      bits=bits_per_tensor(config),
-      clipping=agg.clipping,
-      rounding=agg.rounding,
-      weighting=agg.weighting,
-      min_size_to_quantize=agg.min_size_to_quantize,
-      per_channel=agg.per_channel,
-      seed=config.seed,
+    bits=bits_per_tensor(config),
+    clipping=agg.clipping,
+    rounding=agg.rounding,
+    weighting=agg.weighting,
+    min_size_to_quantize=agg.min_size_to_quantize,
+    per_channel=agg.per_channel,
+    seed=config.seed,
   )
 
 
@@ -242,24 +248,22 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
   if agg.rotation == 'hadamard':  # Each tensor flattened and zero-padded to a power of two.
     shapes = [(1 << max(int(np.prod(shape)) - 1, 0).bit_length(),) for shape in shapes]
   plan = payload_lib.make_plan(
-      shapes,
-      bits_per_tensor(config) if agg.method == 'clipq' else int(payload_lib.parse_bits(agg.bits)),
-      agg.min_size_to_quantize,
-      agg.clipping,
-      agg.rounding,
-      agg.per_channel,
+    shapes,
+    bits_per_tensor(config) if agg.method == 'clipq' else int(payload_lib.parse_bits(agg.bits)),
+    agg.min_size_to_quantize,
+    agg.clipping,
+    agg.rounding,
+    agg.per_channel,
   )
   float_bits = 32 * sum(t.num_elements for t in plan.tensors if t.bits is None)
   if agg.method == 'tff_encoded':
     return float_bits + 32 + sum(32 * t.packed_words + 64 for t in plan.quantized)
-  thresholds = sum(
-      32 * (t.shape[-1] if agg.per_channel else 1) for t in plan.quantized
-  )
+  thresholds = sum(32 * (t.shape[-1] if agg.per_channel else 1) for t in plan.quantized)
   weighting_bits = {
-      'inverse_error': 32 * len(plan.quantized),
-      'inverse_normalized_error': 32 * len(plan.quantized),
-      'example_count': 32,
-      'uniform': 0,
+    'inverse_error': 32 * len(plan.quantized),
+    'inverse_normalized_error': 32 * len(plan.quantized),
+    'example_count': 32,
+    'uniform': 0,
   }[agg.weighting]
   if agg.rotation == 'hadamard':  # MeanFactory sums each client's weight in float32.
     weighting_bits = 32
@@ -269,8 +273,8 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
 
 
 def _weights_payload_client_work(
-    inner: tff.learning.templates.ClientWorkProcess,
-    weights_type: tff.types.Type,
+  inner: tff.learning.templates.ClientWorkProcess,
+  weights_type: tff.types.Type,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Wraps FedAvg client work so that clients send trained weights instead of deltas."""
   result_type = inner.next.type_signature.result.result.member
@@ -279,12 +283,14 @@ def _weights_payload_client_work(
   def to_payload(client_result, initial_weights):
     # TFF's delta is initial - trained, so trained = initial - delta.
     update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, client_result.update)
-    return tff.learning.templates.ClientResult(update=update, update_weight=client_result.update_weight)
+    return tff.learning.templates.ClientResult(
+      update=update, update_weight=client_result.update_weight
+    )
 
   @tff.federated_computation(
-      inner.next.type_signature.parameter[0],
-      inner.next.type_signature.parameter[1],
-      inner.next.type_signature.parameter[2],
+    inner.next.type_signature.parameter[0],
+    inner.next.type_signature.parameter[1],
+    inner.next.type_signature.parameter[2],
   )
   def next_fn(state, weights, data):
     output = inner.next(state, weights, data)
@@ -292,34 +298,36 @@ def _weights_payload_client_work(
     return tff.templates.MeasuredProcessOutput(output.state, client_result, output.measurements)
 
   return tff.learning.templates.ClientWorkProcess(
-      inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
+    inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
   )
 
 
 def _weights_payload_finalizer(
-    inner: tff.learning.templates.FinalizerProcess, weights_type: tff.types.Type
+  inner: tff.learning.templates.FinalizerProcess, weights_type: tff.types.Type
 ) -> tff.learning.templates.FinalizerProcess:
   """Turns aggregated weights into the pseudo-gradient `current - aggregated` for `inner`."""
   trainable_type = weights_type.trainable
 
   @tff.tensorflow.computation(weights_type, trainable_type)
   def pseudo_gradient(current, aggregated):
-    any_accepted = tf.reduce_any([tf.reduce_any(tf.not_equal(t, 0.0)) for t in tf.nest.flatten(aggregated)])
+    any_accepted = tf.reduce_any(
+      [tf.reduce_any(tf.not_equal(t, 0.0)) for t in tf.nest.flatten(aggregated)]
+    )
     return tf.nest.map_structure(
-        lambda w, a: tf.where(any_accepted, w - a, tf.zeros_like(w)), current.trainable, aggregated
+      lambda w, a: tf.where(any_accepted, w - a, tf.zeros_like(w)), current.trainable, aggregated
     )
 
   @tff.federated_computation(
-      inner.next.type_signature.parameter[0],
-      inner.next.type_signature.parameter[1],
-      inner.next.type_signature.parameter[2],
+    inner.next.type_signature.parameter[0],
+    inner.next.type_signature.parameter[1],
+    inner.next.type_signature.parameter[2],
   )
   def next_fn(state, weights, aggregated):
     update = tff.federated_map(pseudo_gradient, (weights, aggregated))
     return inner.next(state, weights, update)
 
   return tff.learning.templates.FinalizerProcess(
-      inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
+    inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
   )
 
 
@@ -334,36 +342,36 @@ def build_learning_process(config: ProcessConfig) -> tff.learning.templates.Lear
     return tff.learning.models.ModelWeights.from_model(model_fn())
 
   client_weighting = (
-      tff.learning.ClientWeighting.NUM_EXAMPLES
-      if config.aggregator.method != 'clipq' or config.aggregator.weighting == 'example_count'
-      else tff.learning.ClientWeighting.UNIFORM
+    tff.learning.ClientWeighting.NUM_EXAMPLES
+    if config.aggregator.method != 'clipq' or config.aggregator.weighting == 'example_count'
+    else tff.learning.ClientWeighting.UNIFORM
   )
   client_work = tff.learning.templates.build_model_delta_client_work(
-      model_fn,
-      _optimizer(config.client_optimizer, config.client_learning_rate, config.client_momentum),
-      client_weighting=client_weighting,
-      # TFF's default, DATASET_REDUCE, runs the training step inside `tf.data`'s reduce function
-      # runtime; the iterator loop runs it as an ordinary graph loop and is faster on CPU
-      # (benchmarks/round_time.py).
-      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
+    model_fn,
+    _optimizer(config.client_optimizer, config.client_learning_rate, config.client_momentum),
+    client_weighting=client_weighting,
+    # TFF's default, DATASET_REDUCE, runs the training step inside `tf.data`'s reduce function
+    # runtime; the iterator loop runs it as an ordinary graph loop and is faster on CPU
+    # (benchmarks/round_time.py).
+    loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
   )
   if config.payload == 'weights':
     client_work = _weights_payload_client_work(client_work, weights_type)
   aggregator = build_model_aggregator(config).create(
-      weights_type.trainable, tff.TensorType(np.float32)
+    weights_type.trainable, tff.TensorType(np.float32)
   )
   finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-      _optimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum),
-      weights_type,
+    _optimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum),
+    weights_type,
   )
   if config.payload == 'weights':
     finalizer = _weights_payload_finalizer(finalizer, weights_type)
   return tff.learning.templates.compose_learning_process(
-      initial_model_weights_fn,
-      tff.learning.templates.build_broadcast_process(weights_type),
-      client_work,
-      aggregator,
-      finalizer,
+    initial_model_weights_fn,
+    tff.learning.templates.build_broadcast_process(weights_type),
+    client_work,
+    aggregator,
+    finalizer,
   )
 
 
@@ -371,17 +379,17 @@ def build_evaluation_model(config: ProcessConfig) -> tf.keras.Model:
   """A plain (float) Keras model of the run's architecture, compiled for centralized evaluation."""
   keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
   keras_model.compile(
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
   )
   return keras_model
 
 
 def assign_trainable_weights(
-    process: tff.learning.templates.LearningProcess,
-    state,
-    keras_model: tf.keras.Model,
-    deployed_by: Optional[ProcessConfig] = None,
+  process: tff.learning.templates.LearningProcess,
+  state,
+  keras_model: tf.keras.Model,
+  deployed_by: Optional[ProcessConfig] = None,
 ) -> None:
   """Copies the global model's trainable weights (same order as TFF's) into `keras_model`.
 
@@ -392,22 +400,22 @@ def assign_trainable_weights(
   if deployed_by is not None:
     agg = deployed_by.aggregator
     trainable = deployment.quantize_weights(
-        trainable,
-        bits_per_tensor(deployed_by),
-        'max_abs' if agg.method == 'tff_encoded' else agg.clipping,
-        agg.min_size_to_quantize,
-        agg.per_channel,
+      trainable,
+      bits_per_tensor(deployed_by),
+      'max_abs' if agg.method == 'tff_encoded' else agg.clipping,
+      agg.min_size_to_quantize,
+      agg.per_channel,
     )
   for variable, value in zip(keras_model.trainable_variables, trainable, strict=True):
     variable.assign(value)
 
 
 def evaluate(
-    process: tff.learning.templates.LearningProcess,
-    state,
-    keras_model: tf.keras.Model,
-    test_data: tf.data.Dataset,
-    deployed_by: Optional[ProcessConfig] = None,
+  process: tff.learning.templates.LearningProcess,
+  state,
+  keras_model: tf.keras.Model,
+  test_data: tf.data.Dataset,
+  deployed_by: Optional[ProcessConfig] = None,
 ) -> collections.OrderedDict:
   """Centralized held-out loss and accuracy of the global model.
 

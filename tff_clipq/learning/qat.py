@@ -64,8 +64,8 @@ def _validate_clipping(clipping: Any) -> ClippingMethod:
   if (is_number and clipping > 0) or clipping in quantization.CLIPPING_METHODS:
     return clipping
   raise ValueError(
-      f'`clipping` must be one of {quantization.CLIPPING_METHODS} or a positive number. '
-      f'Found {clipping!r}.'
+    f'`clipping` must be one of {quantization.CLIPPING_METHODS} or a positive number. '
+    f'Found {clipping!r}.'
   )
 
 
@@ -116,9 +116,7 @@ class QatConfig:
     quantizer_lib.validate_rounding(self.rounding)
     size = self.min_size_to_quantize
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-      raise ValueError(
-          f'`min_size_to_quantize` must be a non-negative integer. Found {size!r}.'
-      )
+      raise ValueError(f'`min_size_to_quantize` must be a non-negative integer. Found {size!r}.')
     _validate_refresh_steps(self.threshold_refresh_steps)
 
   def bits_per_tensor(self, num_tensors: int) -> tuple[int, ...]:
@@ -127,19 +125,19 @@ class QatConfig:
       return (self.bits,) * num_tensors
     if len(self.bits) != num_tensors:
       raise ValueError(
-          f'`bits` must have one entry per trainable tensor of the model: expected {num_tensors}, '
-          f'found {len(self.bits)}: {self.bits!r}.'
+        f'`bits` must have one entry per trainable tensor of the model: expected {num_tensors}, '
+        f'found {len(self.bits)}: {self.bits!r}.'
       )
     return self.bits
 
 
 @tf.autograph.experimental.do_not_convert
 def straight_through_fake_quantize(
-    weights: tf.Tensor,
-    bits: int,
-    clipping: ClippingMethod = 'octav',
-    rounding: str = 'nearest',
-    threshold: Optional[tf.Tensor] = None,
+  weights: tf.Tensor,
+  bits: int,
+  clipping: ClippingMethod = 'octav',
+  rounding: str = 'nearest',
+  threshold: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
   """Clipped, quantized `weights` in the forward pass; identity in the backward pass.
 
@@ -185,11 +183,11 @@ class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantize
   """
 
   def __init__(
-      self,
-      bits: int,
-      clipping: ClippingMethod = 'octav',
-      rounding: str = 'nearest',
-      threshold_refresh_steps: int = 0,
+    self,
+    bits: int,
+    clipping: ClippingMethod = 'octav',
+    rounding: str = 'nearest',
+    threshold_refresh_steps: int = 0,
   ):
     self.bits = quantizer_lib.validate_bits(bits)
     self.clipping = _validate_clipping(clipping)
@@ -201,14 +199,20 @@ class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantize
     if self.threshold_refresh_steps == 1:
       return {}
     return {
-        'threshold': layer.add_weight(
-            f'{name}_clip_threshold', shape=(), dtype=tf.float32,
-            initializer=tf.keras.initializers.Zeros(), trainable=False,
-        ),
-        'passes': layer.add_weight(
-            f'{name}_threshold_passes', shape=(), dtype=tf.int32,
-            initializer=tf.keras.initializers.Zeros(), trainable=False,
-        ),
+      'threshold': layer.add_weight(
+        f'{name}_clip_threshold',
+        shape=(),
+        dtype=tf.float32,
+        initializer=tf.keras.initializers.Zeros(),
+        trainable=False,
+      ),
+      'passes': layer.add_weight(
+        f'{name}_threshold_passes',
+        shape=(),
+        dtype=tf.int32,
+        initializer=tf.keras.initializers.Zeros(),
+        trainable=False,
+      ),
     }
 
   @tf.autograph.experimental.do_not_convert
@@ -222,7 +226,7 @@ class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantize
 
     def refresh() -> tf.Tensor:
       fresh = quantization.clipping_threshold(
-          tf.stop_gradient(inputs), self.bits, self.clipping, self.rounding
+        tf.stop_gradient(inputs), self.bits, self.clipping, self.rounding
       )
       return weights['threshold'].assign(tf.cast(fresh, tf.float32))
 
@@ -235,15 +239,15 @@ class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantize
     del training, kwargs  # Same quantization in training and inference.
     threshold = self._cached_threshold(inputs, weights) if weights else None
     return straight_through_fake_quantize(
-        inputs, self.bits, self.clipping, self.rounding, threshold
+      inputs, self.bits, self.clipping, self.rounding, threshold
     )
 
   def get_config(self) -> dict[str, Any]:
     return {
-        'bits': self.bits,
-        'clipping': self.clipping,
-        'rounding': self.rounding,
-        'threshold_refresh_steps': self.threshold_refresh_steps,
+      'bits': self.bits,
+      'clipping': self.clipping,
+      'rounding': self.rounding,
+      'threshold_refresh_steps': self.threshold_refresh_steps,
     }
 
 
@@ -255,19 +259,19 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
   """
 
   def __init__(
-      self,
-      weight_names: Sequence[str],
-      bits: Sequence[int],
-      clipping: ClippingMethod = 'octav',
-      rounding: str = 'nearest',
-      threshold_refresh_steps: int = 0,
+    self,
+    weight_names: Sequence[str],
+    bits: Sequence[int],
+    clipping: ClippingMethod = 'octav',
+    rounding: str = 'nearest',
+    threshold_refresh_steps: int = 0,
   ):
     self.weight_names = tuple(weight_names)
     self.bits = tuple(bits)
     if len(self.weight_names) != len(self.bits):
       raise ValueError(
-          f'`weight_names` and `bits` must have equal lengths. Found {self.weight_names!r} and '
-          f'{self.bits!r}.'
+        f'`weight_names` and `bits` must have equal lengths. Found {self.weight_names!r} and '
+        f'{self.bits!r}.'
       )
     self.clipping = clipping
     self.rounding = rounding
@@ -275,13 +279,13 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
   def get_weights_and_quantizers(self, layer):
     return [
-        (
-            getattr(layer, name),
-            ClippedUniformWeightQuantizer(
-                bits, self.clipping, self.rounding, self.threshold_refresh_steps
-            ),
-        )
-        for name, bits in zip(self.weight_names, self.bits)
+      (
+        getattr(layer, name),
+        ClippedUniformWeightQuantizer(
+          bits, self.clipping, self.rounding, self.threshold_refresh_steps
+        ),
+      )
+      for name, bits in zip(self.weight_names, self.bits)
     ]
 
   def get_activations_and_quantizers(self, layer):
@@ -299,11 +303,11 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
   def get_config(self) -> dict[str, Any]:
     return {
-        'weight_names': list(self.weight_names),
-        'bits': list(self.bits),
-        'clipping': self.clipping,
-        'rounding': self.rounding,
-        'threshold_refresh_steps': self.threshold_refresh_steps,
+      'weight_names': list(self.weight_names),
+      'bits': list(self.bits),
+      'clipping': self.clipping,
+      'rounding': self.rounding,
+      'threshold_refresh_steps': self.threshold_refresh_steps,
     }
 
 
@@ -335,13 +339,13 @@ class WeightOnlyQuantizeScheme(tfmot.quantization.keras.QuantizeScheme):
 
 
 _CUSTOM_OBJECTS = {
-    'ClippedUniformWeightQuantizer': ClippedUniformWeightQuantizer,
-    'ClippedWeightQuantizeConfig': ClippedWeightQuantizeConfig,
+  'ClippedUniformWeightQuantizer': ClippedUniformWeightQuantizer,
+  'ClippedWeightQuantizeConfig': ClippedWeightQuantizeConfig,
 }
 
 
 def trainable_variables_by_layer(
-    keras_model: tf.keras.Model,
+  keras_model: tf.keras.Model,
 ) -> list[tuple[tf.keras.layers.Layer, list[tf.Variable]]]:
   """(layer, its trainable variables) for each layer that has some, in model order.
 
@@ -350,16 +354,18 @@ def trainable_variables_by_layer(
   per-tensor bit widths are assigned in that order.
   """
   grouped = [
-      (layer.layer if isinstance(layer, tf.keras.layers.Wrapper) else layer,
-       list(layer.trainable_variables))
-      for layer in keras_model.layers
-      if layer.trainable_variables
+    (
+      layer.layer if isinstance(layer, tf.keras.layers.Wrapper) else layer,
+      list(layer.trainable_variables),
+    )
+    for layer in keras_model.layers
+    if layer.trainable_variables
   ]
   flattened = [variable.ref() for _, variables in grouped for variable in variables]
   if flattened != [variable.ref() for variable in keras_model.trainable_variables]:
     raise ValueError(
-        f'The trainable variables of model {keras_model.name!r} are not ordered layer by layer, '
-        'so per-tensor bit widths cannot be assigned to them.'
+      f'The trainable variables of model {keras_model.name!r} are not ordered layer by layer, '
+      'so per-tensor bit widths cannot be assigned to them.'
     )
   return grouped
 
@@ -368,12 +374,14 @@ def _weight_attribute(layer: tf.keras.layers.Layer, variable: tf.Variable) -> st
   for name in _QUANTIZABLE_WEIGHT_NAMES:
     if getattr(layer, name, None) is variable:
       return name
-  raise ValueError(f'Layer {layer.name!r} has a trainable variable {variable.name!r} that is '
-                   f'none of {_QUANTIZABLE_WEIGHT_NAMES}.')
+  raise ValueError(
+    f'Layer {layer.name!r} has a trainable variable {variable.name!r} that is '
+    f'none of {_QUANTIZABLE_WEIGHT_NAMES}.'
+  )
 
 
 def _quantize_configs(
-    keras_model: tf.keras.Model, config: QatConfig
+  keras_model: tf.keras.Model, config: QatConfig
 ) -> dict[str, ClippedWeightQuantizeConfig]:
   """Quantize config per layer name, for the layers with at least one tensor to quantize."""
   grouped = trainable_variables_by_layer(keras_model)
@@ -382,8 +390,8 @@ def _quantize_configs(
   for layer, variables in grouped:
     if not isinstance(layer, QUANTIZABLE_LAYER_TYPES):
       raise ValueError(
-          f'QAT supports trainable weights only in {[t.__name__ for t in QUANTIZABLE_LAYER_TYPES]}'
-          f' layers. Found layer {layer.name!r} of type {type(layer).__name__}.'
+        f'QAT supports trainable weights only in {[t.__name__ for t in QUANTIZABLE_LAYER_TYPES]}'
+        f' layers. Found layer {layer.name!r} of type {type(layer).__name__}.'
       )
     names, widths = [], []
     for variable in variables:
@@ -393,7 +401,7 @@ def _quantize_configs(
         widths.append(width)
     if names:
       configs[layer.name] = ClippedWeightQuantizeConfig(
-          names, widths, config.clipping, config.rounding, config.threshold_refresh_steps
+        names, widths, config.clipping, config.rounding, config.threshold_refresh_steps
       )
   return configs
 

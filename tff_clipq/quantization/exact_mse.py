@@ -33,12 +33,12 @@ RoundingWeight = mse_histogram.RoundingWeight
 
 
 def exact_mse(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    threshold: tf.Tensor,
-    bits: int,
-    rounding: str,
-    rounding_weight: RoundingWeight = 1.0,
+  magnitudes: tf.Tensor,
+  finite_count: tf.Tensor,
+  threshold: tf.Tensor,
+  bits: int,
+  rounding: str,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Exact (expected, for stochastic rounding) MSE per group at per-group `threshold`.
 
@@ -57,10 +57,12 @@ def exact_mse(
     # One group: a threshold of one element per evaluation keeps every full-size operation on
     # TensorFlow's scalar fast path; [candidates, 1, 1] against [1, n] takes the general
     # broadcast, about 2.5x slower per entry.
-    return tf.stack([
+    return tf.stack(
+      [
         exact_mse(magnitudes, finite_count, threshold[c], bits, rounding, rounding_weight)
         for c in range(candidates)
-    ])
+      ]
+    )
   step = quantizer.quantization_step(threshold, bits)
   threshold = threshold[..., None]
   # As in `quantizer.quantize`: exactly 2^B - 1 for clipped entries (no spurious rounding error).
@@ -90,15 +92,15 @@ def exact_mse(
 
 
 def _golden_section_refinement(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    iterations: int,
-    anchors: tf.Tensor,
-    rounding_weight: RoundingWeight = 1.0,
+  magnitudes: tf.Tensor,
+  finite_count: tf.Tensor,
+  lower: tf.Tensor,
+  upper: tf.Tensor,
+  bits: int,
+  rounding: str,
+  iterations: int,
+  anchors: tf.Tensor,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Golden-section search of the exact MSE on [lower, upper] per group; returns the best point.
 
@@ -120,20 +122,20 @@ def _golden_section_refinement(
     high = tf.where(keep_left, right, high)
     width = high - low
     new_point = tf.where(
-        keep_left, high - GOLDEN_RATIO_CONJUGATE * width, low + GOLDEN_RATIO_CONJUGATE * width
+      keep_left, high - GOLDEN_RATIO_CONJUGATE * width, low + GOLDEN_RATIO_CONJUGATE * width
     )
     new_mse = mse(new_point)
     best, best_mse = _keep_better(best, best_mse, new_point, new_mse)
     return (
-        iteration + 1,
-        low,
-        high,
-        tf.where(keep_left, new_point, right),
-        tf.where(keep_left, left, new_point),
-        tf.where(keep_left, new_mse, right_mse),
-        tf.where(keep_left, left_mse, new_mse),
-        best,
-        best_mse,
+      iteration + 1,
+      low,
+      high,
+      tf.where(keep_left, new_point, right),
+      tf.where(keep_left, left, new_point),
+      tf.where(keep_left, new_mse, right_mse),
+      tf.where(keep_left, left_mse, new_mse),
+      best,
+      best_mse,
     )
 
   width = upper - lower
@@ -149,7 +151,7 @@ def _golden_section_refinement(
 
 
 def _keep_better(
-    best: tf.Tensor, best_mse: tf.Tensor, point: tf.Tensor, point_mse: tf.Tensor
+  best: tf.Tensor, best_mse: tf.Tensor, point: tf.Tensor, point_mse: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
   """Per group, (point, its MSE) where that MSE is lower than `best_mse`, else (best, best_mse)."""
   better = point_mse < best_mse
@@ -160,8 +162,8 @@ def best_candidate(candidates: tf.Tensor, errors: tf.Tensor) -> tuple[tf.Tensor,
   """(candidate, its error) of least error per group, from [candidates, groups] tensors."""
   best = tf.argmin(errors, axis=0)
   return (
-      tf.gather(tf.transpose(candidates), best, batch_dims=1),
-      tf.gather(tf.transpose(errors), best, batch_dims=1),
+    tf.gather(tf.transpose(candidates), best, batch_dims=1),
+    tf.gather(tf.transpose(errors), best, batch_dims=1),
   )
 
 
@@ -190,27 +192,27 @@ def _grid_points(groups, entries):
     return points if fits else 0
   groups, entries = tf.cast(groups, tf.int64), tf.cast(entries, tf.int64)
   points = tf.minimum(
-      tf.constant(_GRID_MAX_POINTS, tf.int64),
-      tf.math.floordiv(tf.constant(_GRID_MAX_CANDIDATE_ENTRIES, tf.int64), tf.maximum(entries, 1)),
+    tf.constant(_GRID_MAX_POINTS, tf.int64),
+    tf.math.floordiv(tf.constant(_GRID_MAX_CANDIDATE_ENTRIES, tf.int64), tf.maximum(entries, 1)),
   )
   fits = tf.logical_and(
-      tf.logical_and(entries > 0, points >= _GRID_MIN_POINTS),
-      points * groups * entries <= _GRID_MAX_TOTAL_ENTRIES,
+    tf.logical_and(entries > 0, points >= _GRID_MIN_POINTS),
+    points * groups * entries <= _GRID_MAX_TOTAL_ENTRIES,
   )
   return tf.where(fits, points, tf.zeros_like(points))
 
 
 def _grid_refinement(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    points,
-    golden_iterations: int,
-    anchors: tf.Tensor,
-    rounding_weight: RoundingWeight = 1.0,
+  magnitudes: tf.Tensor,
+  finite_count: tf.Tensor,
+  lower: tf.Tensor,
+  upper: tf.Tensor,
+  bits: int,
+  rounding: str,
+  points,
+  golden_iterations: int,
+  anchors: tf.Tensor,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Repeated grid search of the exact MSE on [lower, upper] per group; returns the best point.
 
@@ -230,8 +232,8 @@ def _grid_refinement(
     iterations = math.ceil(golden_log_width / math.log(2.0 / (points + 1)))
   else:
     iterations = tf.cast(
-        tf.math.ceil(golden_log_width / tf.math.log(2.0 / (tf.cast(points, dtype) + 1.0))),
-        tf.int32,
+      tf.math.ceil(golden_log_width / tf.math.log(2.0 / (tf.cast(points, dtype) + 1.0))),
+      tf.int32,
     )
   divisions = tf.cast(points, dtype) + 1.0
   fractions = tf.range(1.0, divisions, dtype=dtype)[:, None] / divisions  # [points, 1]
@@ -253,15 +255,15 @@ def _grid_refinement(
 
 
 def refinement(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    golden_iterations: int,
-    anchors: tf.Tensor,
-    rounding_weight: RoundingWeight = 1.0,
+  magnitudes: tf.Tensor,
+  finite_count: tf.Tensor,
+  lower: tf.Tensor,
+  upper: tf.Tensor,
+  bits: int,
+  rounding: str,
+  golden_iterations: int,
+  anchors: tf.Tensor,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Grid search for the smallest groups, golden-section search otherwise (same resolution).
 
@@ -272,7 +274,7 @@ def refinement(
 
   def golden():
     return _golden_section_refinement(
-        *arguments, golden_iterations, anchors, rounding_weight=rounding_weight
+      *arguments, golden_iterations, anchors, rounding_weight=rounding_weight
     )
 
   groups, entries = magnitudes.shape
@@ -281,14 +283,14 @@ def refinement(
     if not points:
       return golden()
     return _grid_refinement(
-        *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
+      *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
     )
   shape = tf.shape(magnitudes)
   points = _grid_points(shape[0], shape[1])  # The same choice, made at run time.
   return tf.cond(
-      points > 0,
-      lambda: _grid_refinement(
-          *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
-      ),
-      golden,
+    points > 0,
+    lambda: _grid_refinement(
+      *arguments, points, golden_iterations, anchors, rounding_weight=rounding_weight
+    ),
+    golden,
   )

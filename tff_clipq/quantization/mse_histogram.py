@@ -44,7 +44,7 @@ _GRID_POINTS = 12
 
 
 def _bin_counts(
-    magnitudes: tf.Tensor, finite_count: tf.Tensor, upper: tf.Tensor, num_bins: int
+  magnitudes: tf.Tensor, finite_count: tf.Tensor, upper: tf.Tensor, num_bins: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """(finite entries per bin [groups, num_bins + 1], bin index [groups, n], bin width [groups]).
 
@@ -59,7 +59,7 @@ def _bin_counts(
   index = tf.cast(tf.minimum(magnitudes * (1.0 / width)[:, None], float(num_bins)), tf.int32)
   # Each row counted on its own; every index is in range by construction.
   counts = tf.raw_ops.DenseBincount(
-      input=index, size=num_bins + 1, weights=tf.zeros([0], magnitudes.dtype)
+    input=index, size=num_bins + 1, weights=tf.zeros([0], magnitudes.dtype)
   )
   # Non-finite entries have magnitude 0, hence index 0: they are taken out of bin 0.
   nonfinite = tf.cast(tf.shape(magnitudes)[1], magnitudes.dtype) - finite_count
@@ -77,7 +77,7 @@ def is_unit_weight(rounding_weight: RoundingWeight) -> bool:
 
 
 def histogram(
-    magnitudes: tf.Tensor, finite_count: tf.Tensor, upper: tf.Tensor, num_bins: int = NUM_BINS
+  magnitudes: tf.Tensor, finite_count: tf.Tensor, upper: tf.Tensor, num_bins: int = NUM_BINS
 ) -> Histogram:
   """Finite entries per bin of [0, upper) [groups, num_bins], and the overflow bin's moments.
 
@@ -94,11 +94,11 @@ def histogram(
   excess_sum = tf.reduce_sum(excess, axis=-1)
   excess_square_sum = tf.reduce_sum(tf.square(excess), axis=-1)
   return (
-      counts[:, :num_bins],
-      width,
-      overflow_count,
-      excess_sum + upper * overflow_count,
-      excess_square_sum + upper * (2.0 * excess_sum + upper * overflow_count),
+    counts[:, :num_bins],
+    width,
+    overflow_count,
+    excess_sum + upper * overflow_count,
+    excess_square_sum + upper * (2.0 * excess_sum + upper * overflow_count),
   )
 
 
@@ -125,11 +125,11 @@ def _scaled_rounding_antiderivative(position: tf.Tensor, rounding: str) -> tf.Te
 
 
 def _modelled_squared_error(
-    histogram: Histogram,
-    thresholds: tf.Tensor,
-    bits: int,
-    rounding: str,
-    rounding_weight: RoundingWeight = 1.0,
+  histogram: Histogram,
+  thresholds: tf.Tensor,
+  bits: int,
+  rounding: str,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Modelled sum of squared errors [candidates, groups] at `thresholds` [candidates, groups].
 
@@ -152,7 +152,7 @@ def _modelled_squared_error(
   # Code position of min(e, s): that of e, capped at s's position 2^B - 1.
   position = tf.minimum(edges * codes_per_unit + half_max_code, 2.0 * half_max_code)
   rounding_sum = tf.reduce_sum(
-      _scaled_rounding_antiderivative(position, rounding) * edge_weights, axis=-1
+    _scaled_rounding_antiderivative(position, rounding) * edge_weights, axis=-1
   )
   above = tf.maximum(edges - s, 0.0)
   clipping_sum = tf.reduce_sum(tf.square(above) * above * edge_weights, axis=-1)
@@ -160,24 +160,24 @@ def _modelled_squared_error(
   if is_unit_weight(rounding_weight):
     rounding_part = tf.square(step) * step * rounding_sum / _ANTIDERIVATIVE_SCALE[rounding]
   else:  # One scalar factor: the weight folded into the antiderivative's scale.
-    rounding_part = tf.square(step) * step * rounding_sum * (
-        rounding_weight / _ANTIDERIVATIVE_SCALE[rounding]
+    rounding_part = (
+      tf.square(step) * step * rounding_sum * (rounding_weight / _ANTIDERIVATIVE_SCALE[rounding])
     )
   binned = (rounding_part + clipping_sum / 3.0) / width
   overflow = (
-      overflow_square_sum - 2.0 * thresholds * overflow_sum + overflow_count * tf.square(thresholds)
+    overflow_square_sum - 2.0 * thresholds * overflow_sum + overflow_count * tf.square(thresholds)
   )
   return binned + overflow
 
 
 def histogram_search(
-    histogram: Histogram,
-    lower: tf.Tensor,
-    upper: tf.Tensor,
-    bits: int,
-    rounding: str,
-    relative_resolution: float,
-    rounding_weight: RoundingWeight = 1.0,
+  histogram: Histogram,
+  lower: tf.Tensor,
+  upper: tf.Tensor,
+  bits: int,
+  rounding: str,
+  relative_resolution: float,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """The minimizer of the modelled MSE on [lower, upper] per group, by repeated grid search.
 
@@ -203,7 +203,7 @@ def histogram_search(
 
 
 def fixed_point_counts(
-    magnitudes: tf.Tensor, finite_count: tf.Tensor, num_bins: int = FIXED_POINT_BINS
+  magnitudes: tf.Tensor, finite_count: tf.Tensor, num_bins: int = FIXED_POINT_BINS
 ) -> tf.Tensor:
   """Finite entries of `magnitudes` [groups, n] (normalized to [0, 1]) per bin, [groups, bins + 1].
 
@@ -214,7 +214,7 @@ def fixed_point_counts(
 
 
 def fixed_point(
-    counts: tf.Tensor, coefficient: float, rounding_weight: RoundingWeight = 1.0
+  counts: tf.Tensor, coefficient: float, rounding_weight: RoundingWeight = 1.0
 ) -> tf.Tensor:
   """The OCTAV fixed point s = E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group, from
   `fixed_point_counts` (of one block of groups, or several concatenated).
@@ -238,9 +238,7 @@ def fixed_point(
   tail_count = tf.math.cumsum(counts, axis=-1, reverse=True)
   tail_mass = tf.math.cumsum(counts * centres, axis=-1, reverse=True)
   edges = tf.range(num_bins + 1, dtype=dtype) / float(num_bins)
-  excess = (
-      tf.math.divide_no_nan(tail_mass, coefficient * (total - tail_count) + tail_count) - edges
-  )
+  excess = tf.math.divide_no_nan(tail_mass, coefficient * (total - tail_count) + tail_count) - edges
   # excess > 0 at edge 0 (T(0) = E|x|) unless the group is all zero, and <= 0 at edge 1
   # (T(1) = K / (c (N - K) + K) for the K entries at the maximum).
   first = tf.argmax(tf.cast(excess <= 0.0, tf.int32), axis=-1, output_type=tf.int32)

@@ -45,11 +45,11 @@ def pack_codes(codes: tf.Tensor, bits: int) -> tf.Tensor:
     codes_per_word = WORD_BITS // bits
     padded = tf.pad(flat, [[0, num_words * codes_per_word - num_codes]])
     fields = tf.bitwise.left_shift(
-        tf.reshape(padded, [-1, codes_per_word]), _shifts(codes_per_word, bits)
+      tf.reshape(padded, [-1, codes_per_word]), _shifts(codes_per_word, bits)
     )
   else:
     bit_stream = tf.reshape(
-        tf.bitwise.bitwise_and(tf.bitwise.right_shift(flat[:, None], _shifts(bits, 1)), 1), [-1]
+      tf.bitwise.bitwise_and(tf.bitwise.right_shift(flat[:, None], _shifts(bits, 1)), 1), [-1]
     )
     padded = tf.pad(bit_stream, [[0, num_words * WORD_BITS - num_codes * bits]])
     fields = tf.bitwise.left_shift(tf.reshape(padded, [-1, WORD_BITS]), _shifts(WORD_BITS, 1))
@@ -70,7 +70,7 @@ def unpack_codes(words: tf.Tensor, bits: int, num_codes: int) -> tf.Tensor:
     codes = tf.bitwise.bitwise_and(tf.bitwise.right_shift(values[:, None], shifts), mask)
     return tf.cast(tf.reshape(codes, [-1])[:num_codes], tf.int32)
   bit_stream = tf.bitwise.bitwise_and(
-      tf.bitwise.right_shift(values[:, None], _shifts(WORD_BITS, 1)), 1
+    tf.bitwise.right_shift(values[:, None], _shifts(WORD_BITS, 1)), 1
   )
   code_bits = tf.reshape(tf.reshape(bit_stream, [-1])[: num_codes * bits], [num_codes, bits])
   codes = tf.reduce_sum(tf.bitwise.left_shift(code_bits, _shifts(bits, 1)), axis=1)

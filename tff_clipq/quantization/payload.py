@@ -75,7 +75,7 @@ def parse_bits(bits: Union[BitsSpec, str]) -> BitsSpec:
       parts = [int(part) for part in bits.split('-')]
     except ValueError:
       raise ValueError(
-          f'`bits` must be an integer or a dash-separated list like 4-2-2-4. Found {bits!r}.'
+        f'`bits` must be an integer or a dash-separated list like 4-2-2-4. Found {bits!r}.'
       ) from None
     bits = parts[0] if len(parts) == 1 else tuple(parts)
   if isinstance(bits, (list, tuple)):
@@ -84,7 +84,7 @@ def parse_bits(bits: Union[BitsSpec, str]) -> BitsSpec:
 
 
 def validate_encoding_settings(
-    bits: Union[BitsSpec, str], min_size_to_quantize: int, clipping: Union[str, float], rounding: str
+  bits: Union[BitsSpec, str], min_size_to_quantize: int, clipping: Union[str, float], rounding: str
 ) -> BitsSpec:
   """Validates the settings shared by every tensor; returns `bits` parsed (int or tuple)."""
   bits = parse_bits(bits)
@@ -92,29 +92,29 @@ def validate_encoding_settings(
   if isinstance(clipping, str):
     if clipping not in thresholds.CLIPPING_METHODS:
       raise ValueError(
-          f'`clipping` must be one of {thresholds.CLIPPING_METHODS} or a positive number. '
-          f'Found {clipping!r}.'
+        f'`clipping` must be one of {thresholds.CLIPPING_METHODS} or a positive number. '
+        f'Found {clipping!r}.'
       )
   elif isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not clipping > 0:
     raise ValueError(f'A fixed `clipping` threshold must be a positive number. Found {clipping!r}.')
   if (
-      isinstance(min_size_to_quantize, bool)
-      or not isinstance(min_size_to_quantize, int)
-      or min_size_to_quantize < 0
+    isinstance(min_size_to_quantize, bool)
+    or not isinstance(min_size_to_quantize, int)
+    or min_size_to_quantize < 0
   ):
     raise ValueError(
-        f'`min_size_to_quantize` must be a non-negative integer. Found {min_size_to_quantize!r}.'
+      f'`min_size_to_quantize` must be a non-negative integer. Found {min_size_to_quantize!r}.'
     )
   return bits
 
 
 def make_plan(
-    shapes: Sequence[Sequence[int]],
-    bits: BitsSpec,
-    min_size_to_quantize: int = 0,
-    clipping: Union[str, float] = 'octav',
-    rounding: str = 'nearest',
-    per_channel: bool = False,
+  shapes: Sequence[Sequence[int]],
+  bits: BitsSpec,
+  min_size_to_quantize: int = 0,
+  clipping: Union[str, float] = 'octav',
+  rounding: str = 'nearest',
+  per_channel: bool = False,
 ) -> EncodingPlan:
   """Builds the plan for tensors of `shapes`.
 
@@ -139,18 +139,18 @@ def make_plan(
       tensor_bits = [b if is_large else None for b, is_large in zip(bits, large)]
     else:
       raise ValueError(
-          f'`bits` lists {len(bits)} widths; expected {sum(large)} (one per quantized tensor, '
-          f'i.e. tensors with >= {min_size_to_quantize} elements) or {len(shapes)} (one per tensor).'
+        f'`bits` lists {len(bits)} widths; expected {sum(large)} (one per quantized tensor, '
+        f'i.e. tensors with >= {min_size_to_quantize} elements) or {len(shapes)} (one per tensor).'
       )
   else:
     tensor_bits = [bits if is_large else None for is_large in large]
   if per_channel and any(b is not None and len(s) < 1 for s, b in zip(shapes, tensor_bits)):
     raise ValueError('`per_channel` quantization needs every quantized tensor to have rank >= 1.')
   return EncodingPlan(
-      tensors=tuple(TensorEncoding(shape, b) for shape, b in zip(shapes, tensor_bits)),
-      clipping=clipping,
-      rounding=rounding,
-      per_channel=per_channel,
+    tensors=tuple(TensorEncoding(shape, b) for shape, b in zip(shapes, tensor_bits)),
+    clipping=clipping,
+    rounding=rounding,
+    per_channel=per_channel,
   )
 
 
@@ -162,11 +162,11 @@ def client_seed(round_seed: tf.Tensor, tensors: Sequence[tf.Tensor]) -> tf.Tenso
 
 
 def encode_tensors(
-    plan: EncodingPlan,
-    tensors: Sequence[tf.Tensor],
-    seed: tf.Tensor,
-    takes_part: Optional[tf.Tensor] = None,
-    num_clients: Optional[tf.Tensor] = None,
+  plan: EncodingPlan,
+  tensors: Sequence[tf.Tensor],
+  seed: tf.Tensor,
+  takes_part: Optional[tf.Tensor] = None,
+  num_clients: Optional[tf.Tensor] = None,
 ) -> tuple[list, list, collections.OrderedDict, tf.Tensor]:
   """Encodes a client's tensors.
 
@@ -193,15 +193,20 @@ def encode_tensors(
   cleared = lambda t: tf.where(accepted, t, tf.zeros_like(t))
   # x * 1 = x, and multiply_no_nan gives 0 for a zero factor even where x is NaN or Inf.
   finite = {
-      index: tf.math.multiply_no_nan(tensors[index], tf.cast(accepted, tf.float32))
-      for index in plan.quantized_indices
+    index: tf.math.multiply_no_nan(tensors[index], tf.cast(accepted, tf.float32))
+    for index in plan.quantized_indices
   }
   threshold_of = {}
   for bits in sorted({plan.tensors[index].bits for index in plan.quantized_indices}):
     indices = [index for index in plan.quantized_indices if plan.tensors[index].bits == bits]
     found = thresholds.clipping_thresholds(
-        [finite[index] for index in indices], bits, plan.clipping, plan.rounding,
-        plan.per_channel, all_finite=True, num_clients=1 if num_clients is None else num_clients,
+      [finite[index] for index in indices],
+      bits,
+      plan.clipping,
+      plan.rounding,
+      plan.per_channel,
+      all_finite=True,
+      num_clients=1 if num_clients is None else num_clients,
     )
     threshold_of.update(zip(indices, found))
   quantized, mse, normalized, clipped = [], [], [], []
@@ -209,42 +214,42 @@ def encode_tensors(
     encoding, value, threshold = plan.tensors[index], finite[index], threshold_of[index]
     tensor_seed = seed + tf.constant([0, position], tf.int64)
     codes, error, clipped_fraction = quantizer.quantize_and_measure(
-        value, encoding.bits, threshold, plan.rounding, tensor_seed, all_finite=True
+      value, encoding.bits, threshold, plan.rounding, tensor_seed, all_finite=True
     )
     quantized.append(
-        collections.OrderedDict(
-            codes=cleared(packing.pack_codes(codes.codes, encoding.bits)),
-            threshold=cleared(threshold),
-        )
+      collections.OrderedDict(
+        codes=cleared(packing.pack_codes(codes.codes, encoding.bits)),
+        threshold=cleared(threshold),
+      )
     )
     mse.append(error)
     mean_square = quantizer.square_sum(value) / max(encoding.num_elements, 1)
     normalized.append(tf.math.divide_no_nan(error, mean_square))
     clipped.append(clipped_fraction)
   statistics = collections.OrderedDict(
-      quantization_mse=cleared(tf.stack(mse)) if mse else tf.zeros([0]),
-      normalized_mse=cleared(tf.stack(normalized)) if normalized else tf.zeros([0]),
-      clipped_fraction=cleared(tf.stack(clipped)) if clipped else tf.zeros([0]),
+    quantization_mse=cleared(tf.stack(mse)) if mse else tf.zeros([0]),
+    normalized_mse=cleared(tf.stack(normalized)) if normalized else tf.zeros([0]),
+    clipped_fraction=cleared(tf.stack(clipped)) if clipped else tf.zeros([0]),
   )
   floats = [cleared(tensors[index]) for index in plan.float_indices]
   return quantized, floats, statistics, accepted
 
 
-def decode_quantized(plan: EncodingPlan, quantized: Sequence[collections.OrderedDict]) -> list[tf.Tensor]:
+def decode_quantized(
+  plan: EncodingPlan, quantized: Sequence[collections.OrderedDict]
+) -> list[tf.Tensor]:
   """Unpacks and dequantizes each quantized tensor back to float32 of its original shape."""
   decoded = []
   for encoding, part in zip(plan.quantized, quantized):
     codes = tf.reshape(
-        packing.unpack_codes(part['codes'], encoding.bits, encoding.num_elements), encoding.shape
+      packing.unpack_codes(part['codes'], encoding.bits, encoding.num_elements), encoding.shape
     )
-    decoded.append(
-        quantizer.dequantize_codes(codes, part['threshold'], encoding.bits, tf.float32)
-    )
+    decoded.append(quantizer.dequantize_codes(codes, part['threshold'], encoding.bits, tf.float32))
   return decoded
 
 
 def weighted_levels(
-    encoding: TensorEncoding, part: collections.OrderedDict, weight: tf.Tensor
+  encoding: TensorEncoding, part: collections.OrderedDict, weight: tf.Tensor
 ) -> tf.Tensor:
   """`weight` x the decoded levels of one quantized tensor, formed on its codes.
 
@@ -269,7 +274,9 @@ def _padding_is_zero(words: tf.Tensor, encoding: TensorEncoding) -> tf.Tensor:
   return tf.equal(tf.bitwise.right_shift(last_word, packing.WORD_BITS - spare_bits), 0)
 
 
-def payload_is_well_formed(plan: EncodingPlan, quantized: Sequence[collections.OrderedDict]) -> tf.Tensor:
+def payload_is_well_formed(
+  plan: EncodingPlan, quantized: Sequence[collections.OrderedDict]
+) -> tf.Tensor:
   """True when every threshold is finite and >= 0 and no padding bit is set."""
   checks = [tf.constant(True)]
   for encoding, part in zip(plan.quantized, quantized):

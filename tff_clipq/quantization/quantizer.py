@@ -29,10 +29,12 @@ SeedLike = Union[tf.Tensor, Sequence[int], int, None]
 
 def validate_bits(bits: int) -> int:
   """Returns `bits` as an int, or raises ValueError if it is not an integer in [1, 16]."""
-  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
-    raise ValueError(
-        f'`bits` must be an integer in [{MIN_BITS}, {MAX_BITS}]. Found {bits!r}.'
-    )
+  if (
+    isinstance(bits, bool)
+    or not isinstance(bits, numbers.Integral)
+    or not MIN_BITS <= bits <= MAX_BITS
+  ):
+    raise ValueError(f'`bits` must be an integer in [{MIN_BITS}, {MAX_BITS}]. Found {bits!r}.')
   return int(bits)
 
 
@@ -101,16 +103,16 @@ def validate_threshold(threshold: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
   its value is known, i.e. eagerly) finite and >= 0."""
   threshold = as_compute_tensor(threshold, compute_dtype(x.dtype))
   per_channel = (
-      threshold.shape.rank == 1
-      and x.shape.rank is not None
-      and x.shape.rank >= 1
-      and threshold.shape[0] is not None
-      and threshold.shape[0] == x.shape[-1]
+    threshold.shape.rank == 1
+    and x.shape.rank is not None
+    and x.shape.rank >= 1
+    and threshold.shape[0] is not None
+    and threshold.shape[0] == x.shape[-1]
   )
   if threshold.shape.rank != 0 and not per_channel:
     raise ValueError(
-        '`threshold` must be a scalar (per tensor) or a vector of length x.shape[-1] '
-        f'(per channel). Found threshold shape {threshold.shape} for x shape {x.shape}.'
+      '`threshold` must be a scalar (per tensor) or a vector of length x.shape[-1] '
+      f'(per channel). Found threshold shape {threshold.shape} for x shape {x.shape}.'
     )
   if tf.executing_eagerly():
     values = threshold.numpy()
@@ -140,11 +142,11 @@ def _uniform_noise(shape: tf.Tensor, dtype: tf.DType, seed: SeedLike) -> tf.Tens
     seed = tf.stack([tf.constant(0, tf.int64), seed])
   if seed.shape != [2]:
     raise ValueError(
-        f'`seed` must be an int or a shape-[2] stateless RNG seed. Found shape {seed.shape}.'
+      f'`seed` must be an int or a shape-[2] stateless RNG seed. Found shape {seed.shape}.'
     )
   size = tf.reduce_prod(shape)
   words = tf.random.stateless_uniform(
-      [(size + 1) // 2], seed=seed, minval=None, maxval=None, dtype=tf.uint32
+    [(size + 1) // 2], seed=seed, minval=None, maxval=None, dtype=tf.uint32
   )
   halves = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
   scale = 1.0 / 2.0**NOISE_BITS
@@ -152,11 +154,11 @@ def _uniform_noise(shape: tf.Tensor, dtype: tf.DType, seed: SeedLike) -> tf.Tens
 
 
 def quantize(
-    x: tf.Tensor,
-    bits: int,
-    threshold: tf.Tensor,
-    rounding: str = 'nearest',
-    seed: SeedLike = None,
+  x: tf.Tensor,
+  bits: int,
+  threshold: tf.Tensor,
+  rounding: str = 'nearest',
+  seed: SeedLike = None,
 ) -> QuantizedTensor:
   """Clips `x` to [-threshold, threshold] and maps it to integer codes in [0, 2**bits - 1].
 
@@ -176,12 +178,12 @@ def quantize(
 
 
 def quantize_and_measure(
-    x: tf.Tensor,
-    bits: int,
-    threshold: tf.Tensor,
-    rounding: str = 'nearest',
-    seed: SeedLike = None,
-    all_finite: bool = False,
+  x: tf.Tensor,
+  bits: int,
+  threshold: tf.Tensor,
+  rounding: str = 'nearest',
+  seed: SeedLike = None,
+  all_finite: bool = False,
 ) -> tuple[QuantizedTensor, tf.Tensor, tf.Tensor]:
   """`quantize`, with this encoding's mean squared error and the fraction of entries clipped.
 
@@ -192,14 +194,14 @@ def quantize_and_measure(
   checked) and skips their per-entry handling.
   """
   quantized, values, clipped, positions, codes = _quantize(
-      x, bits, threshold, rounding, seed, all_finite
+    x, bits, threshold, rounding, seed, all_finite
   )
   step = quantization_step(quantized.threshold, bits)
   # Per-tensor thresholds: one operation (`square_sum`) where a square and a mean are two.
   square_mean = (
-      (lambda t: square_sum(t) / tf.cast(tf.maximum(tf.size(t), 1), t.dtype))
-      if step.shape.rank == 0
-      else lambda t: tf.reduce_mean(tf.square(t))
+    (lambda t: square_sum(t) / tf.cast(tf.maximum(tf.size(t), 1), t.dtype))
+    if step.shape.rank == 0
+    else lambda t: tf.reduce_mean(tf.square(t))
   )
   error = square_mean(values - clipped) + square_mean((codes - positions) * step)
   clipped_fraction = tf.reduce_mean(tf.cast(tf.not_equal(values, clipped), values.dtype))
@@ -207,12 +209,12 @@ def quantize_and_measure(
 
 
 def _quantize(
-    x: tf.Tensor,
-    bits: int,
-    threshold: tf.Tensor,
-    rounding: str,
-    seed: SeedLike,
-    all_finite: bool = False,
+  x: tf.Tensor,
+  bits: int,
+  threshold: tf.Tensor,
+  rounding: str,
+  seed: SeedLike,
+  all_finite: bool = False,
 ) -> tuple[QuantizedTensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
   """(quantized, values, clipped values, code positions, codes as floats) in the compute dtype."""
   x = validate_float_tensor(x)
@@ -234,7 +236,7 @@ def _quantize(
     rounded = tf.floor(positions + _uniform_noise(tf.shape(positions), dtype, seed))
   codes = tf.clip_by_value(rounded, 0.0, float(num_levels(bits) - 1))
   quantized = QuantizedTensor(
-      codes=tf.cast(codes, tf.int32), threshold=threshold, bits=bits, dtype=x.dtype
+    codes=tf.cast(codes, tf.int32), threshold=threshold, bits=bits, dtype=x.dtype
   )
   return quantized, values, clipped, positions, codes
 
@@ -245,13 +247,11 @@ def dequantize(quantized: QuantizedTensor) -> tf.Tensor:
     raise TypeError(f'`quantized` must be a QuantizedTensor. Found {type(quantized).__name__}.')
   if not quantized.codes.dtype.is_integer:
     raise TypeError(f'codes must be an integer tensor. Found {quantized.codes.dtype.name}.')
-  return dequantize_codes(
-      quantized.codes, quantized.threshold, quantized.bits, quantized.dtype
-  )
+  return dequantize_codes(quantized.codes, quantized.threshold, quantized.bits, quantized.dtype)
 
 
 def dequantize_codes(
-    codes: tf.Tensor, threshold: tf.Tensor, bits: int, dtype: tf.DType
+  codes: tf.Tensor, threshold: tf.Tensor, bits: int, dtype: tf.DType
 ) -> tf.Tensor:
   """`dequantize` on raw parts: levels -s + code * 2s/(2^B - 1) in `dtype`."""
   bits = validate_bits(bits)
@@ -264,17 +264,17 @@ def dequantize_codes(
   # codes 0 and 2^B - 1 give exactly -s and +s and the level set is exactly symmetric, however
   # the graph optimizer evaluates the step (it may turn the division into a reciprocal multiply).
   levels = tf.where(
-      2.0 * codes > max_code, threshold - (max_code - codes) * step, codes * step - threshold
+    2.0 * codes > max_code, threshold - (max_code - codes) * step, codes * step - threshold
   )
   return tf.cast(levels, dtype)
 
 
 def fake_quantize(
-    x: tf.Tensor,
-    bits: int,
-    threshold: tf.Tensor,
-    rounding: str = 'nearest',
-    seed: Optional[tf.Tensor] = None,
+  x: tf.Tensor,
+  bits: int,
+  threshold: tf.Tensor,
+  rounding: str = 'nearest',
+  seed: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
   """dequantize(quantize(x)): the value the receiver reconstructs, in x's dtype."""
   return dequantize(quantize(x, bits, threshold, rounding, seed))

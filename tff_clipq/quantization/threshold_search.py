@@ -61,12 +61,12 @@ def normalized_magnitudes(magnitudes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, 
 
 
 def fixed_point_iteration(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    coefficient: float,
-    max_iterations: int,
-    tolerance: float,
-    rounding_weight: RoundingWeight = 1.0,
+  magnitudes: tf.Tensor,
+  finite_count: tf.Tensor,
+  coefficient: float,
+  max_iterations: int,
+  tolerance: float,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """Iterates s <- E[|x| 1{|x|>=s}] / (c P(|x|<s) + P(|x|>=s)) per group; returns [groups].
 
@@ -88,14 +88,14 @@ def fixed_point_iteration(
     fraction_above = tf.reduce_sum(tf.cast(above, magnitudes.dtype), axis=-1) / count
     clipped_mass = tf.reduce_sum(tf.where(above, magnitudes, 0.0), axis=-1) / count
     return tf.math.divide_no_nan(
-        clipped_mass, coefficient * (fraction_finite - fraction_above) + fraction_above
+      clipped_mass, coefficient * (fraction_finite - fraction_above) + fraction_above
     )
 
   def not_converged(iteration, threshold, previous):
     change = tf.abs(threshold - previous)
     return tf.logical_and(
-        iteration < max_iterations,
-        tf.reduce_any(change > tolerance * tf.maximum(threshold, 1e-30)),
+      iteration < max_iterations,
+      tf.reduce_any(change > tolerance * tf.maximum(threshold, 1e-30)),
     )
 
   def body(iteration, threshold, unused_previous):
@@ -107,22 +107,20 @@ def fixed_point_iteration(
   previous, threshold = start, update(start)
   for _ in range(unrolled):
     previous, threshold = threshold, update(threshold)
-  _, threshold, _ = tf.while_loop(
-      not_converged, body, (tf.constant(unrolled), threshold, previous)
-  )
+  _, threshold, _ = tf.while_loop(not_converged, body, (tf.constant(unrolled), threshold, previous))
   return threshold
 
 
 def optimal_grouped_thresholds(
-    magnitudes: tf.Tensor,
-    finite_count: tf.Tensor,
-    bits: int,
-    rounding: str,
-    coefficient: float,
-    max_iterations: int = 100,
-    tolerance: float = 1e-2,
-    refinement_iterations: int = 11,
-    rounding_weight: RoundingWeight = 1.0,
+  magnitudes: tf.Tensor,
+  finite_count: tf.Tensor,
+  bits: int,
+  rounding: str,
+  coefficient: float,
+  max_iterations: int = 100,
+  tolerance: float = 1e-2,
+  refinement_iterations: int = 11,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> tf.Tensor:
   """`thresholds.optimal_clipping_threshold` of each row of grouped magnitudes: [groups].
 
@@ -131,21 +129,32 @@ def optimal_grouped_thresholds(
   """
   if _searched_on_histograms(magnitudes):
     return _histogram_thresholds(
-        [(magnitudes, finite_count)], bits, rounding, coefficient, refinement_iterations,
-        rounding_weight,
+      [(magnitudes, finite_count)],
+      bits,
+      rounding,
+      coefficient,
+      refinement_iterations,
+      rounding_weight,
     )[0]
   magnitudes, scale, largest = normalized_magnitudes(magnitudes)
   fixed_point = tf.minimum(
-      fixed_point_iteration(
-          magnitudes, finite_count, coefficient, max_iterations, tolerance, rounding_weight
-      ),
-      largest,
+    fixed_point_iteration(
+      magnitudes, finite_count, coefficient, max_iterations, tolerance, rounding_weight
+    ),
+    largest,
   )
   lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
   anchors = tf.stack([fixed_point, largest], axis=0)  # [2, groups]
   threshold = exact_mse.refinement(
-      magnitudes, finite_count, lower, upper, bits, rounding, refinement_iterations, anchors,
-      rounding_weight=rounding_weight,
+    magnitudes,
+    finite_count,
+    lower,
+    upper,
+    bits,
+    rounding,
+    refinement_iterations,
+    anchors,
+    rounding_weight=rounding_weight,
   )
   return threshold * scale
 
@@ -156,12 +165,12 @@ def _searched_on_histograms(magnitudes: tf.Tensor) -> bool:
 
 
 def _histogram_thresholds(
-    blocks: Sequence[tuple[tf.Tensor, tf.Tensor]],
-    bits: int,
-    rounding: str,
-    coefficient: float,
-    refinement_iterations: int = 11,
-    rounding_weight: RoundingWeight = 1.0,
+  blocks: Sequence[tuple[tf.Tensor, tf.Tensor]],
+  bits: int,
+  rounding: str,
+  coefficient: float,
+  refinement_iterations: int = 11,
+  rounding_weight: RoundingWeight = 1.0,
 ) -> list[tf.Tensor]:
   """`optimal_grouped_thresholds` of blocks of groups: (magnitudes [groups, n], finite_count).
 
@@ -175,35 +184,35 @@ def _histogram_thresholds(
   sizes = [m.shape[0] for (m, _, _), _ in normalized]
   largest = tf.concat([largest for (_, _, largest), _ in normalized], axis=0)
   counts = tf.concat([mse_histogram.fixed_point_counts(m, f) for (m, _, _), f in normalized], 0)
-  fixed_point = tf.minimum(
-      mse_histogram.fixed_point(counts, coefficient, rounding_weight), largest
-  )
+  fixed_point = tf.minimum(mse_histogram.fixed_point(counts, coefficient, rounding_weight), largest)
   lower, upper = 0.5 * fixed_point, tf.minimum(2.0 * fixed_point, largest)
   histograms = [
-      mse_histogram.histogram(m, f, block_upper)
-      for ((m, _, _), f), block_upper in zip(normalized, tf.split(upper, sizes))
+    mse_histogram.histogram(m, f, block_upper)
+    for ((m, _, _), f), block_upper in zip(normalized, tf.split(upper, sizes))
   ]
   modelled_best = mse_histogram.histogram_search(
-      tuple(tf.concat(parts, axis=0) for parts in zip(*histograms)), lower, upper, bits, rounding,
-      relative_resolution=exact_mse.GOLDEN_RATIO_CONJUGATE**refinement_iterations,
-      rounding_weight=rounding_weight,
+    tuple(tf.concat(parts, axis=0) for parts in zip(*histograms)),
+    lower,
+    upper,
+    bits,
+    rounding,
+    relative_resolution=exact_mse.GOLDEN_RATIO_CONJUGATE**refinement_iterations,
+    rounding_weight=rounding_weight,
   )
   candidates = tf.stack([fixed_point, largest, modelled_best], axis=0)  # [3, groups]
   thresholds = []
-  for ((m, scale, _), f), block_candidates in zip(
-      normalized, tf.split(candidates, sizes, axis=1)
-  ):
+  for ((m, scale, _), f), block_candidates in zip(normalized, tf.split(candidates, sizes, axis=1)):
     errors = exact_mse.exact_mse(m, f, block_candidates, bits, rounding, rounding_weight)
     thresholds.append(exact_mse.best_candidate(block_candidates, errors)[0] * scale)
   return thresholds
 
 
 def batched_thresholds(
-    grouped: Sequence[tuple[tf.Tensor, tf.Tensor]],
-    bits: int,
-    rounding: str,
-    coefficient: float,
-    rounding_weight: Callable[[tf.DType], RoundingWeight],
+  grouped: Sequence[tuple[tf.Tensor, tf.Tensor]],
+  bits: int,
+  rounding: str,
+  coefficient: float,
+  rounding_weight: Callable[[tf.DType], RoundingWeight],
 ) -> list[tf.Tensor]:
   """`optimal_grouped_thresholds` of each (magnitudes [groups, n], finite_count), searched together.
 
@@ -215,10 +224,11 @@ def batched_thresholds(
   `rounding_weight(dtype)`: 1/K in that dtype. Returns thresholds [groups] per input.
   """
   batched = [
-      i for i, (magnitudes, _) in enumerate(grouped)
-      if magnitudes.shape.is_fully_defined()
-      and 0 < magnitudes.shape[1] < _BATCH_MAX_ENTRIES
-      and magnitudes.dtype == grouped[0][0].dtype
+    i
+    for i, (magnitudes, _) in enumerate(grouped)
+    if magnitudes.shape.is_fully_defined()
+    and 0 < magnitudes.shape[1] < _BATCH_MAX_ENTRIES
+    and magnitudes.dtype == grouped[0][0].dtype
   ]
   blocks = []  # (indices of the tensors, magnitudes, finite_count)
   for i, (magnitudes, finite_count) in enumerate(grouped):
@@ -227,18 +237,23 @@ def batched_thresholds(
   if len(batched) > 1:
     length = max(grouped[i][0].shape[1] for i in batched)
     pad = lambda t: tf.pad(t, [[0, 0], [0, length - t.shape[1]]])
-    blocks.append((
+    blocks.append(
+      (
         batched,
         tf.concat([pad(grouped[i][0]) for i in batched], axis=0),
         tf.concat([grouped[i][1] for i in batched], axis=0),
-    ))
+      )
+    )
   eligible = [k for k, block in enumerate(blocks) if _searched_on_histograms(block[1])]
   shared = [k for k in eligible if blocks[k][1].dtype == blocks[eligible[0]][1].dtype]
   block_thresholds = [None] * len(blocks)
   if shared:
     searched = _histogram_thresholds(
-        [blocks[k][1:] for k in shared], bits, rounding, coefficient,
-        rounding_weight=rounding_weight(blocks[shared[0]][1].dtype),
+      [blocks[k][1:] for k in shared],
+      bits,
+      rounding,
+      coefficient,
+      rounding_weight=rounding_weight(blocks[shared[0]][1].dtype),
     )
     for k, found in zip(shared, searched):
       block_thresholds[k] = found
@@ -246,8 +261,12 @@ def batched_thresholds(
   for (indices, magnitudes, finite_count), found in zip(blocks, block_thresholds):
     if found is None:
       found = optimal_grouped_thresholds(
-          magnitudes, finite_count, bits, rounding, coefficient,
-          rounding_weight=rounding_weight(magnitudes.dtype),
+        magnitudes,
+        finite_count,
+        bits,
+        rounding,
+        coefficient,
+        rounding_weight=rounding_weight(magnitudes.dtype),
       )
     groups = [grouped[i][0].shape[0] for i in indices]
     for i, part in zip(indices, tf.split(found, groups) if len(indices) > 1 else [found]):

@@ -89,7 +89,7 @@ def validate_num_clients(num_clients: NumClients) -> NumClients:
   tensor of known rank other than 0; TypeError for a non-numeric tensor.
   """
   if isinstance(num_clients, bool) or (
-      isinstance(num_clients, numbers.Number) and not isinstance(num_clients, numbers.Real)
+    isinstance(num_clients, numbers.Number) and not isinstance(num_clients, numbers.Real)
   ):
     raise ValueError(f'`num_clients` must be a finite number >= 1. Found {num_clients!r}.')
   if isinstance(num_clients, numbers.Real):
@@ -118,7 +118,7 @@ def _rounding_weight(num_clients: NumClients, rounding: str, dtype: tf.DType) ->
 
 
 def _grouped_magnitudes(
-    x: tf.Tensor, per_channel: bool, all_finite: bool = False
+  x: tf.Tensor, per_channel: bool, all_finite: bool = False
 ) -> tuple[tf.Tensor, tf.Tensor]:
   """Returns (|x| [groups, n], finite entries per group [groups]) in the compute dtype.
 
@@ -153,12 +153,12 @@ def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
 
 
 def expected_quantization_mse(
-    x: tf.Tensor,
-    threshold: tf.Tensor,
-    bits: int,
-    rounding: str = 'nearest',
-    per_channel: bool = False,
-    num_clients: NumClients = 1,
+  x: tf.Tensor,
+  threshold: tf.Tensor,
+  bits: int,
+  rounding: str = 'nearest',
+  per_channel: bool = False,
+  num_clients: NumClients = 1,
 ) -> tf.Tensor:
   """Exact mean squared error of quantize/dequantize at `threshold` (expected, if stochastic).
 
@@ -178,40 +178,40 @@ def expected_quantization_mse(
   threshold = quantizer.as_compute_tensor(threshold, magnitudes.dtype)
   threshold = tf.broadcast_to(tf.reshape(threshold, [-1]), [tf.shape(magnitudes)[0]])
   return _ungroup(
-      exact_mse.exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight),
-      per_channel,
+    exact_mse.exact_mse(magnitudes, finite_count, threshold, bits, rounding, rounding_weight),
+    per_channel,
   )
 
 
 def octav_threshold(
-    x: tf.Tensor,
-    bits: int,
-    rounding: str = 'nearest',
-    noise_model: str = 'matched',
-    per_channel: bool = False,
-    max_iterations: int = 100,
-    tolerance: float = 1e-5,
+  x: tf.Tensor,
+  bits: int,
+  rounding: str = 'nearest',
+  noise_model: str = 'matched',
+  per_channel: bool = False,
+  max_iterations: int = 100,
+  tolerance: float = 1e-5,
 ) -> tf.Tensor:
   """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
   coefficient = noise_coefficient(bits, rounding, noise_model)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   magnitudes, scale, largest = threshold_search.normalized_magnitudes(magnitudes)
   threshold = threshold_search.fixed_point_iteration(
-      magnitudes, finite_count, coefficient, max_iterations, tolerance
+    magnitudes, finite_count, coefficient, max_iterations, tolerance
   )
   threshold = tf.minimum(threshold, largest)
   return _ungroup(threshold * scale, per_channel)
 
 
 def optimal_clipping_threshold(
-    x: tf.Tensor,
-    bits: int,
-    rounding: str = 'nearest',
-    per_channel: bool = False,
-    max_iterations: int = 100,
-    tolerance: float = 1e-2,
-    refinement_iterations: int = 11,
-    num_clients: NumClients = 1,
+  x: tf.Tensor,
+  bits: int,
+  rounding: str = 'nearest',
+  per_channel: bool = False,
+  max_iterations: int = 100,
+  tolerance: float = 1e-2,
+  refinement_iterations: int = 11,
+  num_clients: NumClients = 1,
 ) -> tf.Tensor:
   """MSE-optimal clipping threshold for `bits`-bit quantization of `x` with `rounding`.
 
@@ -240,20 +240,26 @@ def optimal_clipping_threshold(
   num_clients = validate_num_clients(num_clients)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   threshold = threshold_search.optimal_grouped_thresholds(
-      magnitudes, finite_count, bits, rounding, noise_coefficient(bits, rounding), max_iterations,
-      tolerance, refinement_iterations,
-      rounding_weight=_rounding_weight(num_clients, rounding, magnitudes.dtype),
+    magnitudes,
+    finite_count,
+    bits,
+    rounding,
+    noise_coefficient(bits, rounding),
+    max_iterations,
+    tolerance,
+    refinement_iterations,
+    rounding_weight=_rounding_weight(num_clients, rounding, magnitudes.dtype),
   )
   return _ungroup(threshold, per_channel)
 
 
 def optimal_clipping_thresholds(
-    tensors: Sequence[tf.Tensor],
-    bits: int,
-    rounding: str = 'nearest',
-    per_channel: bool = False,
-    all_finite: bool = False,
-    num_clients: NumClients = 1,
+  tensors: Sequence[tf.Tensor],
+  bits: int,
+  rounding: str = 'nearest',
+  per_channel: bool = False,
+  all_finite: bool = False,
+  num_clients: NumClients = 1,
 ) -> list[tf.Tensor]:
   """`optimal_clipping_threshold` of each tensor, with the searches shared where possible.
 
@@ -281,18 +287,18 @@ def optimal_clipping_thresholds(
 
   grouped = [_grouped_magnitudes(x, per_channel, all_finite) for x in tensors]
   thresholds = threshold_search.batched_thresholds(
-      grouped, bits, rounding, noise_coefficient(bits, rounding), rounding_weight
+    grouped, bits, rounding, noise_coefficient(bits, rounding), rounding_weight
   )
   return [_ungroup(t, per_channel) for t in thresholds]
 
 
 def clipping_threshold(
-    x: tf.Tensor,
-    bits: int,
-    method: Union[str, float] = 'octav',
-    rounding: str = 'nearest',
-    per_channel: bool = False,
-    num_clients: NumClients = 1,
+  x: tf.Tensor,
+  bits: int,
+  method: Union[str, float] = 'octav',
+  rounding: str = 'nearest',
+  per_channel: bool = False,
+  num_clients: NumClients = 1,
 ) -> tf.Tensor:
   """Threshold by `method`: 'octav' (MSE-optimal), 'octav_paper' (the paper's noise model,
   no refinement), 'max_abs' (no clipping), 'mean_optimal' (optimal for the mean of
@@ -318,18 +324,18 @@ def clipping_threshold(
   if method == 'max_abs':
     return max_abs_threshold(x, per_channel)
   raise ValueError(
-      f'`clipping` must be one of {CLIPPING_METHODS} or a positive number. Found {method!r}.'
+    f'`clipping` must be one of {CLIPPING_METHODS} or a positive number. Found {method!r}.'
   )
 
 
 def clipping_thresholds(
-    tensors: Sequence[tf.Tensor],
-    bits: int,
-    method: Union[str, float] = 'octav',
-    rounding: str = 'nearest',
-    per_channel: bool = False,
-    all_finite: bool = False,
-    num_clients: NumClients = 1,
+  tensors: Sequence[tf.Tensor],
+  bits: int,
+  method: Union[str, float] = 'octav',
+  rounding: str = 'nearest',
+  per_channel: bool = False,
+  all_finite: bool = False,
+  num_clients: NumClients = 1,
 ) -> list[tf.Tensor]:
   """`clipping_threshold` of each tensor; 'octav' and 'mean_optimal' search small tensors
   together (faster).
@@ -342,6 +348,6 @@ def clipping_thresholds(
     return optimal_clipping_thresholds(tensors, bits, rounding, per_channel, all_finite)
   if method == 'mean_optimal':
     return optimal_clipping_thresholds(
-        tensors, bits, rounding, per_channel, all_finite, num_clients=num_clients
+      tensors, bits, rounding, per_channel, all_finite, num_clients=num_clients
     )
   return [clipping_threshold(x, bits, method, rounding, per_channel) for x in tensors]

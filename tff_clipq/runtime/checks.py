@@ -7,8 +7,10 @@ from typing import Optional
 
 
 def check_int(value: object, name: str, minimum: Optional[int] = None) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or (
-      minimum is not None and value < minimum
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, int)
+    or (minimum is not None and value < minimum)
   ):
     bound = f' >= {minimum}' if minimum is not None else ''
     raise ValueError(f'`{name}` should be an integer{bound}. Found {value!r}.')
@@ -29,8 +31,8 @@ def check_positive(value: object, name: str, allow_none: bool = False) -> None:
 def _check_address(address: object, index: int) -> str:
   """Returns `address` if it is `host:port` (IPv6 hosts in brackets), else raises ValueError."""
   error = ValueError(
-      f'`worker_addresses[{index}]` should be "host:port" with an integer port in 1..65535. '
-      f'Found {address!r}.'
+    f'`worker_addresses[{index}]` should be "host:port" with an integer port in 1..65535. '
+    f'Found {address!r}.'
   )
   if not isinstance(address, str) or any(c.isspace() for c in address):
     raise error
@@ -48,8 +50,7 @@ def _check_address(address: object, index: int) -> str:
 def check_addresses(worker_addresses: object) -> list[str]:
   if isinstance(worker_addresses, (str, bytes)) or not isinstance(worker_addresses, Sequence):
     raise ValueError(
-        '`worker_addresses` should be a sequence of "host:port" strings. '
-        f'Found {worker_addresses!r}.'
+      f'`worker_addresses` should be a sequence of "host:port" strings. Found {worker_addresses!r}.'
     )
   if not worker_addresses:
     raise ValueError('`worker_addresses` should name at least one worker. Found [].')

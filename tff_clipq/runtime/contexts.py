@@ -27,7 +27,7 @@ from tff_clipq.runtime import workers as workers_lib
 
 
 def _executor_factory(
-    get_stub: Callable[[], tff.framework.RemoteExecutorStub], default_num_clients: int
+  get_stub: Callable[[], tff.framework.RemoteExecutorStub], default_num_clients: int
 ) -> tff.framework.ResourceManagingExecutorFactory:
   """One `RemoteExecutor` per cardinality, as TFF's `local_cpp_executor_factory` builds them."""
 
@@ -50,10 +50,10 @@ class _LocalWorkerService:
   """
 
   def __init__(
-      self,
-      max_concurrent_computation_calls: int,
-      startup_timeout_s: float,
-      intra_op_threads: Optional[int],
+    self,
+    max_concurrent_computation_calls: int,
+    startup_timeout_s: float,
+    intra_op_threads: Optional[int],
   ):
     self._max_concurrent_computation_calls = max_concurrent_computation_calls
     self._startup_timeout_s = startup_timeout_s
@@ -68,31 +68,31 @@ class _LocalWorkerService:
     with self._lock:
       if self._closed:
         raise RuntimeError(
-            'This local TFF execution context was closed (replaced or reset by '
-            '`tff_clipq.runtime`); use the current default context.'
+          'This local TFF execution context was closed (replaced or reset by '
+          '`tff_clipq.runtime`); use the current default context.'
         )
       if self._worker is not None and not self._worker.is_running():
         worker = self._worker
         last_output = worker.log_tail()
         self._discard()
         raise RuntimeError(
-            f'The local TFF worker (pid {worker.pid}) died with status {worker.returncode} '
-            f'(negative: killed by that signal; -9 is often the out-of-memory killer). Its last '
-            f'output:\n{last_output}\nThe next computation call starts a new worker.'
+          f'The local TFF worker (pid {worker.pid}) died with status {worker.returncode} '
+          f'(negative: killed by that signal; -9 is often the out-of-memory killer). Its last '
+          f'output:\n{last_output}\nThe next computation call starts a new worker.'
         )
       if self._worker is None:
         (worker,) = workers_lib.start_serving_workers(
-            1,
-            self._max_concurrent_computation_calls,
-            self._startup_timeout_s,
-            self._intra_op_threads,
+          1,
+          self._max_concurrent_computation_calls,
+          self._startup_timeout_s,
+          self._intra_op_threads,
         )
         self._worker = worker
         self._channel = grpc.insecure_channel(
-            worker.address, options=grpc_stub.GRPC_CHANNEL_OPTIONS
+          worker.address, options=grpc_stub.GRPC_CHANNEL_OPTIONS
         )
         self._stub = tff.framework.RemoteExecutorGrpcStub(
-            grpc_stub.UnsubscribedChannel(self._channel)
+          grpc_stub.UnsubscribedChannel(self._channel)
         )
       return self._stub
 
@@ -128,39 +128,39 @@ class _OwnedResources:
 def _native_context_kwargs() -> dict[str, object]:
   """Compiler and argument/result transforms of TFF's native C++ contexts."""
   return dict(
-      compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-      transform_args=tff.tensorflow.transform_args,
-      transform_result=tff.tensorflow.transform_result,
+    compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+    transform_args=tff.tensorflow.transform_args,
+    transform_result=tff.tensorflow.transform_result,
   )
 
 
 def _create_local_context(
-    default_num_clients: int,
-    max_concurrent_computation_calls: int,
-    startup_timeout_s: float,
-    intra_op_threads: Optional[int],
+  default_num_clients: int,
+  max_concurrent_computation_calls: int,
+  startup_timeout_s: float,
+  intra_op_threads: Optional[int],
 ) -> tuple[tff.framework.SyncContext, _OwnedResources]:
   checks.check_int(default_num_clients, 'default_num_clients', minimum=0)
   checks.check_int(max_concurrent_computation_calls, 'max_concurrent_computation_calls')
   checks.check_positive(startup_timeout_s, 'startup_timeout_s')
   checks.check_intra_op_threads(intra_op_threads)
   service = _LocalWorkerService(
-      max_concurrent_computation_calls, startup_timeout_s, intra_op_threads
+    max_concurrent_computation_calls, startup_timeout_s, intra_op_threads
   )
   context = tff.framework.SyncExecutionContext(
-      executor_fn=_executor_factory(service.get_stub, default_num_clients),
-      **_native_context_kwargs(),
+    executor_fn=_executor_factory(service.get_stub, default_num_clients),
+    **_native_context_kwargs(),
   )
   return context, _OwnedResources(services=[service])
 
 
 def _create_remote_context(
-    worker_addresses: Sequence[str],
-    default_num_clients: int,
-    num_subrounds: Optional[int],
-    connect_timeout_s: float,
-    reconnect_timeout_s: float,
-    rpc_timeout_s: Optional[float],
+  worker_addresses: Sequence[str],
+  default_num_clients: int,
+  num_subrounds: Optional[int],
+  connect_timeout_s: float,
+  reconnect_timeout_s: float,
+  rpc_timeout_s: Optional[float],
 ) -> tuple[tff.framework.MergeableCompExecutionContext, _OwnedResources]:
   addresses = checks.check_addresses(worker_addresses)
   checks.check_int(default_num_clients, 'default_num_clients', minimum=0)
@@ -178,30 +178,30 @@ def _create_remote_context(
     unreachable = [a for a, o in outcomes.items() if o is grpc_stub.Probe.UNREACHABLE]
     if unreachable:
       raise grpc_stub.WorkerUnavailableError(
-          unreachable[0],
-          f'Could not reach TFF worker(s) {", ".join(unreachable)} within {connect_timeout_s:g} '
-          's. Is `worker_binary --port=PORT` running there, and is the port open?',
+        unreachable[0],
+        f'Could not reach TFF worker(s) {", ".join(unreachable)} within {connect_timeout_s:g} '
+        's. Is `worker_binary --port=PORT` running there, and is the port open?',
       )
     not_tff = [a for a, o in outcomes.items() if o is grpc_stub.Probe.NOT_A_TFF_WORKER]
     if not_tff:
       raise grpc_stub.WorkerUnavailableError(
-          not_tff[0],
-          f'The gRPC server(s) at {", ".join(not_tff)} do not serve TFF\'s executor service; '
-          'expected `worker_binary` processes.',
+        not_tff[0],
+        f"The gRPC server(s) at {', '.join(not_tff)} do not serve TFF's executor service; "
+        'expected `worker_binary` processes.',
       )
     async_contexts = []
     for address, channel in zip(addresses, channels):
       stub = grpc_stub.BoundedRetryStub(address, channel, reconnect_timeout_s, rpc_timeout_s)
       async_contexts.append(
-          tff.framework.AsyncExecutionContext(
-              executor_fn=_executor_factory(lambda stub=stub: stub, default_num_clients),
-              **_native_context_kwargs(),
-          )
+        tff.framework.AsyncExecutionContext(
+          executor_fn=_executor_factory(lambda stub=stub: stub, default_num_clients),
+          **_native_context_kwargs(),
+        )
       )
     context = tff.framework.MergeableCompExecutionContext(
-        async_contexts,
-        compiler_fn=tff.backends.native.compile_to_mergeable_comp_form,
-        num_subrounds=num_subrounds,
+      async_contexts,
+      compiler_fn=tff.backends.native.compile_to_mergeable_comp_form,
+      num_subrounds=num_subrounds,
     )
   except BaseException:
     resources.close()
@@ -236,11 +236,11 @@ def _set_default(context: tff.framework.SyncContext, resources: _OwnedResources)
 
 
 def set_local_execution_context(
-    default_num_clients: int = 0,
-    max_concurrent_computation_calls: int = -1,
-    *,
-    startup_timeout_s: float = 60.0,
-    intra_op_threads: Optional[int] = None,
+  default_num_clients: int = 0,
+  max_concurrent_computation_calls: int = -1,
+  *,
+  startup_timeout_s: float = 60.0,
+  intra_op_threads: Optional[int] = None,
 ) -> None:
   """Installs a local C++ context, like TFF's default, whose worker cannot outlive Python.
 
@@ -257,21 +257,23 @@ def set_local_execution_context(
       (see the `tff_clipq.runtime` docstring); None: TensorFlow's default, one per core.
   """
   _set_default(
-      *_create_local_context(
-          default_num_clients, max_concurrent_computation_calls, startup_timeout_s,
-          intra_op_threads,
-      )
+    *_create_local_context(
+      default_num_clients,
+      max_concurrent_computation_calls,
+      startup_timeout_s,
+      intra_op_threads,
+    )
   )
 
 
 def set_remote_execution_context(
-    worker_addresses: Sequence[str],
-    default_num_clients: int = 0,
-    *,
-    num_subrounds: Optional[int] = None,
-    connect_timeout_s: float = 30.0,
-    reconnect_timeout_s: float = 10.0,
-    rpc_timeout_s: Optional[float] = None,
+  worker_addresses: Sequence[str],
+  default_num_clients: int = 0,
+  *,
+  num_subrounds: Optional[int] = None,
+  connect_timeout_s: float = 30.0,
+  reconnect_timeout_s: float = 10.0,
+  rpc_timeout_s: Optional[float] = None,
 ) -> None:
   """Installs a context that runs computations across TFF workers at `worker_addresses`.
 
@@ -296,14 +298,14 @@ def set_remote_execution_context(
     WorkerUnavailableError: If a worker is not reachable within `connect_timeout_s`.
   """
   _set_default(
-      *_create_remote_context(
-          worker_addresses,
-          default_num_clients,
-          num_subrounds,
-          connect_timeout_s,
-          reconnect_timeout_s,
-          rpc_timeout_s,
-      )
+    *_create_remote_context(
+      worker_addresses,
+      default_num_clients,
+      num_subrounds,
+      connect_timeout_s,
+      reconnect_timeout_s,
+      rpc_timeout_s,
+    )
   )
 
 
@@ -318,16 +320,16 @@ def reset_execution_context() -> None:
 
 @contextlib.contextmanager
 def execution_context(
-    workers: Optional[Sequence[str]] = None,
-    num_local_workers: int = 0,
-    *,
-    default_num_clients: int = 0,
-    max_concurrent_computation_calls: int = -1,
-    startup_timeout_s: float = 60.0,
-    connect_timeout_s: float = 30.0,
-    reconnect_timeout_s: float = 10.0,
-    rpc_timeout_s: Optional[float] = None,
-    intra_op_threads: Optional[int] = None,
+  workers: Optional[Sequence[str]] = None,
+  num_local_workers: int = 0,
+  *,
+  default_num_clients: int = 0,
+  max_concurrent_computation_calls: int = -1,
+  startup_timeout_s: float = 60.0,
+  connect_timeout_s: float = 30.0,
+  reconnect_timeout_s: float = 10.0,
+  rpc_timeout_s: Optional[float] = None,
+  intra_op_threads: Optional[int] = None,
 ) -> Iterator[tuple[str, ...]]:
   """Runs the `with` body under a TFF context whose workers and channels are released on exit.
 
@@ -349,38 +351,40 @@ def execution_context(
   checks.check_int(num_local_workers, 'num_local_workers', minimum=0)
   if workers is not None and num_local_workers:
     raise ValueError(
-        'Pass either `workers` or `num_local_workers`, not both. '
-        f'Found workers={workers!r}, num_local_workers={num_local_workers}.'
+      'Pass either `workers` or `num_local_workers`, not both. '
+      f'Found workers={workers!r}, num_local_workers={num_local_workers}.'
     )
   if workers is not None and intra_op_threads is not None:
     raise ValueError(
-        '`intra_op_threads` applies to workers started here, not to `workers` started '
-        f'elsewhere. Found workers={workers!r}, intra_op_threads={intra_op_threads!r}.'
+      '`intra_op_threads` applies to workers started here, not to `workers` started '
+      f'elsewhere. Found workers={workers!r}, intra_op_threads={intra_op_threads!r}.'
     )
   owned_workers: list[workers_lib.WorkerProcess] = []
   try:
     if num_local_workers:
       owned_workers = workers_lib.start_local_workers(
-          num_local_workers,
-          max_concurrent_computation_calls=max_concurrent_computation_calls,
-          startup_timeout_s=startup_timeout_s,
-          intra_op_threads=intra_op_threads,
+        num_local_workers,
+        max_concurrent_computation_calls=max_concurrent_computation_calls,
+        startup_timeout_s=startup_timeout_s,
+        intra_op_threads=intra_op_threads,
       )
       workers = [w.address for w in owned_workers]
     if workers is not None:
       context, resources = _create_remote_context(
-          workers,
-          default_num_clients,
-          None,
-          connect_timeout_s,
-          reconnect_timeout_s,
-          rpc_timeout_s,
+        workers,
+        default_num_clients,
+        None,
+        connect_timeout_s,
+        reconnect_timeout_s,
+        rpc_timeout_s,
       )
       addresses = tuple(workers)
     else:
       context, resources = _create_local_context(
-          default_num_clients, max_concurrent_computation_calls, startup_timeout_s,
-          intra_op_threads,
+        default_num_clients,
+        max_concurrent_computation_calls,
+        startup_timeout_s,
+        intra_op_threads,
       )
       addresses = ()
   except BaseException:

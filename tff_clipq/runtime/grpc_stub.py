@@ -24,12 +24,12 @@ from tensorflow_federated.python.core.impl.executors import executors_errors
 # Same message-size options as TFF's own local context (executor_stacks/executor_factory.py).
 _GRPC_MAX_MESSAGE_LENGTH_BYTES = 2 * 1000 * 1000 * 1000
 GRPC_CHANNEL_OPTIONS = (
-    ('grpc.max_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
-    ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
-    ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
-    # gRPC backs off up to 120 s between reconnection attempts by default; a restarted worker
-    # should be seen within seconds.
-    ('grpc.max_reconnect_backoff_ms', 2000),
+  ('grpc.max_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
+  ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
+  ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_LENGTH_BYTES),
+  # gRPC backs off up to 120 s between reconnection attempts by default; a restarted worker
+  # should be seen within seconds.
+  ('grpc.max_reconnect_backoff_ms', 2000),
 )
 # A worker that answers with a retryable gRPC error while reachable is retried (by TFF's
 # AsyncExecutionContext) at most this many times in a row before the call fails.
@@ -50,16 +50,18 @@ class WorkerUnavailableError(RuntimeError):
 
 class Probe(enum.Enum):
   TFF_WORKER = 'a TFF worker answered'
-  NOT_A_TFF_WORKER = 'a gRPC server without TFF\'s executor service answered'
+  NOT_A_TFF_WORKER = "a gRPC server without TFF's executor service answered"
   UNREACHABLE = 'nothing answered'
 
 
 # What a probe fails with when no server answered it.
-_NO_ANSWER_CODES = frozenset({
+_NO_ANSWER_CODES = frozenset(
+  {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
-})
+  }
+)
 
 
 def probe(channel: grpc.Channel, timeout_s: float) -> concurrent.futures.Future:
@@ -74,7 +76,7 @@ def probe(channel: grpc.Channel, timeout_s: float) -> concurrent.futures.Future:
   """
   outcome: concurrent.futures.Future = concurrent.futures.Future()
   call = executor_pb2_grpc.ExecutorGroupStub(channel).DisposeExecutor.future(
-      executor_pb2.DisposeExecutorRequest(), timeout=timeout_s, wait_for_ready=True
+    executor_pb2.DisposeExecutorRequest(), timeout=timeout_s, wait_for_ready=True
   )
 
   def classify(done_call: grpc.Future) -> None:
@@ -132,11 +134,11 @@ class UnsubscribedChannel(grpc.Channel):
 
 
 class _ClientCallDetails(
-    collections.namedtuple(
-        '_ClientCallDetails',
-        ('method', 'timeout', 'metadata', 'credentials', 'wait_for_ready', 'compression'),
-    ),
-    grpc.ClientCallDetails,
+  collections.namedtuple(
+    '_ClientCallDetails',
+    ('method', 'timeout', 'metadata', 'credentials', 'wait_for_ready', 'compression'),
+  ),
+  grpc.ClientCallDetails,
 ):
   pass
 
@@ -150,12 +152,12 @@ class _DeadlineInterceptor(grpc.UnaryUnaryClientInterceptor):
   def intercept_unary_unary(self, continuation, client_call_details, request):
     if client_call_details.timeout is None:
       client_call_details = _ClientCallDetails(
-          client_call_details.method,
-          self._timeout_s,
-          client_call_details.metadata,
-          client_call_details.credentials,
-          client_call_details.wait_for_ready,
-          client_call_details.compression,
+        client_call_details.method,
+        self._timeout_s,
+        client_call_details.metadata,
+        client_call_details.credentials,
+        client_call_details.wait_for_ready,
+        client_call_details.compression,
       )
     return continuation(client_call_details, request)
 
@@ -171,11 +173,11 @@ class BoundedRetryStub(tff.framework.RemoteExecutorStub):
   """
 
   def __init__(
-      self,
-      address: str,
-      channel: grpc.Channel,
-      reconnect_timeout_s: float,
-      rpc_timeout_s: Optional[float],
+    self,
+    address: str,
+    channel: grpc.Channel,
+    reconnect_timeout_s: float,
+    rpc_timeout_s: Optional[float],
   ):
     self._address = address
     self._channel = channel
@@ -203,16 +205,16 @@ class BoundedRetryStub(tff.framework.RemoteExecutorStub):
         message = f'{failure} {_MAX_CONSECUTIVE_RETRIES + 1} times in a row.'
       else:
         message = (
-            f'{failure} and was not reachable again within {self._reconnect_timeout_s:g} s. '
-            'Its process may have died; restart it and set the execution context again.'
+          f'{failure} and was not reachable again within {self._reconnect_timeout_s:g} s. '
+          'Its process may have died; restart it and set the execution context again.'
         )
       raise WorkerUnavailableError(self._address, message) from e
     except grpc.RpcError as e:
       if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise WorkerUnavailableError(
-            self._address,
-            f'TFF worker at {self._address} did not answer within the RPC deadline '
-            f'(`rpc_timeout_s`): {e.details()}. It may be hung or overloaded.',
+          self._address,
+          f'TFF worker at {self._address} did not answer within the RPC deadline '
+          f'(`rpc_timeout_s`): {e.details()}. It may be hung or overloaded.',
         ) from e
       raise
     self._consecutive_retries = 0

@@ -64,8 +64,9 @@ def _launch_command(args: list[str]) -> list[str]:
   """`args`, run through `_LAUNCHER` where it can work (Linux, a known Python executable)."""
   if sys.platform.startswith('linux') and sys.executable:
     return [sys.executable, '-I', '-S', '-c', _LAUNCHER, str(os.getpid()), *args]
-  logging.warning('Cannot tie TFF workers to this process on %s; only `atexit` stops them.',
-                  sys.platform)
+  logging.warning(
+    'Cannot tie TFF workers to this process on %s; only `atexit` stops them.', sys.platform
+  )
   return args
 
 
@@ -90,7 +91,7 @@ class _SpawnerThread:
     with self._lock:
       if self._thread is None:
         self._thread = threading.Thread(
-            target=self._serve, name='tff_clipq-worker-spawner', daemon=True
+          target=self._serve, name='tff_clipq-worker-spawner', daemon=True
         )
         self._thread.start()
       requests = self._requests
@@ -208,8 +209,9 @@ def stop_workers(workers: Sequence[WorkerProcess], timeout_s: float = _STOP_TIME
   deadline = time.monotonic() + timeout_s
   for worker in owned:
     if not worker._wait(deadline - time.monotonic()):  # pylint: disable=protected-access
-      logging.warning('TFF worker pid %d ignored SIGINT for %.1f s; killing it.', worker.pid,
-                      timeout_s)
+      logging.warning(
+        'TFF worker pid %d ignored SIGINT for %.1f s; killing it.', worker.pid, timeout_s
+      )
       worker._signal(signal.SIGKILL)  # pylint: disable=protected-access
       worker._wait(timeout_s)  # pylint: disable=protected-access
     worker._release()  # pylint: disable=protected-access
@@ -250,17 +252,17 @@ def _wait_until_serving(worker: WorkerProcess, deadline: float, poll_s: float = 
     while True:
       if not worker.is_running():
         raise WorkerStartError(
-            f'{WORKER_BINARY_PATH} --port={worker.port} exited with status {worker.returncode} '
-            f'during start-up. Its last output:\n{worker.log_tail()}'
+          f'{WORKER_BINARY_PATH} --port={worker.port} exited with status {worker.returncode} '
+          f'during start-up. Its last output:\n{worker.log_tail()}'
         )
       if grpc_stub.probe(channel, min(poll_s, max(0.01, deadline - time.monotonic()))).result() != (
-          grpc_stub.Probe.UNREACHABLE
+        grpc_stub.Probe.UNREACHABLE
       ):
         return
       if time.monotonic() >= deadline:
         raise WorkerStartError(
-            f'{WORKER_BINARY_PATH} --port={worker.port} (pid {worker.pid}) did not serve '
-            f'within the start-up timeout. Its last output:\n{worker.log_tail()}'
+          f'{WORKER_BINARY_PATH} --port={worker.port} (pid {worker.pid}) did not serve '
+          f'within the start-up timeout. Its last output:\n{worker.log_tail()}'
         )
 
 
@@ -275,7 +277,7 @@ def _worker_environment(intra_op_threads: Optional[int]) -> Optional[dict[str, s
 
 
 def _spawn_worker(
-    max_concurrent_computation_calls: int, intra_op_threads: Optional[int]
+  max_concurrent_computation_calls: int, intra_op_threads: Optional[int]
 ) -> WorkerProcess:
   """Starts one worker on a free port and registers it; does not wait for it to serve."""
   if not os.path.isfile(WORKER_BINARY_PATH):
@@ -286,18 +288,20 @@ def _spawn_worker(
   log_file = tempfile.TemporaryFile()
   try:
     process = _SPAWNER.popen(
-        _launch_command([
-            WORKER_BINARY_PATH,
-            f'--port={port}',
-            f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
-        ]),
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=_worker_environment(intra_op_threads),
-        close_fds=True,
-        # Its own session: a terminal's Ctrl-C goes to Python, which then stops the worker.
-        start_new_session=True,
+      _launch_command(
+        [
+          WORKER_BINARY_PATH,
+          f'--port={port}',
+          f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
+        ]
+      ),
+      stdin=subprocess.DEVNULL,
+      stdout=log_file,
+      stderr=subprocess.STDOUT,
+      env=_worker_environment(intra_op_threads),
+      close_fds=True,
+      # Its own session: a terminal's Ctrl-C goes to Python, which then stops the worker.
+      start_new_session=True,
     )
   except BaseException:
     log_file.close()
@@ -310,10 +314,10 @@ def _spawn_worker(
 
 
 def start_serving_workers(
-    num_workers: int,
-    max_concurrent_computation_calls: int,
-    startup_timeout_s: float,
-    intra_op_threads: Optional[int] = None,
+  num_workers: int,
+  max_concurrent_computation_calls: int,
+  startup_timeout_s: float,
+  intra_op_threads: Optional[int] = None,
 ) -> list[WorkerProcess]:
   """Starts `num_workers` workers together and returns once all serve.
 
@@ -325,8 +329,8 @@ def start_serving_workers(
   try:
     for attempt in range(1, _START_ATTEMPTS + 1):
       spawned = [
-          _spawn_worker(max_concurrent_computation_calls, intra_op_threads)
-          for _ in range(num_workers - len(serving))
+        _spawn_worker(max_concurrent_computation_calls, intra_op_threads)
+        for _ in range(num_workers - len(serving))
       ]
       deadline = time.monotonic() + startup_timeout_s
       exited: list[WorkerStartError] = []
@@ -341,8 +345,9 @@ def start_serving_workers(
           exited.append(e)
       if not exited:
         return serving
-      logging.warning('%d TFF worker(s) exited at start-up; retrying. First error: %s',
-                      len(exited), exited[0])
+      logging.warning(
+        '%d TFF worker(s) exited at start-up; retrying. First error: %s', len(exited), exited[0]
+      )
     raise AssertionError('unreachable')
   except BaseException:
     stop_workers(spawned + [w for w in serving if w not in spawned])
@@ -350,11 +355,11 @@ def start_serving_workers(
 
 
 def start_local_workers(
-    num_workers: int,
-    *,
-    max_concurrent_computation_calls: int = -1,
-    startup_timeout_s: float = 60.0,
-    intra_op_threads: Optional[int] = None,
+  num_workers: int,
+  *,
+  max_concurrent_computation_calls: int = -1,
+  startup_timeout_s: float = 60.0,
+  intra_op_threads: Optional[int] = None,
 ) -> list[WorkerProcess]:
   """Starts `num_workers` `worker_binary` processes on free local ports; returns once all serve.
 
@@ -378,5 +383,5 @@ def start_local_workers(
   checks.check_positive(startup_timeout_s, 'startup_timeout_s')
   checks.check_intra_op_threads(intra_op_threads)
   return start_serving_workers(
-      num_workers, max_concurrent_computation_calls, startup_timeout_s, intra_op_threads
+    num_workers, max_concurrent_computation_calls, startup_timeout_s, intra_op_threads
   )

@@ -62,7 +62,9 @@ from tff_clipq.aggregators.clipped_quantization.factory import ClippedQuantizati
 from tff_clipq.aggregators.clipped_quantization.factory import ClippedQuantizationSumFactory
 from tff_clipq.aggregators.clipped_quantization.factory import Codec
 from tff_clipq.aggregators.clipped_quantization.factory import unweighted_clipped_quantization_mean
-from tff_clipq.aggregators.clipped_quantization.factory import UnweightedClippedQuantizationMeanFactory
+from tff_clipq.aggregators.clipped_quantization.factory import (
+  UnweightedClippedQuantizationMeanFactory,
+)
 from tff_clipq.aggregators.clipped_quantization.settings import INVERSE_ERROR_WEIGHTINGS
 from tff_clipq.aggregators.clipped_quantization.settings import QuantizationSettings
 from tff_clipq.aggregators.clipped_quantization.settings import UNWEIGHTED_WEIGHTINGS

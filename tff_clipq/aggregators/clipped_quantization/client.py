@@ -16,12 +16,12 @@ from tff_clipq.quantization import payload as payload_lib
 
 
 def encode(
-    plan: payload_lib.EncodingPlan,
-    weighting: str,
-    value,
-    round_seed: tf.Tensor,
-    client_weight: Optional[tf.Tensor] = None,
-    num_clients: Optional[tf.Tensor] = None,
+  plan: payload_lib.EncodingPlan,
+  weighting: str,
+  value,
+  round_seed: tf.Tensor,
+  client_weight: Optional[tf.Tensor] = None,
+  num_clients: Optional[tf.Tensor] = None,
 ) -> collections.OrderedDict:
   """One client's payload: OrderedDict(wire, diagnostics, float_weight, weighted_floats).
 
@@ -45,7 +45,7 @@ def encode(
     takes_part = tf.logical_and(tf.math.is_finite(weight), weight > 0.0)
   seed = payload_lib.client_seed(round_seed, tensors)
   quantized, floats, statistics, accepted = payload_lib.encode_tensors(
-      plan, tensors, seed, takes_part, num_clients
+    plan, tensors, seed, takes_part, num_clients
   )
   wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
   float_weight = tf.cast(accepted, tf.float32)
@@ -62,8 +62,8 @@ def encode(
   if weighting != 'inverse_error':
     diagnostics['quantization_mse'] = statistics['quantization_mse']
   return collections.OrderedDict(
-      wire=wire,
-      diagnostics=diagnostics,
-      float_weight=float_weight,
-      weighted_floats=[f * float_weight for f in floats],
+    wire=wire,
+    diagnostics=diagnostics,
+    float_weight=float_weight,
+    weighted_floats=[f * float_weight for f in floats],
   )

@@ -44,10 +44,10 @@ class Codec:
 
 
 def build_codec(
-    settings: settings_lib.QuantizationSettings,
-    inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
-    value_type: tff.types.Type,
-    weight_type: Optional[tff.types.Type],
+  settings: settings_lib.QuantizationSettings,
+  inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
+  value_type: tff.types.Type,
+  weight_type: Optional[tff.types.Type],
 ) -> Codec:
   """Builds the computations of the process; `weight_type` is None for the unweighted variant.
 
@@ -81,40 +81,39 @@ def build_codec(
   encode = lambda *args: client.encode(plan, weighting, *args)
   if weight_type is None and settings.mean_aware:
     encode_fn = tff.tensorflow.computation(
-        lambda value, round_seed, num_clients: encode(value, round_seed, None, num_clients),
-        *client_inputs,
+      lambda value, round_seed, num_clients: encode(value, round_seed, None, num_clients),
+      *client_inputs,
     )
   elif weight_type is None:
     encode_fn = tff.tensorflow.computation(
-        lambda value, round_seed: encode(value, round_seed), *client_inputs
+      lambda value, round_seed: encode(value, round_seed), *client_inputs
     )
   elif settings.mean_aware:
     encode_fn = tff.tensorflow.computation(
-        lambda value, round_seed, weight, num_clients: encode(
-            value, round_seed, weight, num_clients
-        ),
-        *client_inputs,
+      lambda value, round_seed, weight, num_clients: encode(value, round_seed, weight, num_clients),
+      *client_inputs,
     )
   else:
     encode_fn = tff.tensorflow.computation(
-        lambda value, round_seed, weight: encode(value, round_seed, weight), *client_inputs
+      lambda value, round_seed, weight: encode(value, round_seed, weight), *client_inputs
     )
   encoded_type = encode_fn.type_signature.result
   client_upload_bits = settings_lib.bits_of_type(encoded_type['wire']) + sum(
-      32 * plan.tensors[i].num_elements for i in plan.float_indices
+    32 * plan.tensors[i].num_elements for i in plan.float_indices
   )
   diagnostic_bits = settings_lib.bits_of_type(encoded_type['diagnostics'])
   aggregate_input_type = tff.to_type(
-      collections.OrderedDict((key, encoded_type[key]) for key in aggregate_keys)
+    collections.OrderedDict((key, encoded_type[key]) for key in aggregate_keys)
   )
 
   zero_fn = tff.tensorflow.computation(
-      lambda: server.zero_accumulator(plan, float_types, sum_floats_here)
+    lambda: server.zero_accumulator(plan, float_types, sum_floats_here)
   )
   accumulator_type = zero_fn.type_signature.result
   accumulate_fn = tff.tensorflow.computation(
-      lambda accumulator, value: server.accumulate(plan, weighting, accumulator, value),
-      accumulator_type, aggregate_input_type,
+    lambda accumulator, value: server.accumulate(plan, weighting, accumulator, value),
+    accumulator_type,
+    aggregate_input_type,
   )
   merge_fn = tff.tensorflow.computation(server.merge, accumulator_type, accumulator_type)
   report_fn = tff.tensorflow.computation(lambda accumulator: accumulator, accumulator_type)
@@ -123,21 +122,32 @@ def build_codec(
   @tff.tensorflow.computation(accumulator_type, float_sum_type or tff.to_type(()))
   def finalize_fn(accumulator, float_sums):
     return measurements_lib.finalize(
-        plan, settings.sum_result, value_specs, client_upload_bits, diagnostic_bits, accumulator,
-        accumulator['float_sum'] if sum_floats_here else float_sums,
+      plan,
+      settings.sum_result,
+      value_specs,
+      client_upload_bits,
+      diagnostic_bits,
+      accumulator,
+      accumulator['float_sum'] if sum_floats_here else float_sums,
     )
 
   return Codec(
-      encode_fn, zero_fn, accumulate_fn, merge_fn, report_fn, finalize_fn, inner_process,
-      aggregate_keys,
+    encode_fn,
+    zero_fn,
+    accumulate_fn,
+    merge_fn,
+    report_fn,
+    finalize_fn,
+    inner_process,
+    aggregate_keys,
   )
 
 
 def _build_process(
-    settings: settings_lib.QuantizationSettings,
-    inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
-    value_type: tff.types.Type,
-    weight_type: Optional[tff.types.Type],
+  settings: settings_lib.QuantizationSettings,
+  inner_agg_factory: tff.aggregators.UnweightedAggregationFactory,
+  value_type: tff.types.Type,
+  weight_type: Optional[tff.types.Type],
 ) -> tff.templates.AggregationProcess:
   """Builds the aggregation process; `weight_type` is None for the unweighted variant."""
   codec = build_codec(settings, inner_agg_factory, value_type, weight_type)
@@ -188,12 +198,14 @@ def _build_process(
       to_aggregate = encoded
     else:
       to_aggregate = tff.federated_zip(
-          collections.OrderedDict((key, encoded[key]) for key in codec.aggregate_keys)
+        collections.OrderedDict((key, encoded[key]) for key in codec.aggregate_keys)
       )
     accumulated = tff.federated_aggregate(
-        to_aggregate, codec.zero_fn(), codec.accumulate_fn, codec.merge_fn, codec.report_fn
+      to_aggregate, codec.zero_fn(), codec.accumulate_fn, codec.merge_fn, codec.report_fn
     )
-    new_state = collections.OrderedDict(round_seed=tff.federated_map(next_seed, state['round_seed']))
+    new_state = collections.OrderedDict(
+      round_seed=tff.federated_map(next_seed, state['round_seed'])
+    )
     if inner_process is not None:
       inner_output = inner_process.next(state['float_tensors'], encoded['weighted_floats'])
       new_state['float_tensors'] = inner_output.state
@@ -205,15 +217,15 @@ def _build_process(
     result, measurements = tff.federated_map(codec.finalize_fn, (accumulated, float_sums))
     if settings.mean_aware:
       new_state['num_clients'] = tff.federated_map(
-          next_num_clients, (state['num_clients'], measurements.effective_clients)
+        next_num_clients, (state['num_clients'], measurements.effective_clients)
       )
       new_state.move_to_end('num_clients', last=False)
       new_state.move_to_end('round_seed', last=False)  # The order of `init_fn`'s state.
     measurements = tff.federated_zip(
-        collections.OrderedDict(quantized=measurements, float_tensors=float_measurements)
+      collections.OrderedDict(quantized=measurements, float_tensors=float_measurements)
     )
     return tff.templates.MeasuredProcessOutput(
-        state=tff.federated_zip(new_state), result=result, measurements=measurements
+      state=tff.federated_zip(new_state), result=result, measurements=measurements
     )
 
   value_at_clients = tff.FederatedType(value_type, tff.CLIENTS)
@@ -225,7 +237,9 @@ def _build_process(
 
   else:
 
-    @tff.federated_computation(state_type, value_at_clients, tff.FederatedType(weight_type, tff.CLIENTS))
+    @tff.federated_computation(
+      state_type, value_at_clients, tff.FederatedType(weight_type, tff.CLIENTS)
+    )
     def next_fn(state, value, weight):
       return next_body(state, value, weight)
 
@@ -241,15 +255,15 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
   """
 
   def __init__(
-      self,
-      bits: Union[payload_lib.BitsSpec, str] = 4,
-      clipping: Union[str, float] = 'max_abs',
-      rounding: str = 'stochastic',
-      weighting: str = 'example_count',
-      min_size_to_quantize: int = 128,
-      per_channel: bool = False,
-      seed: int = 0,
-      inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+    self,
+    bits: Union[payload_lib.BitsSpec, str] = 4,
+    clipping: Union[str, float] = 'max_abs',
+    rounding: str = 'stochastic',
+    weighting: str = 'example_count',
+    min_size_to_quantize: int = 128,
+    per_channel: bool = False,
+    seed: int = 0,
+    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
   ):
     """Initializes the factory.
 
@@ -269,8 +283,14 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
       inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
     """
     self._settings = settings_lib.validate_settings(
-        bits, clipping, rounding, weighting, settings_lib.WEIGHTINGS, min_size_to_quantize, per_channel,
-        seed,
+      bits,
+      clipping,
+      rounding,
+      weighting,
+      settings_lib.WEIGHTINGS,
+      min_size_to_quantize,
+      per_channel,
+      seed,
     )
     self._inner_agg_factory = settings_lib.check_inner(inner_agg_factory)
 
@@ -279,7 +299,7 @@ class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory)
     return self._settings
 
   def create(
-      self, value_type: tff.types.Type, weight_type: tff.types.Type
+    self, value_type: tff.types.Type, weight_type: tff.types.Type
   ) -> tff.templates.AggregationProcess:
     if not isinstance(weight_type, tff.types.TensorType) or weight_type.shape != ():
       raise TypeError(f'Expected a scalar `weight_type`. Found {weight_type}.')
@@ -290,21 +310,27 @@ class UnweightedClippedQuantizationMeanFactory(tff.aggregators.UnweightedAggrega
   """Unweighted counterpart of `ClippedQuantizationMeanFactory` (no 'example_count')."""
 
   def __init__(
-      self,
-      bits: Union[payload_lib.BitsSpec, str] = 4,
-      clipping: Union[str, float] = 'max_abs',
-      rounding: str = 'stochastic',
-      weighting: str = 'uniform',
-      min_size_to_quantize: int = 128,
-      per_channel: bool = False,
-      seed: int = 0,
-      inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+    self,
+    bits: Union[payload_lib.BitsSpec, str] = 4,
+    clipping: Union[str, float] = 'max_abs',
+    rounding: str = 'stochastic',
+    weighting: str = 'uniform',
+    min_size_to_quantize: int = 128,
+    per_channel: bool = False,
+    seed: int = 0,
+    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
   ):
     """Same arguments as `ClippedQuantizationMeanFactory`, without 'example_count' (default
     weighting 'uniform')."""
     self._settings = settings_lib.validate_settings(
-        bits, clipping, rounding, weighting, settings_lib.UNWEIGHTED_WEIGHTINGS, min_size_to_quantize,
-        per_channel, seed,
+      bits,
+      clipping,
+      rounding,
+      weighting,
+      settings_lib.UNWEIGHTED_WEIGHTINGS,
+      min_size_to_quantize,
+      per_channel,
+      seed,
     )
     self._inner_agg_factory = settings_lib.check_inner(inner_agg_factory)
 
@@ -326,19 +352,26 @@ class ClippedQuantizationSumFactory(tff.aggregators.UnweightedAggregationFactory
   """
 
   def __init__(
-      self,
-      bits: Union[payload_lib.BitsSpec, str] = 4,
-      clipping: Union[str, float] = 'max_abs',
-      rounding: str = 'stochastic',
-      min_size_to_quantize: int = 128,
-      per_channel: bool = False,
-      seed: int = 0,
-      inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+    self,
+    bits: Union[payload_lib.BitsSpec, str] = 4,
+    clipping: Union[str, float] = 'max_abs',
+    rounding: str = 'stochastic',
+    min_size_to_quantize: int = 128,
+    per_channel: bool = False,
+    seed: int = 0,
+    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
   ):
     """Arguments as in `ClippedQuantizationMeanFactory`, without `weighting`."""
     self._settings = settings_lib.validate_settings(
-        bits, clipping, rounding, 'uniform', ('uniform',), min_size_to_quantize, per_channel,
-        seed, sum_result=True,
+      bits,
+      clipping,
+      rounding,
+      'uniform',
+      ('uniform',),
+      min_size_to_quantize,
+      per_channel,
+      seed,
+      sum_result=True,
     )
     self._inner_agg_factory = settings_lib.check_inner(inner_agg_factory)
 
@@ -351,10 +384,10 @@ class ClippedQuantizationSumFactory(tff.aggregators.UnweightedAggregationFactory
 
 
 def clipped_quantization_sum(
-    bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'max_abs',
-    rounding: str = 'stochastic',
-    **kwargs,
+  bits: Union[payload_lib.BitsSpec, str] = 4,
+  clipping: Union[str, float] = 'max_abs',
+  rounding: str = 'stochastic',
+  **kwargs,
 ) -> ClippedQuantizationSumFactory:
   """The sum form, e.g. `tff.aggregators.HadamardTransformFactory(clipped_quantization_sum(2))`.
 
@@ -365,11 +398,11 @@ def clipped_quantization_sum(
 
 
 def clipped_quantization_mean(
-    bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'max_abs',
-    rounding: str = 'stochastic',
-    weighting: str = 'example_count',
-    **kwargs,
+  bits: Union[payload_lib.BitsSpec, str] = 4,
+  clipping: Union[str, float] = 'max_abs',
+  rounding: str = 'stochastic',
+  weighting: str = 'example_count',
+  **kwargs,
 ) -> ClippedQuantizationMeanFactory:
   """The weighted factory, for `tff.learning.algorithms.build_weighted_fed_avg(model_aggregator=...)`.
 
@@ -380,11 +413,11 @@ def clipped_quantization_mean(
 
 
 def unweighted_clipped_quantization_mean(
-    bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'max_abs',
-    rounding: str = 'stochastic',
-    weighting: str = 'uniform',
-    **kwargs,
+  bits: Union[payload_lib.BitsSpec, str] = 4,
+  clipping: Union[str, float] = 'max_abs',
+  rounding: str = 'stochastic',
+  weighting: str = 'uniform',
+  **kwargs,
 ) -> UnweightedClippedQuantizationMeanFactory:
   """The unweighted factory, for `tff.learning.algorithms.build_unweighted_fed_avg`."""
   return UnweightedClippedQuantizationMeanFactory(bits, clipping, rounding, weighting, **kwargs)

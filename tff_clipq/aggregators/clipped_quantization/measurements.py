@@ -16,13 +16,13 @@ from tff_clipq.quantization import payload as payload_lib
 
 
 def finalize(
-    plan: payload_lib.EncodingPlan,
-    sum_result: bool,
-    value_specs: Any,
-    client_upload_bits: int,
-    diagnostic_bits: int,
-    accumulator: dict,
-    float_sums: Optional[Any],
+  plan: payload_lib.EncodingPlan,
+  sum_result: bool,
+  value_specs: Any,
+  client_upload_bits: int,
+  diagnostic_bits: int,
+  accumulator: dict,
+  float_sums: Optional[Any],
 ) -> tuple[Any, collections.OrderedDict]:
   """(result in the value's structure, measurements) from a round's accumulator.
 
@@ -42,15 +42,15 @@ def finalize(
   # The sum form divides by nothing (its weights are 1 or 0, and nothing is exact).
   divide = (lambda total, _: total) if sum_result else tf.math.divide_no_nan
   means = [
-      divide(
-          total + exact_weight[i] * accumulator['exact_sum'][i],
-          accumulator['weight_sum'][i] + exact_weight[i] * accumulator['exact_count'][i],
-      )
-      for i, total in enumerate(accumulator['weighted_sum'])
+    divide(
+      total + exact_weight[i] * accumulator['exact_sum'][i],
+      accumulator['weight_sum'][i] + exact_weight[i] * accumulator['exact_count'][i],
+    )
+    for i, total in enumerate(accumulator['weighted_sum'])
   ]
   float_means = [
-      divide(total, accumulator['float_weight_sum'])
-      for total in (tf.nest.flatten(float_sums) if float_sums is not None else [])
+    divide(total, accumulator['float_weight_sum'])
+    for total in (tf.nest.flatten(float_sums) if float_sums is not None else [])
   ]
   ordered = [None] * len(plan.tensors)
   for index, mean in zip(plan.quantized_indices, means):
@@ -62,41 +62,41 @@ def finalize(
   quantized_sizes = np.array([t.num_elements for t in plan.quantized], np.float32)
   accepted = tf.cast(accumulator['accepted'], tf.float32)
   participants = (
-      accumulator['accepted'] + accumulator['rejected_nonfinite'] + accumulator['rejected_malformed']
+    accumulator['accepted'] + accumulator['rejected_nonfinite'] + accumulator['rejected_malformed']
   )
   per_tensor_mean = lambda key: tf.math.divide_no_nan(accumulator[key], accepted)
   coordinate_weights = quantized_sizes / max(float(quantized_sizes.sum()), 1.0)
   summary = lambda values: tf.reduce_sum(values * coordinate_weights)
   spread = tf.where(
-      accumulator['weight_max'] > 0.0,
-      tf.math.divide_no_nan(accumulator['weight_max'], accumulator['weight_min']),
-      tf.zeros_like(accumulator['weight_max']),
+    accumulator['weight_max'] > 0.0,
+    tf.math.divide_no_nan(accumulator['weight_max'], accumulator['weight_min']),
+    tf.zeros_like(accumulator['weight_max']),
   )
   measurements = collections.OrderedDict(
-      bits_per_coordinate=tf.constant(client_upload_bits / plan.num_coordinates, tf.float32),
-      client_upload_bits=tf.constant(client_upload_bits, tf.int64),
-      round_upload_bits=tf.cast(participants, tf.int64) * client_upload_bits,
-      compression_ratio=tf.constant(32.0 * plan.num_coordinates / client_upload_bits, tf.float32),
-      diagnostic_bits_per_client=tf.constant(diagnostic_bits, tf.int64),
-      accepted_clients=accumulator['accepted'],
-      # (sum w)^2 / sum w^2: the number of equally weighted clients whose mean would have the
-      # same rounding-noise variance (the float tensors' weights; 0 if none was accepted).
-      effective_clients=tf.math.divide_no_nan(
-          tf.square(accumulator['float_weight_sum']), accumulator['float_weight_square_sum']
-      ),
-      rejected_nonfinite_clients=accumulator['rejected_nonfinite'],
-      rejected_malformed_clients=accumulator['rejected_malformed'],
-      quantization_mse=summary(per_tensor_mean('quantization_mse')),
-      normalized_mse=summary(per_tensor_mean('normalized_mse')),
-      clipped_fraction=summary(per_tensor_mean('clipped_fraction')),
-      weight_max_over_min=tf.reduce_max(tf.concat([spread, [0.0]], axis=0)),
-      per_tensor=collections.OrderedDict(
-          bits=tf.constant([t.bits for t in plan.quantized] or np.zeros([0]), tf.int32),
-          clipping_threshold=per_tensor_mean('clipping_threshold'),
-          quantization_mse=per_tensor_mean('quantization_mse'),
-          normalized_mse=per_tensor_mean('normalized_mse'),
-          clipped_fraction=per_tensor_mean('clipped_fraction'),
-          weight_max_over_min=spread,
-      ),
+    bits_per_coordinate=tf.constant(client_upload_bits / plan.num_coordinates, tf.float32),
+    client_upload_bits=tf.constant(client_upload_bits, tf.int64),
+    round_upload_bits=tf.cast(participants, tf.int64) * client_upload_bits,
+    compression_ratio=tf.constant(32.0 * plan.num_coordinates / client_upload_bits, tf.float32),
+    diagnostic_bits_per_client=tf.constant(diagnostic_bits, tf.int64),
+    accepted_clients=accumulator['accepted'],
+    # (sum w)^2 / sum w^2: the number of equally weighted clients whose mean would have the
+    # same rounding-noise variance (the float tensors' weights; 0 if none was accepted).
+    effective_clients=tf.math.divide_no_nan(
+      tf.square(accumulator['float_weight_sum']), accumulator['float_weight_square_sum']
+    ),
+    rejected_nonfinite_clients=accumulator['rejected_nonfinite'],
+    rejected_malformed_clients=accumulator['rejected_malformed'],
+    quantization_mse=summary(per_tensor_mean('quantization_mse')),
+    normalized_mse=summary(per_tensor_mean('normalized_mse')),
+    clipped_fraction=summary(per_tensor_mean('clipped_fraction')),
+    weight_max_over_min=tf.reduce_max(tf.concat([spread, [0.0]], axis=0)),
+    per_tensor=collections.OrderedDict(
+      bits=tf.constant([t.bits for t in plan.quantized] or np.zeros([0]), tf.int32),
+      clipping_threshold=per_tensor_mean('clipping_threshold'),
+      quantization_mse=per_tensor_mean('quantization_mse'),
+      normalized_mse=per_tensor_mean('normalized_mse'),
+      clipped_fraction=per_tensor_mean('clipped_fraction'),
+      weight_max_over_min=spread,
+    ),
   )
   return result, measurements

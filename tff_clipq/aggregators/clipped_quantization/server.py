@@ -27,7 +27,7 @@ def statistic(weighting: str, client: dict, key: str, wire_weighting: str) -> tf
 
 
 def client_weights(
-    weighting: str, num_quantized: int, wire: dict, errors: tf.Tensor
+  weighting: str, num_quantized: int, wire: dict, errors: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
   """(weights, exact) per quantized tensor; `exact` marks zero-error tensors (weighted later).
 
@@ -47,11 +47,11 @@ def client_weights(
 
 
 def well_formed(
-    plan: payload_lib.EncodingPlan,
-    weighting: str,
-    wire: dict,
-    errors: tf.Tensor,
-    weights: tf.Tensor,
+  plan: payload_lib.EncodingPlan,
+  weighting: str,
+  wire: dict,
+  errors: tf.Tensor,
+  weights: tf.Tensor,
 ) -> tf.Tensor:
   """Scalar checks only: a well-formed payload decodes to finite, finitely weighted levels.
 
@@ -66,8 +66,8 @@ def well_formed(
   # Levels lie in [-s, s], so weight x s bounds every weighted level: finite thresholds near
   # the float32 maximum could still give Inf once weighted.
   checks += [
-      tf.math.is_finite(weights[i] * tf.reduce_max(part['threshold']))
-      for i, part in enumerate(wire['quantized'])
+    tf.math.is_finite(weights[i] * tf.reduce_max(part['threshold']))
+    for i, part in enumerate(wire['quantized'])
   ]
   checks.append(tf.reduce_all(tf.math.is_finite(errors)))
   checks.append(tf.reduce_all(errors >= 0.0))
@@ -77,33 +77,33 @@ def well_formed(
 
 
 def zero_accumulator(
-    plan: payload_lib.EncodingPlan, float_types: Sequence[tff.TensorType], sum_floats: bool
+  plan: payload_lib.EncodingPlan, float_types: Sequence[tff.TensorType], sum_floats: bool
 ) -> collections.OrderedDict:
   """The empty accumulator; `float_sum` holds the float tensors' sum when `sum_floats`."""
   num_quantized = len(plan.quantized)
   vector = tf.zeros([num_quantized])
   return collections.OrderedDict(
-      weighted_sum=[tf.zeros(t.shape) for t in plan.quantized],
-      weight_sum=vector,
-      exact_sum=[tf.zeros(t.shape) for t in plan.quantized],
-      exact_count=vector,
-      weight_min=tf.fill([num_quantized], np.float32(np.inf)),
-      weight_max=vector,
-      float_weight_sum=tf.constant(0.0),
-      float_weight_square_sum=tf.constant(0.0),
-      accepted=tf.constant(0),
-      rejected_nonfinite=tf.constant(0),
-      rejected_malformed=tf.constant(0),
-      quantization_mse=vector,
-      normalized_mse=vector,
-      clipped_fraction=vector,
-      clipping_threshold=vector,
-      float_sum=[tf.zeros(t.shape) for t in float_types] if sum_floats else [],
+    weighted_sum=[tf.zeros(t.shape) for t in plan.quantized],
+    weight_sum=vector,
+    exact_sum=[tf.zeros(t.shape) for t in plan.quantized],
+    exact_count=vector,
+    weight_min=tf.fill([num_quantized], np.float32(np.inf)),
+    weight_max=vector,
+    float_weight_sum=tf.constant(0.0),
+    float_weight_square_sum=tf.constant(0.0),
+    accepted=tf.constant(0),
+    rejected_nonfinite=tf.constant(0),
+    rejected_malformed=tf.constant(0),
+    quantization_mse=vector,
+    normalized_mse=vector,
+    clipped_fraction=vector,
+    clipping_threshold=vector,
+    float_sum=[tf.zeros(t.shape) for t in float_types] if sum_floats else [],
   )
 
 
 def accumulate(
-    plan: payload_lib.EncodingPlan, weighting: str, accumulator: dict, client: dict
+  plan: payload_lib.EncodingPlan, weighting: str, accumulator: dict, client: dict
 ) -> collections.OrderedDict:
   """`accumulator` plus one client's payload, decoded and weighted.
 
@@ -124,8 +124,10 @@ def accumulate(
   normalized_errors = statistic(weighting, client, 'normalized_mse', 'inverse_normalized_error')
   accepted = wire['accepted']
   weights, exact = client_weights(
-      weighting, num_quantized, wire,
-      normalized_errors if weighting == 'inverse_normalized_error' else errors,
+    weighting,
+    num_quantized,
+    wire,
+    normalized_errors if weighting == 'inverse_normalized_error' else errors,
   )
   checked_errors = tf.concat([errors, normalized_errors], axis=0)
   valid = tf.logical_and(accepted, well_formed(plan, weighting, wire, checked_errors, weights))
@@ -133,11 +135,11 @@ def accumulate(
   weights = tf.where(valid, weights, 0.0)
   exact = tf.logical_and(valid, exact)
   parts = [
-      collections.OrderedDict(
-          codes=part['codes'],
-          threshold=tf.where(valid, part['threshold'], tf.zeros_like(part['threshold'])),
-      )
-      for part in wire['quantized']
+    collections.OrderedDict(
+      codes=part['codes'],
+      threshold=tf.where(valid, part['threshold'], tf.zeros_like(part['threshold'])),
+    )
+    for part in wire['quantized']
   ]
   thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
 
@@ -146,59 +148,60 @@ def accumulate(
 
   float_weight = client['float_weight']
   float_weight = tf.where(
-      tf.logical_and(tf.math.is_finite(float_weight), float_weight >= 0.0), float_weight, 0.0
+    tf.logical_and(tf.math.is_finite(float_weight), float_weight >= 0.0), float_weight, 0.0
   )
   return collections.OrderedDict(
-      weighted_sum=[
-          total + payload_lib.weighted_levels(encoding, part, weights[i])
-          for i, (total, encoding, part) in enumerate(
-              zip(accumulator['weighted_sum'], plan.quantized, parts)
-          )
-      ],
-      weight_sum=accumulator['weight_sum'] + weights,
-      # A zero-error tensor is rare: tf.cond skips the full-size work for all others.
-      exact_sum=[
-          tf.cond(
-              exact[i],
-              lambda total=total, encoding=encoding, part=part: total
-              + payload_lib.weighted_levels(encoding, part, 1.0),
-              lambda total=total: total,
-          )
-          for i, (total, encoding, part) in enumerate(
-              zip(accumulator['exact_sum'], plan.quantized, parts)
-          )
-      ],
-      exact_count=accumulator['exact_count'] + tf.cast(exact, tf.float32),
-      weight_min=tf.where(
-          tf.logical_and(valid, tf.logical_not(exact)),
-          tf.minimum(accumulator['weight_min'], weights),
-          accumulator['weight_min'],
-      ),
-      weight_max=tf.maximum(accumulator['weight_max'], weights),
-      float_weight_sum=accumulator['float_weight_sum'] + float_weight,
-      float_weight_square_sum=accumulator['float_weight_square_sum'] + tf.square(float_weight),
-      accepted=accumulator['accepted'] + tf.cast(valid, tf.int32),
-      rejected_nonfinite=accumulator['rejected_nonfinite']
-      + tf.cast(tf.logical_not(accepted), tf.int32),
-      rejected_malformed=accumulator['rejected_malformed'] + tf.cast(malformed, tf.int32),
-      quantization_mse=add_if_valid('quantization_mse', errors),
-      normalized_mse=add_if_valid('normalized_mse', normalized_errors),
-      clipped_fraction=add_if_valid('clipped_fraction', client['diagnostics']['clipped_fraction']),
-      clipping_threshold=add_if_valid(
-          'clipping_threshold', tf.stack(thresholds) if thresholds else tf.zeros([0])
-      ),
-      # As the inner SumFactory would: every payload's float tensors, already weighted.
-      float_sum=[
-          total + value
-          for total, value in zip(accumulator['float_sum'], client.get('weighted_floats', []))
-      ],
+    weighted_sum=[
+      total + payload_lib.weighted_levels(encoding, part, weights[i])
+      for i, (total, encoding, part) in enumerate(
+        zip(accumulator['weighted_sum'], plan.quantized, parts)
+      )
+    ],
+    weight_sum=accumulator['weight_sum'] + weights,
+    # A zero-error tensor is rare: tf.cond skips the full-size work for all others.
+    exact_sum=[
+      tf.cond(
+        exact[i],
+        lambda total=total, encoding=encoding, part=part: (
+          total + payload_lib.weighted_levels(encoding, part, 1.0)
+        ),
+        lambda total=total: total,
+      )
+      for i, (total, encoding, part) in enumerate(
+        zip(accumulator['exact_sum'], plan.quantized, parts)
+      )
+    ],
+    exact_count=accumulator['exact_count'] + tf.cast(exact, tf.float32),
+    weight_min=tf.where(
+      tf.logical_and(valid, tf.logical_not(exact)),
+      tf.minimum(accumulator['weight_min'], weights),
+      accumulator['weight_min'],
+    ),
+    weight_max=tf.maximum(accumulator['weight_max'], weights),
+    float_weight_sum=accumulator['float_weight_sum'] + float_weight,
+    float_weight_square_sum=accumulator['float_weight_square_sum'] + tf.square(float_weight),
+    accepted=accumulator['accepted'] + tf.cast(valid, tf.int32),
+    rejected_nonfinite=accumulator['rejected_nonfinite']
+    + tf.cast(tf.logical_not(accepted), tf.int32),
+    rejected_malformed=accumulator['rejected_malformed'] + tf.cast(malformed, tf.int32),
+    quantization_mse=add_if_valid('quantization_mse', errors),
+    normalized_mse=add_if_valid('normalized_mse', normalized_errors),
+    clipped_fraction=add_if_valid('clipped_fraction', client['diagnostics']['clipped_fraction']),
+    clipping_threshold=add_if_valid(
+      'clipping_threshold', tf.stack(thresholds) if thresholds else tf.zeros([0])
+    ),
+    # As the inner SumFactory would: every payload's float tensors, already weighted.
+    float_sum=[
+      total + value
+      for total, value in zip(accumulator['float_sum'], client.get('weighted_floats', []))
+    ],
   )
 
 
 def merge(a: dict, b: dict) -> collections.OrderedDict:
   """Two accumulators combined (sums added, weight extremes kept)."""
   merged = collections.OrderedDict(
-      (key, tf.nest.map_structure(tf.add, a[key], b[key])) for key in a
+    (key, tf.nest.map_structure(tf.add, a[key], b[key])) for key in a
   )
   merged['weight_min'] = tf.minimum(a['weight_min'], b['weight_min'])
   merged['weight_max'] = tf.maximum(a['weight_max'], b['weight_max'])

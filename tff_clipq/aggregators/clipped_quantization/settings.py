@@ -39,7 +39,7 @@ class QuantizationSettings:
   def plan_for(self, value_type: tff.types.Type) -> payload_lib.EncodingPlan:
     shapes = [tuple(t.shape) for t in flat_tensor_types(value_type)]
     return payload_lib.make_plan(
-        shapes, self.bits, self.min_size_to_quantize, self.clipping, self.rounding, self.per_channel
+      shapes, self.bits, self.min_size_to_quantize, self.clipping, self.rounding, self.per_channel
     )
 
 
@@ -53,12 +53,12 @@ def check_value_type(value_type: tff.types.Type) -> None:
   """Raises TypeError unless `value_type` holds only fully defined float32 tensors."""
   if not isinstance(value_type, (tff.types.TensorType, tff.types.StructType)):
     raise TypeError(
-        f'Expected `value_type` to be a tff.TensorType or tff.StructType. Found {value_type}.'
+      f'Expected `value_type` to be a tff.TensorType or tff.StructType. Found {value_type}.'
     )
   for tensor_type in flat_tensor_types(value_type):
     if not isinstance(tensor_type, tff.types.TensorType) or tensor_type.dtype != np.float32:
       raise TypeError(
-          f'Expected `value_type` to hold only float32 tensors. Found {tensor_type} in {value_type}.'
+        f'Expected `value_type` to hold only float32 tensors. Found {tensor_type} in {value_type}.'
       )
     if not tff.types.is_shape_fully_defined(tensor_type.shape):
       raise TypeError(f'Expected fully defined tensor shapes. Found {tensor_type} in {value_type}.')
@@ -74,15 +74,15 @@ def bits_of_type(type_spec: tff.types.Type) -> int:
 
 
 def validate_settings(
-    bits: Union[payload_lib.BitsSpec, str],
-    clipping: Union[str, float],
-    rounding: str,
-    weighting: str,
-    allowed_weightings: tuple[str, ...],
-    min_size_to_quantize: int,
-    per_channel: bool,
-    seed: int,
-    sum_result: bool = False,
+  bits: Union[payload_lib.BitsSpec, str],
+  clipping: Union[str, float],
+  rounding: str,
+  weighting: str,
+  allowed_weightings: tuple[str, ...],
+  min_size_to_quantize: int,
+  per_channel: bool,
+  seed: int,
+  sum_result: bool = False,
 ) -> QuantizationSettings:
   """The factories' settings, checked; raises ValueError/TypeError naming the argument.
 
@@ -105,26 +105,26 @@ def validate_settings(
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f'`seed` must be an int. Found {seed!r}.')
   return QuantizationSettings(
-      bits=payload_lib.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
-      clipping=clipping,
-      rounding=rounding,
-      weighting=weighting,
-      min_size_to_quantize=min_size_to_quantize,
-      per_channel=per_channel,
-      seed=seed,
-      sum_result=sum_result,
+    bits=payload_lib.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
+    clipping=clipping,
+    rounding=rounding,
+    weighting=weighting,
+    min_size_to_quantize=min_size_to_quantize,
+    per_channel=per_channel,
+    seed=seed,
+    sum_result=sum_result,
   )
 
 
 def check_inner(
-    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory],
+  inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory],
 ) -> tff.aggregators.UnweightedAggregationFactory:
   """`inner_agg_factory`, or `tff.aggregators.SumFactory()` for None; raises TypeError otherwise."""
   if inner_agg_factory is None:
     return tff.aggregators.SumFactory()
   if not isinstance(inner_agg_factory, tff.aggregators.UnweightedAggregationFactory):
     raise TypeError(
-        '`inner_agg_factory` must be a tff.aggregators.UnweightedAggregationFactory. '
-        f'Found {type(inner_agg_factory).__name__}.'
+      '`inner_agg_factory` must be a tff.aggregators.UnweightedAggregationFactory. '
+      f'Found {type(inner_agg_factory).__name__}.'
     )
   return inner_agg_factory
