@@ -21,10 +21,11 @@ from absl import flags
 from tff_clipq import data as data_lib
 from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
+from tff_clipq.experiments import flag_definitions
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import program
 
-config_lib.define_flags()
+flag_definitions.define_flags()
 flags.adopt_module_key_flags(config_lib)  # --help lists them.
 
 FAILURE = 1

@@ -12,13 +12,13 @@ SGD 1.0; 20 rounds when clients upload updates, 10 when they upload weights (the
 Method sets (`--methods`):
   * main (default, about an hour on 2 cores with the default grid): float32; clipq with its
     defaults (max_abs, stochastic, FedAvg weights, no QAT) at 1, 2 and 4 bits; clipq with the
-    paper's settings (octav, stochastic, inverse-error weights, QAT) at 2 bits; TFF min-max at
-    1 and 2 bits;
+    paper's settings (octav, stochastic, inverse-error weights, QAT) at 2 bits; tff_encoded (TFF's
+    min-max quantizer) at 1 and 2 bits;
   * ablation: each ingredient switched on the defaults and off the paper's settings at 1 and 2
     bits, the mean-optimal threshold, the scale-free weighting, nearest rounding, per-channel
     thresholds and the Hadamard rotation;
   * curve: 1, 2, 3, 4 bits and the paper's per-layer 4-2-2-4 for the defaults, the paper's
-    settings and TFF min-max (4-2-2-4: clipq only).
+    settings and tff_encoded (4-2-2-4: clipq only).
 
   python benchmarks/accuracy_vs_bits.py [--methods=main|ablation|curve]
       [--datasets=mnist,fashion_mnist] [--partitions=iid,dirichlet] [--payloads=update,weights]
@@ -54,7 +54,7 @@ from tff_clipq.experiments import program  # pylint: disable=g-import-not-at-top
 DEFAULTS = 'aggregator=clipq,clipping=max_abs,rounding=stochastic,weighting=example_count,qat=false'
 PAPER = 'aggregator=clipq,clipping=octav,rounding=stochastic,weighting=inverse_error,qat=true'
 FLOAT = 'aggregator=float,qat=false'
-TFF_MINMAX = 'aggregator=tff_encoded,qat=false'
+TFF_ENCODED = 'aggregator=tff_encoded,qat=false'
 
 
 def _swap(base: str, **changes: str) -> str:
@@ -71,7 +71,7 @@ def _method_set(name: str) -> list[tuple[str, str]]:
       ('float32', FLOAT),
       *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in ('1', '2', '4')),
       ('clipq paper, 2 b', f'{PAPER},bits=2'),
-      *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in ('1', '2')),
+      *((f'tff_encoded, {b} b', f'{TFF_ENCODED},bits={b}') for b in ('1', '2')),
     ]
   if name == 'ablation':
     methods = []
@@ -108,7 +108,7 @@ def _method_set(name: str) -> list[tuple[str, str]]:
       ('float32', FLOAT),
       *((f'clipq defaults, {b} b', f'{DEFAULTS},bits={b}') for b in widths),
       *((f'clipq paper, {b} b', f'{PAPER},bits={b}') for b in widths),
-      *((f'TFF min-max, {b} b', f'{TFF_MINMAX},bits={b}') for b in widths[:-1]),
+      *((f'tff_encoded, {b} b', f'{TFF_ENCODED},bits={b}') for b in widths[:-1]),
     ]
   raise ValueError(f'--methods must be one of main, ablation, curve. Found {name!r}.')
 
@@ -263,11 +263,11 @@ def goal_verdicts(table: dict[str, list[dict[str, Any]]]) -> list[str]:
         f'{setting}, {bits} b: defaults {100 * ours:.1f}% vs float32 {100 * reference:.1f}%'
         f' (gap {gap:+.1f} pp, goal <= {allowed} pp): {verdict}'
       )
-      tff = by_method.get(f'TFF min-max, {bits} b')
+      tff = by_method.get(f'tff_encoded, {bits} b')
       if update and iid and tff is not None:
         margin = 100 * (ours - tff)
         line += (
-          f'; vs TFF min-max {100 * tff:.1f}% (margin {margin:+.1f} pp, goal >= 1 pp): '
+          f'; vs tff_encoded {100 * tff:.1f}% (margin {margin:+.1f} pp, goal >= 1 pp): '
           f'{"met" if margin >= 1.0 else "missed"}'
         )
       verdicts.append(line)
@@ -279,7 +279,7 @@ FAMILIES = collections.OrderedDict(
     ('float32', ('black', 's')),
     ('clipq defaults', ('tab:blue', 'o')),
     ('clipq paper', ('tab:red', 'v')),
-    ('TFF min-max', ('tab:green', '^')),
+    ('tff_encoded', ('tab:green', '^')),
   ]
 )
 
@@ -396,10 +396,15 @@ def main(argv: list[str]) -> None:
           outputs.write_json(
             prefix + '.json', dict(command=command, commit=_commit(), table=table, goals=verdicts)
           )
+          when = (
+            'report of the runs stored in --output_dir (their time per run is in the table)'
+            if _REPORT_ONLY.value
+            else f'{(time.time() - start) / 60:.0f} min on this machine so far'
+          )
           header = (
             f'# Accuracy vs uploaded bits: method set `{_METHODS.value}`\n\n'
             f'`{command}` at commit {_commit()}, {datetime.date.today().isoformat()}, '
-            f'{(time.time() - start) / 60:.0f} min on this machine so far. Final test accuracy '
+            f'{when}. Final test accuracy '
             'of the float global model, mean ± std over seeds; "quantized model" is the same '
             "model with its weights through the run's B-bit quantizer (nearest rounding).\n\n"
           )

@@ -145,6 +145,16 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
         bits='3-5-4', min_size_to_quantize=100
       ).create(VALUE_TYPE)
 
+  def test_a_list_of_widths_is_reported_tensor_by_tensor(self):
+    # Four widths for four tensors of which two are small: read one per tensor, and said so.
+    factory = aggregators.clipped_quantization_mean(bits='4-2-2-4', min_size_to_quantize=10)
+    value_type = tff.to_type(
+      [(np.float32, [20]), (np.float32, [3]), (np.float32, [30]), (np.float32, [4])]
+    )
+    with self.assertLogs('absl', level='INFO') as logs:
+      factory.create(value_type, tff.TensorType(np.float32))
+    self.assertIn('[20]: 4, [3]: float32, [30]: 2, [4]: float32', '\n'.join(logs.output))
+
   def test_stochastic_rounding_is_reproducible_and_advances(self):
     factory = aggregators.unweighted_clipped_quantization_mean(
       bits=2, rounding='stochastic', weighting='uniform', seed=7, min_size_to_quantize=100

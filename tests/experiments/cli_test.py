@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import program
+from tff_clipq.experiments import run_dirs
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO_ROOT / 'run_experiments.py')
@@ -146,14 +147,14 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     flags = (*TINY_FLAGS, f'--rounds={rounds}', '--rounding=stochastic', '--payload=weights')
     output_dir = self.create_tempdir().full_path
     process = self.start_script(*flags, f'--output_dir={output_dir}')
-    checkpoint_3 = os.path.join(output_dir, program.CHECKPOINT_DIR, 'program_state_3')
+    checkpoint_3 = os.path.join(output_dir, run_dirs.CHECKPOINT_DIR, 'program_state_3')
     self.assertTrue(
       wait_until(lambda: os.path.isdir(checkpoint_3) or process.poll() is not None, TIMEOUT_S),
       'no checkpoint of round 3',
     )
     process.send_signal(signal.SIGKILL)
     process.wait(TIMEOUT_S)
-    self.assertBetween(program.completed_rounds(output_dir), 3, rounds - 1, self.output())
+    self.assertBetween(run_dirs.completed_rounds(output_dir), 3, rounds - 1, self.output())
 
     result = self.run_script(*flags, f'--output_dir={output_dir}', '--resume')
     self.assertEqual(result.returncode, 0, result.stderr)
@@ -177,7 +178,7 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     flags = (*TINY_FLAGS, '--rounds=20', '--num_local_workers=2')
     output_dir = self.create_tempdir().full_path
     process = self.start_script(*flags, f'--output_dir={output_dir}')
-    checkpoint_2 = os.path.join(output_dir, program.CHECKPOINT_DIR, 'program_state_2')
+    checkpoint_2 = os.path.join(output_dir, run_dirs.CHECKPOINT_DIR, 'program_state_2')
     self.assertTrue(
       wait_until(lambda: os.path.isdir(checkpoint_2) or process.poll() is not None, TIMEOUT_S),
       'no checkpoint of round 2',

@@ -7,13 +7,14 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 from tff_clipq.experiments import config as config_lib
+from tff_clipq.experiments import flag_definitions
 
 ExperimentConfig = config_lib.ExperimentConfig
 
 
 def _parse(argv: list[str]) -> flags.FlagValues:
   flag_values = flags.FlagValues()
-  config_lib.define_flags(flag_values)
+  flag_definitions.define_flags(flag_values)
   flag_values(['run_experiments.py', *argv])
   return flag_values
 

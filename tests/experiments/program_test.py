@@ -15,6 +15,7 @@ from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import program
+from tff_clipq.experiments import run_dirs
 
 # Time varies between runs; everything else is reproducible.
 NOT_REPRODUCIBLE = ('round_seconds',)
@@ -142,7 +143,7 @@ class ResumeTest(tf.test.TestCase):
   def test_fewer_rounds_than_completed_fails(self):
     output_dir = self.create_tempdir().full_path
     program.run_experiment(tiny_config(output_dir, rounds=2))
-    self.assertEqual(program.completed_rounds(output_dir), 2)
+    self.assertEqual(run_dirs.completed_rounds(output_dir), 2)
     with self.assertRaisesRegex(config_lib.ConfigError, '--rounds=1 is below the 2 rounds'):
       program.run_experiment(tiny_config(output_dir, rounds=1, resume=True))
 
@@ -175,7 +176,7 @@ class SweepTest(tf.test.TestCase):
 
     self.assertEqual(
       [s['method'] for s in summaries],
-      ['float32', 'clipq-2b-max_abs-nearest-example_count', 'tff_minmax-2b'],
+      ['float32', 'clipq-2b-max_abs-nearest-example_count', 'tff_encoded-2b'],
     )
     # Round 1 trains the same initial model on the same clients with the same shuffles (no QAT, so
     # the forward passes agree): every method reports the same training loss.

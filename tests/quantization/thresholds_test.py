@@ -141,7 +141,7 @@ class OptimalityTest(tf.test.TestCase, parameterized.TestCase):
     # The noise term matched to this quantizer's step and rounding makes the unrefined OCTAV fixed
     # point nearly optimal already (the paper's c = 4^-B/3 is 3-30% off here, for stochastic).
     x = sample('gaussian', GRID_SAMPLES)
-    fixed_point = quantization.octav_threshold(x, bits, rounding, noise_model='matched')
+    fixed_point = quantization.octav_fixed_point_threshold(x, bits, rounding, noise_model='matched')
     refined = quantization.optimal_clipping_threshold(x, bits, rounding)
     self.assertLessEqual(
       exact_mse(x, fixed_point, bits, rounding), 1.015 * exact_mse(x, refined, bits, rounding)
@@ -302,7 +302,7 @@ class ClippingThresholdTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertAllEqual(
       quantization.clipping_threshold(x, 3, 'octav_paper', 'nearest'),
-      quantization.octav_threshold(x, 3, 'nearest', noise_model='paper'),
+      quantization.octav_fixed_point_threshold(x, 3, 'nearest', noise_model='paper'),
     )
     self.assertAllEqual(quantization.clipping_threshold(x, 3, 'max_abs'), np.max(np.abs(x)))
     self.assertAllEqual(quantization.clipping_threshold(x, 3, 0.7), 0.7)

@@ -2,9 +2,6 @@
 
 from tff_clipq.aggregators.clipped_quantization import clipped_quantization_mean
 from tff_clipq.aggregators.clipped_quantization import clipped_quantization_sum
-from tff_clipq.aggregators.clipped_quantization import ClippedQuantizationSumFactory
-from tff_clipq.aggregators.clipped_quantization import ClippedQuantizationMeanFactory
 from tff_clipq.aggregators.clipped_quantization import unweighted_clipped_quantization_mean
-from tff_clipq.aggregators.clipped_quantization import UnweightedClippedQuantizationMeanFactory
 from tff_clipq.aggregators.clipped_quantization import WEIGHTING_ALIASES
 from tff_clipq.aggregators.clipped_quantization import WEIGHTINGS

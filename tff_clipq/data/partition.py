@@ -163,7 +163,13 @@ def partition_shards(
 
 
 def label_histogram(labels: np.ndarray, partition: Partition, num_classes: int) -> np.ndarray:
-  """Returns int64 counts [num_clients, num_classes]: row c counts the labels held by client c."""
+  """Returns int64 counts [num_clients, num_classes]: row c counts the labels held by client c.
+
+  Args:
+    labels: non-empty 1-D array of non-negative integer labels of the training set.
+    partition: one index array into `labels` per client, as the partitioners return.
+    num_classes: number of classes; every label must be < num_classes.
+  """
   labels = _check_labels(labels)
   if labels.max() >= num_classes:
     raise ValueError(f'`labels` must be < `num_classes` ({num_classes}). Found {labels.max()}.')

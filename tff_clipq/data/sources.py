@@ -34,11 +34,13 @@ from typing import Optional
 from absl import logging
 import numpy as np
 
+from tff_clipq.data import generated
+
 ARRAY_DATASET_NAMES = ('mnist', 'fashion_mnist', 'digits', 'synthetic')
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
-MNIST_IMAGE_SHAPE = (28, 28)
+MNIST_IMAGE_SHAPE = generated.MNIST_IMAGE_SHAPE
 MNIST_NUM_CLASSES = 10
 
 # Fraction of a test-split-only source (and of scikit-learn's digits) held out for evaluation.
@@ -133,7 +135,11 @@ def load_array_dataset(name: str, data_dir: Optional[str] = None, seed: int = 0)
   if name in ('digits', 'synthetic'):
     if data_dir is not None:
       raise ValueError(f'`data_dir` is not used by the {name!r} dataset. Found {data_dir!r}.')
-    return _load_digits(seed) if name == 'digits' else _make_synthetic(seed)
+    if name == 'digits':
+      splits = generated.digits(seed, EVALUATION_FRACTION)
+    else:
+      splits = generated.synthetic(seed)
+    return ArrayDataset(name=name, **splits._asdict())
   splits = _resolve_mnist_like(name, data_dir, seed)
   logging.info('Loaded %s: %s', name, splits.source)
   return ArrayDataset(
@@ -413,69 +419,3 @@ def _check_labels(labels: np.ndarray, origin: str) -> None:
       f'{origin}: labels must lie in [0, {MNIST_NUM_CLASSES}). Found values in '
       f'[{labels.min()}, {labels.max()}].'
     )
-
-
-def _load_digits(seed: int = 0) -> ArrayDataset:
-  """scikit-learn's bundled 8x8 digits (1,797 images, offline), split 80/20 with `seed`.
-
-  Pixel values 0..16 are rescaled to uint8 0..255 so every dataset shares one pixel range.
-  """
-  from sklearn import datasets as sklearn_datasets  # pylint: disable=g-import-not-at-top
-
-  digits = sklearn_datasets.load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  labels = digits.target.astype(np.int64)
-  num_evaluation = int(round(len(images) * EVALUATION_FRACTION))
-  permutation = np.random.default_rng(seed).permutation(len(images))
-  train_indices, test_indices = permutation[num_evaluation:], permutation[:num_evaluation]
-  return ArrayDataset(
-    name='digits',
-    train_images=images[train_indices],
-    train_labels=labels[train_indices],
-    test_images=images[test_indices],
-    test_labels=labels[test_indices],
-    num_classes=10,
-    source=(
-      f'sklearn.datasets.load_digits (bundled, 8x8, 0..16 rescaled to 0..255): '
-      f'{len(images)} images permuted with np.random.default_rng({seed}).permutation; first '
-      f'{num_evaluation} -> test, remaining {len(train_indices)} -> train'
-    ),
-  )
-
-
-def _make_synthetic(
-  seed: int = 0,
-  num_train: int = 2000,
-  num_test: int = 500,
-  num_classes: int = 10,
-  image_shape: tuple[int, int] = MNIST_IMAGE_SHAPE,
-) -> ArrayDataset:
-  """A generated, learnable stand-in for MNIST: class prototypes plus pixel noise.
-
-  Each class has a random sparse 0/1 prototype (about 20% ink); an example is its class
-  prototype scaled to 180 plus Gaussian noise (std 50), clipped to uint8. Classes are balanced.
-  A small model separates them within a few federated rounds; everything follows from `seed`.
-  """
-  rng = np.random.default_rng(seed)
-  prototypes = (rng.random((num_classes,) + image_shape) < 0.2).astype(np.float32) * 180.0
-
-  def sample(num_examples: int) -> tuple[np.ndarray, np.ndarray]:
-    labels = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int64)
-    noise = rng.normal(0.0, 50.0, size=(num_examples,) + image_shape).astype(np.float32)
-    images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
-    return images, labels
-
-  train_images, train_labels = sample(num_train)
-  test_images, test_labels = sample(num_test)
-  return ArrayDataset(
-    name='synthetic',
-    train_images=train_images,
-    train_labels=train_labels,
-    test_images=test_images,
-    test_labels=test_labels,
-    num_classes=num_classes,
-    source=(
-      f'synthetic (seed {seed}): {num_classes} random sparse class prototypes + Gaussian '
-      f'noise (std 50), {num_train} train / {num_test} test'
-    ),
-  )

@@ -1,8 +1,8 @@
 """Experiment settings: absl flags, and the validated `ExperimentConfig` built from them.
 
 Every setting a study varies is one flag and one field of `ExperimentConfig`, under the same name,
-so a message about a bad field names the flag to fix (`--bits`). `define_flags()` defines the flags
-(importing this module defines none); `ExperimentConfig.from_flags()` reads them, and tests and
+so a message about a bad field names the flag to fix (`--bits`). `flag_definitions.define_flags()`
+defines the flags (importing this module defines none); `ExperimentConfig.from_flags()` reads them, and tests and
 notebooks build `ExperimentConfig(...)` directly. Construction validates everything before any work
 starts and raises `ConfigError`.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import typing
@@ -24,12 +23,12 @@ from typing import Any, Optional, Union
 from absl import flags
 
 from tff_clipq import aggregators
+from tff_clipq.aggregators.clipped_quantization import settings as quantization_settings
 from tff_clipq import data as data_lib
 from tff_clipq.learning import models
 from tff_clipq.learning import process as process_lib
 from tff_clipq.learning import qat as qat_lib
 from tff_clipq.quantization import quantizer
-from tff_clipq.quantization import thresholds
 
 NATURAL_PARTITION = 'natural'
 PARTITIONS = data_lib.PARTITIONS + (NATURAL_PARTITION,)
@@ -57,8 +56,8 @@ class ExperimentConfig:
   """One experiment (or, with `sweep`, a study of several runs); fields are the flags.
 
   Defaults: 10 rounds of 4-bit clipq FedAvg on MNIST with the paper's CNN, unclipped (max_abs)
-  stochastic rounding, FedAvg weights, no QAT (measured best; docs/results.md); see `define_flags`
-  for each field's meaning. `bits` is a width (`4`) or one width per model layer with weights
+  stochastic rounding, FedAvg weights, no QAT (measured best; docs/results.md); see
+  `flag_definitions.define_flags` for each field's meaning. `bits` is a width (`4`) or one width per model layer with weights
   (`4-2-2-4`); `clipping` is a method name or a fixed positive threshold (`0.05`).
   """
 
@@ -116,7 +115,7 @@ class ExperimentConfig:
 
   @classmethod
   def from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
-    """The config of the parsed flags defined by `define_flags(flag_values)`."""
+    """The config of the parsed flags defined by `flag_definitions.define_flags(flag_values)`."""
     values = {field.name: flag_values[field.name].value for field in dataclasses.fields(cls)}
     values['workers'] = tuple(values['workers'] or ())
     values['data_dir'] = values['data_dir'] or None
@@ -138,7 +137,12 @@ class ExperimentConfig:
   def process_config(
     self, input_shape: tuple[int, int, int], num_classes: int
   ) -> process_lib.ProcessConfig:
-    """The learning-process settings, for data of `input_shape` with `num_classes` labels."""
+    """The learning-process settings, for data of `input_shape` with `num_classes` labels.
+
+    Args:
+      input_shape: (height, width, channels) of the model's input.
+      num_classes: number of labels.
+    """
     return process_lib.ProcessConfig(
       model=self.model,
       input_shape=input_shape,
@@ -197,18 +201,23 @@ def _parse_clipping(clipping: str) -> Union[str, float]:
     return clipping
 
 
-def parse_bits(bits: str) -> tuple[int, ...]:
-  """'4' -> (4,), '4-2-2-4' -> (4, 2, 2, 4); raises ConfigError naming `--bits`."""
+_FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(ExperimentConfig))
+
+
+def _library_setting(check, *args: Any) -> Any:
+  """Runs a library validator; its ValueError/TypeError becomes a ConfigError naming flags.
+
+  The library names its arguments in backticks (`bits`); each that is a flag becomes --bits.
+  """
   try:
-    widths = tuple(int(part) for part in bits.split('-'))
-  except ValueError:
-    widths = ()
-  if not widths or not all(quantizer.MIN_BITS <= w <= quantizer.MAX_BITS for w in widths):
-    raise ConfigError(
-      f'--bits must be an integer in [{quantizer.MIN_BITS}, {quantizer.MAX_BITS}], or one such '
-      f'integer per model layer with weights, dash-separated (e.g. 4-2-2-4). Found {bits!r}.'
+    return check(*args)
+  except (ValueError, TypeError) as error:
+    message = re.sub(
+      r'`(\w+)`',
+      lambda m: f'--{m.group(1)}' if m.group(1) in _FIELD_NAMES else m.group(0),
+      str(error),
     )
-  return widths
+    raise ConfigError(message) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,13 +284,24 @@ def _validate(config: ExperimentConfig) -> None:
   _at_least(config, 'seed', 0)
 
   _choice(config, 'aggregator', process_lib.AGGREGATORS)
-  widths = parse_bits(config.bits)
-  if len(widths) > 1:
+  # The quantizer's settings are checked by the library's own validator, once.
+  settings = _library_setting(
+    quantization_settings.validate_settings,
+    config.bits,
+    _parse_clipping(config.clipping),
+    config.rounding,
+    config.weighting,
+    aggregators.WEIGHTINGS,
+    config.min_size_to_quantize,
+    config.per_channel,
+    config.seed,
+  )
+  if isinstance(settings.bits, tuple):
     layers = weighted_layer_names(config.model)
-    if len(widths) != len(layers):
+    if len(settings.bits) != len(layers):
       raise ConfigError(
-        f'--bits lists {len(widths)} widths, but --model={config.model} has {len(layers)} '
-        f'layers with weights ({", ".join(layers)}): give one width in '
+        f'--bits lists {len(settings.bits)} widths, but --model={config.model} has '
+        f'{len(layers)} layers with weights ({", ".join(layers)}): give one width in '
         f'[{quantizer.MIN_BITS}, {quantizer.MAX_BITS}] or {len(layers)} dash-separated ones. '
         f'Found {config.bits!r}.'
       )
@@ -289,18 +309,7 @@ def _validate(config: ExperimentConfig) -> None:
       raise ConfigError(
         f'--bits per layer ({config.bits!r}) needs --aggregator=clipq; tff_encoded takes one width.'
       )
-  clipping = _parse_clipping(config.clipping)
-  if (isinstance(clipping, float) and not 0 < clipping < math.inf) or (
-    isinstance(clipping, str) and clipping not in thresholds.CLIPPING_METHODS
-  ):
-    raise ConfigError(
-      f'--clipping must be one of {", ".join(thresholds.CLIPPING_METHODS)} or a positive '
-      f'threshold. Found {config.clipping!r}.'
-    )
-  _choice(config, 'rounding', quantizer.ROUNDING_MODES)
-  _choice(config, 'weighting', aggregators.WEIGHTINGS)
   _choice(config, 'rotation', process_lib.ROTATIONS)
-  _at_least(config, 'min_size_to_quantize', 0)
   _at_least(config, 'qat_threshold_refresh_steps', 0)
   _choice(config, 'payload', process_lib.PAYLOADS)
 
@@ -389,210 +398,3 @@ def parse_sweep(sweep: str) -> list[tuple[str, dict[str, Any]]]:
   if not runs:
     raise ConfigError(f'--sweep lists no run. Found {sweep!r}.')
   return runs
-
-
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines one flag per `ExperimentConfig` field in `flag_values`, defaulting to its default."""
-  defaults = {field.name: field.default for field in dataclasses.fields(ExperimentConfig)}
-  default = defaults.__getitem__
-  fv = dict(flag_values=flag_values)
-
-  flags.DEFINE_enum(
-    'dataset',
-    default('dataset'),
-    data_lib.FEDERATED_DATASET_NAMES,
-    'Dataset. mnist/fashion_mnist load offline when on disk (--data_dir, '
-    'TFF_CLIPQ_MNIST_DIR) and download otherwise; emnist (TFF federated '
-    'EMNIST, clients are writers) downloads; digits and synthetic are offline.',
-    **fv,
-  )
-  flags.DEFINE_string('data_dir', default('data_dir'), 'Where to read the dataset from.', **fv)
-  flags.DEFINE_enum(
-    'partition',
-    default('partition'),
-    PARTITIONS,
-    'How the training set is split into clients (natural: emnist only).',
-    **fv,
-  )
-  flags.DEFINE_float(
-    'dirichlet_alpha',
-    default('dirichlet_alpha'),
-    'Dirichlet concentration of --partition=dirichlet (small: few labels per client).',
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'shards_per_client',
-    default('shards_per_client'),
-    'Label-sorted shards per client for --partition=shards.',
-    **fv,
-  )
-  flags.DEFINE_float(
-    'size_sigma',
-    default('size_sigma'),
-    'Lognormal sigma of client sizes for --partition=iid (0: balanced).',
-    **fv,
-  )
-  flags.DEFINE_integer('num_clients', default('num_clients'), 'Number of clients.', **fv)
-  flags.DEFINE_integer(
-    'clients_per_round',
-    default('clients_per_round'),
-    'Clients sampled (without replacement) each round.',
-    **fv,
-  )
-  flags.DEFINE_integer('rounds', default('rounds'), 'Federated rounds.', **fv)
-  flags.DEFINE_integer('local_epochs', default('local_epochs'), 'Client epochs per round.', **fv)
-  flags.DEFINE_integer('batch_size', default('batch_size'), 'Client batch size.', **fv)
-  for side in ('client', 'server'):
-    flags.DEFINE_enum(
-      f'{side}_optimizer',
-      default(f'{side}_optimizer'),
-      process_lib.OPTIMIZERS,
-      f'{side.capitalize()} optimizer.',
-      **fv,
-    )
-    flags.DEFINE_float(
-      f'{side}_learning_rate',
-      default(f'{side}_learning_rate'),
-      f'{side.capitalize()} learning rate.',
-      **fv,
-    )
-    flags.DEFINE_float(
-      f'{side}_momentum',
-      default(f'{side}_momentum'),
-      f'{side.capitalize()} SGD momentum in [0, 1).',
-      **fv,
-    )
-  flags.DEFINE_enum('model', default('model'), models.MODEL_NAMES, 'Model architecture.', **fv)
-  flags.DEFINE_integer(
-    'seed',
-    default('seed'),
-    'Seeds the data split, client sampling, shuffles, model and rounding.',
-    **fv,
-  )
-  flags.DEFINE_enum(
-    'aggregator',
-    default('aggregator'),
-    process_lib.AGGREGATORS,
-    'Upload compression: float (float32 FedAvg), clipq (clipped uniform '
-    'quantization) or tff_encoded (TFF min-max quantization).',
-    **fv,
-  )
-  flags.DEFINE_string(
-    'bits',
-    default('bits'),
-    'Bits per coordinate, or per layer with weights, e.g. 4-2-2-4 (clipq).',
-    **fv,
-  )
-  flags.DEFINE_string(
-    'clipping',
-    default('clipping'),
-    f'Clipping threshold: {", ".join(thresholds.CLIPPING_METHODS)} or a fixed positive number.',
-    **fv,
-  )
-  flags.DEFINE_enum('rounding', default('rounding'), quantizer.ROUNDING_MODES, 'Rounding.', **fv)
-  flags.DEFINE_enum(
-    'weighting',
-    default('weighting'),
-    aggregators.WEIGHTINGS,
-    'How clipq weights clients in the mean.',
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'min_size_to_quantize',
-    default('min_size_to_quantize'),
-    'Smaller tensors (biases) travel in float32.',
-    **fv,
-  )
-  flags.DEFINE_boolean(
-    'per_channel',
-    default('per_channel'),
-    'One clipping threshold per output channel (clipq).',
-    **fv,
-  )
-  flags.DEFINE_enum(
-    'rotation',
-    default('rotation'),
-    process_lib.ROTATIONS,
-    "Random Hadamard rotation of each tensor before clipq quantizes it (TFF's "
-    'HadamardTransformFactory; weighting example_count or uniform).',
-    **fv,
-  )
-  flags.DEFINE_enum(
-    'payload',
-    default('payload'),
-    process_lib.PAYLOADS,
-    'What clients upload: model updates or trained weights (the paper).',
-    **fv,
-  )
-  flags.DEFINE_boolean(
-    'qat',
-    default('qat'),
-    'Quantization-aware client training for the quantizing aggregators '
-    '(float runs train without it). Off by default: it lowers the float '
-    "model's accuracy (docs/results.md).",
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'qat_threshold_refresh_steps',
-    default('qat_threshold_refresh_steps'),
-    'QAT recomputes each clipping threshold every this many local steps; 0: '
-    'once per client round, at its first step.',
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'eval_every',
-    default('eval_every'),
-    'Evaluate on the test set every this many rounds (and at the last).',
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'max_eval_examples',
-    default('max_eval_examples'),
-    'Evaluate on the first this many test examples (0: all).',
-    **fv,
-  )
-  flags.DEFINE_string(
-    'output_dir',
-    default('output_dir'),
-    'Where metrics, checkpoints, summaries, tables and plots go.',
-    **fv,
-  )
-  flags.DEFINE_boolean(
-    'resume',
-    default('resume'),
-    'Continue the runs in --output_dir from their last checkpoint.',
-    **fv,
-  )
-  flags.DEFINE_boolean(
-    'overwrite',
-    default('overwrite'),
-    'Delete the runs already in --output_dir and start afresh.',
-    **fv,
-  )
-  flags.DEFINE_string(
-    'sweep',
-    default('sweep'),
-    'Runs to compare, ";"-separated, each ","-separated flag=value overrides, '
-    'e.g. "aggregator=float; aggregator=clipq,bits=2".',
-    **fv,
-  )
-  flags.DEFINE_list(
-    'workers',
-    list(default('workers')),
-    'host:port of remote TFF workers (worker_binary) to run rounds on.',
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'num_local_workers',
-    default('num_local_workers'),
-    'Start this many local TFF workers and split clients across them.',
-    **fv,
-  )
-  flags.DEFINE_integer(
-    'worker_intra_op_threads',
-    default('worker_intra_op_threads'),
-    'Threads one TensorFlow operation may use in the TFF workers started here '
-    '(0: one per core). 1 is faster with many clients per round (100 on 2 '
-    'cores: rounds 10-14% faster), slower with few (10: 20% slower).',
-    **fv,
-  )

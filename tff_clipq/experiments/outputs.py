@@ -45,7 +45,12 @@ _FILE_MODE = 0o644
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
-  """Yields a temporary file that replaces `path` when the block ends without an exception."""
+  """Yields a temporary file that replaces `path` when the block ends without an exception.
+
+  Args:
+    path: the file to write; missing parent directories are created.
+    mode: the mode to open the temporary file in, e.g. 'w' (text) or 'wb' (binary).
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, temp_path = tempfile.mkstemp(
@@ -65,13 +70,23 @@ def atomic_file(path: str, mode: str = 'w') -> Iterator[io.IOBase]:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically."""
+  """Writes `text` to `path` atomically.
+
+  Args:
+    path: the file to write.
+    text: its whole content.
+  """
   with atomic_file(path) as file:
     file.write(text)
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes `value` as indented, strict JSON (non-finite floats become null)."""
+  """Writes `value` as indented, strict JSON (non-finite floats become null).
+
+  Args:
+    path: the file to write, atomically.
+    value: a JSON-serializable value (dict keys are converted to strings).
+  """
   with atomic_file(path) as file:
     json.dump(_finite_or_none(value), file, indent=2, allow_nan=False)
     file.write('\n')
@@ -118,7 +133,13 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def write_comparison(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
-  """Writes the comparison table as markdown and as CSV (full precision) into `directory`."""
+  """Writes the comparison table as markdown and as CSV (full precision) into `directory`.
+
+  Args:
+    directory: where `TABLE_MARKDOWN` and `TABLE_CSV` are written.
+    summaries: one run summary per row, keyed by the names in `TABLE_COLUMNS`; a missing or
+      None value shows as '-' in markdown and empty in CSV.
+  """
   with atomic_file(os.path.join(directory, TABLE_MARKDOWN)) as file:
     file.write(markdown_table(summaries))
   with atomic_file(os.path.join(directory, TABLE_CSV)) as file:
@@ -162,7 +183,14 @@ def plot_title(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def write_plots(directory: str, summaries: Sequence[dict[str, Any]]) -> None:
-  """Test accuracy vs round, and vs cumulative uploaded bits (log x), one line per run."""
+  """Test accuracy vs round, and vs cumulative uploaded bits (log x), one line per run.
+
+  Args:
+    directory: where `ACCURACY_VS_ROUND_PNG` and `ACCURACY_VS_BITS_PNG` are written.
+    summaries: one run summary per line, with 'method', 'run' and 'history' (rows with
+      'round', 'cumulative_upload_bits' and 'test_accuracy'); the first one's 'config' gives
+      the title (`plot_title`).
+  """
   labels = _legend_labels(summaries)
   title = plot_title(summaries)
   evaluated = [

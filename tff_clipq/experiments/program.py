@@ -29,13 +29,8 @@ after a crash appears twice there, with identical values.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
-import json
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -50,14 +45,11 @@ from tff_clipq import data as data_lib
 from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
+from tff_clipq.experiments import run_dirs
 from tff_clipq.learning import process as process_lib
 
-STUDY_JSON = 'study.json'
-CONFIG_JSON = 'config.json'
 METRICS_CSV = 'metrics.csv'
 TENSORBOARD_DIR = 'tensorboard'
-CHECKPOINT_DIR = 'checkpoints'
-CHECKPOINT_PREFIX = 'program_state_'
 EVAL_BATCH_SIZE = 256
 # Settings of the quantizing aggregators, left out of a float32 run's summary.
 FLOAT_UNUSED_FIELDS = (
@@ -71,8 +63,6 @@ FLOAT_UNUSED_FIELDS = (
   'qat',
   'qat_threshold_refresh_steps',
 )
-# Leftovers of an interrupted atomic write by TFF's file managers ('<name>_temp1234').
-_TFF_TEMPORARY = re.compile(r'.*_temp\d+$')
 
 ConfigError = config_lib.ConfigError
 
@@ -96,13 +86,26 @@ class _TensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
 def sample_clients(
   client_ids: Sequence[str], clients_per_round: int, seed: int, round_num: int
 ) -> list[str]:
-  """The clients of round `round_num`, drawn without replacement from (seed, round) alone."""
+  """The clients of round `round_num`, drawn without replacement from (seed, round) alone.
+
+  Args:
+    client_ids: every client's id.
+    clients_per_round: how many to draw.
+    seed: the run's seed.
+    round_num: the round (1-based).
+  """
   rng = np.random.default_rng([seed, round_num])
   return [client_ids[i] for i in rng.choice(len(client_ids), clients_per_round, replace=False)]
 
 
 def client_shuffle_seed(seed: int, round_num: int, position: int) -> int:
-  """Seed of the local shuffle of the `position`-th client sampled in round `round_num`."""
+  """Seed of the local shuffle of the `position`-th client sampled in round `round_num`.
+
+  Args:
+    seed: the run's seed.
+    round_num: the round (1-based).
+    position: the client's position in the round's sample.
+  """
   return int(np.random.SeedSequence([seed, round_num, position]).generate_state(1)[0])
 
 
@@ -149,7 +152,7 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
       rounds are checkpointed, and `--resume` continues from there.
   """
   runs = config.sweep_runs()
-  _check_output_dir(config, runs)
+  run_dirs.check_output_dir(config, runs)
   # Runs with the same data settings share the data (loaded once, before any training). A data
   # error thus stops the study before anything is written or deleted.
   data_by_settings: dict[tuple[Any, ...], data_lib.FederatedData] = {}
@@ -158,7 +161,7 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
       data = build_data(run_config)
       data_by_settings[run_config.data_settings] = data
       print(f'Data: {data.source}; {data.partition_description}.', file=sys.stderr, flush=True)
-  _prepare_output_dir(config, runs)
+  run_dirs.prepare_output_dir(config, runs)
   summaries = []
   with runtime.execution_context(
     workers=config.workers or None,
@@ -170,130 +173,6 @@ def run_study(config: config_lib.ExperimentConfig) -> list[dict[str, Any]]:
   outputs.write_comparison(config.output_dir, summaries)
   outputs.write_plots(config.output_dir, summaries)
   return summaries
-
-
-def _config_dict(config: config_lib.ExperimentConfig) -> dict[str, Any]:
-  return json.loads(json.dumps(dataclasses.asdict(config)))  # Tuples as lists, as read back.
-
-
-def completed_rounds(run_dir: str) -> int:
-  """The round of the latest checkpoint in `run_dir` (0 if none)."""
-  manager = tff.program.FileProgramStateManager(
-    os.path.join(run_dir, CHECKPOINT_DIR), prefix=CHECKPOINT_PREFIX
-  )
-  return max(asyncio.run(manager.get_versions()) or [0])
-
-
-def _check_output_dir(
-  config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
-) -> None:
-  """Checks `output_dir` against --resume/--overwrite; changes nothing on disk."""
-  root = config.output_dir
-  if os.path.isdir(root) and os.listdir(root):
-    if not os.path.exists(os.path.join(root, STUDY_JSON)):
-      raise ConfigError(
-        f'--output_dir={root} is not empty and has no {STUDY_JSON}, so it was not written by '
-        'this program; choose another --output_dir.'
-      )
-    if not (config.overwrite or config.resume):
-      raise ConfigError(
-        f'--output_dir={root} already holds runs. Pass --resume to continue them from their '
-        'checkpoints, --overwrite to delete them, or choose another --output_dir.'
-      )
-  if not config.overwrite:
-    for name, run_config in runs:
-      _check_resumable(name, run_config)
-
-
-def _prepare_output_dir(
-  config: config_lib.ExperimentConfig, runs: list[tuple[str, config_lib.ExperimentConfig]]
-) -> None:
-  """Applies --overwrite and writes the settings files (after every check has passed)."""
-  root = config.output_dir
-  if config.overwrite and os.path.isdir(root):
-    shutil.rmtree(root)
-  outputs.write_json(os.path.join(root, STUDY_JSON), _config_dict(config))
-  for _, run_config in runs:
-    path = os.path.join(run_config.output_dir, CONFIG_JSON)
-    outputs.write_json(path, _config_dict(run_config))
-
-
-def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None:
-  """Raises ConfigError unless the run already in `run_config.output_dir` can continue as set."""
-  run_dir = run_config.output_dir
-  config_path = os.path.join(run_dir, CONFIG_JSON)
-  if not os.path.exists(config_path):
-    return
-  stored, current = outputs.read_json(config_path), _config_dict(run_config)
-  changed = [
-    f'--{key}={stored.get(key)!r} (now {value!r})'
-    for key, value in current.items()
-    if key not in config_lib.RESUMABLE_CHANGES and stored.get(key) != value
-  ]
-  run_label = f'run {name!r}'
-  if changed:
-    raise ConfigError(
-      f'--resume: {run_label} in {run_dir} was started with other settings: '
-      f'{", ".join(changed)}. Resume with the original flags, or use another --output_dir.'
-    )
-  completed = completed_rounds(run_dir)
-  if completed > run_config.rounds:
-    raise ConfigError(
-      f'--rounds={run_config.rounds} is below the {completed} rounds {run_label} in '
-      f'{run_dir} already completed.'
-    )
-
-
-def _remove_interrupted_writes(run_dir: str) -> None:
-  """Deletes temporaries that a crash during an atomic write by TFF's managers left behind."""
-  for directory in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
-    if os.path.isdir(directory):
-      for entry in os.listdir(directory):
-        if _TFF_TEMPORARY.match(entry):
-          path = os.path.join(directory, entry)
-          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-class _Checkpoints:
-  """Saves and restores (round, learning-process state, metrics history) after each round.
-
-  The state is stored as its flattened list of arrays and rebuilt with the structure of a fresh
-  `initialize()`, since the SavedModel format of `tff.program.FileProgramStateManager` keeps the
-  values but not TFF's structure classes; the history is one JSON string.
-  """
-
-  def __init__(self, run_dir: str, initial_state: Any):
-    self._manager = tff.program.FileProgramStateManager(
-      os.path.join(run_dir, CHECKPOINT_DIR),
-      prefix=CHECKPOINT_PREFIX,
-      keep_total=2,
-      keep_first=False,
-    )
-    self._initial_state = initial_state
-
-  def _program_state(self, round_num: int, state: Any, history: list[dict[str, Any]]):
-    return collections.OrderedDict(
-      round=np.int64(round_num),
-      state=[np.asarray(leaf) for leaf in tf.nest.flatten(state)],
-      history=json.dumps(history),
-    )
-
-  def save(self, round_num: int, state: Any, history: list[dict[str, Any]]) -> None:
-    asyncio.run(self._manager.save(self._program_state(round_num, state, history), round_num))
-
-  def load_latest(self) -> tuple[int, Any, list[dict[str, Any]]]:
-    """(round, state, history) of the latest checkpoint, or (0, initial state, []) if none."""
-    structure = self._program_state(0, self._initial_state, [])
-    saved, round_num = asyncio.run(self._manager.load_latest(structure))
-    if saved is None:
-      return 0, self._initial_state, []
-    leaves = [
-      np.asarray(value, dtype=np.asarray(template).dtype)
-      for value, template in zip(saved['state'], structure['state'])
-    ]
-    history = saved['history']
-    history = json.loads(history.decode() if isinstance(history, bytes) else history)
-    return round_num, tf.nest.pack_sequence_as(self._initial_state, leaves), history
 
 
 def quantized_measurements(aggregator_measurements: Any) -> Optional[Any]:
@@ -384,7 +263,7 @@ def _summary(
   best = max(evaluated, key=lambda row: row['test_accuracy'], default=None)
   last = history[-1] if history else {}
   deployed = [row for row in evaluated if row.get('quantized_test_accuracy') is not None]
-  config = _config_dict(run_config)
+  config = run_dirs.config_dict(run_config)
   if run_config.aggregator == 'float':  # Settings a float32 run never used.
     for key in FLOAT_UNUSED_FIELDS:
       config.pop(key)
@@ -417,10 +296,10 @@ def _run(
 ) -> dict[str, Any]:
   """Trains one run from its latest checkpoint (if any) to `rounds`; returns its summary."""
   run_dir = run_config.output_dir
-  _remove_interrupted_writes(run_dir)
+  run_dirs.remove_interrupted_writes(run_dir)
   process_config = run_config.process_config(data.input_shape, data.num_classes)
   process = process_lib.build_learning_process(process_config)
-  checkpoints = _Checkpoints(run_dir, process.initialize())
+  checkpoints = run_dirs.Checkpoints(run_dir, process.initialize())
   start_round, state, history = checkpoints.load_latest()
 
   tensorboard = _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR))

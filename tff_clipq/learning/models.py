@@ -216,6 +216,13 @@ def bits_per_tensor(keras_model: tf.keras.Model, bits_per_layer: Sequence[int]) 
 
   Every trainable tensor of a layer (kernel and bias) gets that layer's bit width; the result is
   in `keras_model.trainable_variables` order, as aggregators and `QatConfig` expect it.
+
+  Args:
+    keras_model: the model (plain or wrapped for QAT) whose layers the widths refer to.
+    bits_per_layer: one bit width per layer with trainable weights, in layer order.
+
+  Raises:
+    ValueError: if `bits_per_layer` does not have one entry per such layer.
   """
   grouped = qat_lib.trainable_variables_by_layer(keras_model)
   bits_per_layer = tuple(bits_per_layer)
@@ -242,6 +249,15 @@ def build_tff_model_fn(
   The loss is sparse categorical cross-entropy on logits; accuracy is reported as a metric.
   Arguments (and `qat` against the model) are checked once, here, so that a bad configuration
   fails at this call rather than inside TFF's tracing.
+
+  Args:
+    model_name: one of `MODEL_NAMES`.
+    input_shape: (height, width, channels) of one example.
+    num_classes: number of output logits.
+    seed: non-negative integer making the initial weights deterministic (the same for every
+      model built); None draws them at random.
+    qat: optional `QatConfig`; when given, every model is wrapped for quantization-aware
+      training.
   """
   input_spec = model_input_spec(input_shape)
   template = create_keras_model(model_name, input_shape, num_classes, seed)

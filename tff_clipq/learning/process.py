@@ -55,7 +55,7 @@ class AggregatorConfig:
       'tff_encoded' (TFF's built-in min-max stochastic quantization,
       `EncodedSumFactory.quantize_above_threshold`, inside a `MeanFactory`).
     bits: one width, or one per model layer as 'a-b-c-d' (the paper's 4-2-2-4).
-    clipping, rounding, weighting, per_channel: as in `ClippedQuantizationMeanFactory`.
+    clipping, rounding, weighting, per_channel: as in `clipped_quantization_mean`.
     min_size_to_quantize: smaller tensors (biases) travel in float32, for every method.
     rotation: 'hadamard' rotates each tensor with TFF's `HadamardTransformFactory` (flattened,
       zero-padded to a power of two, random signs) before clipq quantizes it; 'none' does not.
@@ -106,7 +106,7 @@ class AggregatorConfig:
     if self.method == 'float':
       return 'float32'
     if self.method == 'tff_encoded':
-      return f'tff_minmax-{self.bits}b'
+      return f'tff_encoded-{self.bits}b'
     rotated = '-hadamard' if self.rotation != 'none' else ''
     return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}{rotated}'
 
@@ -395,6 +395,12 @@ def assign_trainable_weights(
 
   With `deployed_by`, the weights go through that run's B-bit quantizer first
   (`deployment.quantize_weights`).
+
+  Args:
+    process: the run's learning process.
+    state: its state, whose model weights are copied.
+    keras_model: a model of the same architecture (e.g. `build_evaluation_model`); modified.
+    deployed_by: optional run configuration whose quantizer is applied to the weights first.
   """
   trainable = list(process.get_model_weights(state).trainable)
   if deployed_by is not None:

@@ -148,6 +148,15 @@ def straight_through_fake_quantize(
 
   Not converted by AutoGraph (Keras converts layer calls): the quantization code has no
   tensor-dependent Python control flow, and converting it slows every model construction.
+
+  Args:
+    weights: floating-point weight tensor.
+    bits: bits per weight, 1..16.
+    clipping: threshold method, as in `tff_clipq.quantization.clipping_threshold`; unused when
+      `threshold` is given.
+    rounding: the upload quantizer's rounding, 'nearest' or 'stochastic' (selects the threshold
+      only; the forward pass rounds to nearest).
+    threshold: optional scalar clipping threshold to use instead of computing one.
   """
   constant_weights = tf.stop_gradient(weights)
   if threshold is None:
@@ -180,6 +189,13 @@ class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantize
   variables. Otherwise `build` adds two non-trainable variables to the layer, the cached
   threshold and a pass counter, and a call recomputes (and caches) the threshold only when the
   counter is 0 (`threshold_refresh_steps=0`) or a multiple of `threshold_refresh_steps`.
+
+  Args:
+    bits: bits per weight, 1..16.
+    clipping: threshold method, as in `tff_clipq.quantization.clipping_threshold`.
+    rounding: the upload quantizer's rounding, 'nearest' or 'stochastic'.
+    threshold_refresh_steps: >= 0; 1 recomputes at every pass, N > 1 every N passes, 0 only
+      while the pass counter is 0.
   """
 
   def __init__(
@@ -195,6 +211,16 @@ class ClippedUniformWeightQuantizer(tfmot.quantization.keras.quantizers.Quantize
     self.threshold_refresh_steps = _validate_refresh_steps(threshold_refresh_steps)
 
   def build(self, tensor_shape, name, layer) -> dict[str, tf.Variable]:
+    """Creates the cached threshold and pass counter (none if `threshold_refresh_steps` is 1).
+
+    Args:
+      tensor_shape: shape of the quantized weight; unused (one threshold per tensor).
+      name: the weight's name, a prefix of the created variables' names.
+      layer: the layer that owns the created variables.
+
+    Returns:
+      {'threshold': float32 scalar, 'passes': int32 scalar} variables, or {}.
+    """
     del tensor_shape  # One threshold per tensor.
     if self.threshold_refresh_steps == 1:
       return {}
@@ -256,6 +282,13 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
   `weight_names` are layer attributes ('kernel', 'bias'); weights not named stay float.
   Activations and outputs are not quantized.
+
+  Args:
+    weight_names: names of the layer attributes to quantize, e.g. ('kernel', 'bias').
+    bits: bits per weight, one entry per name in `weight_names`.
+    clipping: threshold method, as in `tff_clipq.quantization.clipping_threshold`.
+    rounding: the upload quantizer's rounding, 'nearest' or 'stochastic'.
+    threshold_refresh_steps: as in `ClippedUniformWeightQuantizer`.
   """
 
   def __init__(
@@ -292,10 +325,22 @@ class ClippedWeightQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     return []
 
   def set_quantize_weights(self, layer, quantize_weights):
+    """Sets the named attributes of `layer` to their quantized weights.
+
+    Args:
+      layer: the wrapped Conv2D or Dense layer.
+      quantize_weights: the quantized weights, in `weight_names` order.
+    """
     for name, quantized in zip(self.weight_names, quantize_weights):
       setattr(layer, name, quantized)
 
   def set_quantize_activations(self, layer, quantize_activations):
+    """Does nothing: activations are not quantized.
+
+    Args:
+      layer: the wrapped layer; unused.
+      quantize_activations: unused (always empty).
+    """
     pass
 
   def get_output_quantizers(self, layer):
@@ -430,6 +475,14 @@ def apply_qat(keras_model: tf.keras.Model, config: QatConfig) -> tf.keras.Model:
   variables have the same shapes and order as `keras_model`'s. `keras_model` must be a built,
   uncompiled Sequential or functional model whose trainable weights are kernels and biases of
   Conv2D and Dense layers.
+
+  Args:
+    keras_model: the model to copy; it is not modified.
+    config: the `QatConfig` saying which tensors to quantize and how.
+
+  Raises:
+    TypeError: if `config` is not a `QatConfig`.
+    ValueError: if the model is already wrapped, or its weights do not fit `config` or QAT.
   """
   if not isinstance(config, QatConfig):
     raise TypeError(f'`config` must be a QatConfig. Found {type(config).__name__}.')

@@ -16,6 +16,6 @@ from tff_clipq.quantization.thresholds import clipping_thresholds
 from tff_clipq.quantization.thresholds import expected_quantization_mse
 from tff_clipq.quantization.thresholds import max_abs_threshold
 from tff_clipq.quantization.thresholds import noise_coefficient
-from tff_clipq.quantization.thresholds import octav_threshold
+from tff_clipq.quantization.thresholds import octav_fixed_point_threshold
 from tff_clipq.quantization.thresholds import optimal_clipping_threshold
 from tff_clipq.quantization.thresholds import optimal_clipping_thresholds

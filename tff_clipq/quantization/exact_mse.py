@@ -51,6 +51,17 @@ def exact_mse(
   step^2 f (1 - f), f = p - floor(p) (stochastic), and the clipping error is (|x| - s)^2 above s.
   Non-finite entries have magnitude 0 there, whose position (2^B - 1) / 2 is a half-integer, so
   each adds exactly 1/4 step^2, which is subtracted instead of masking every entry.
+
+  Args:
+    magnitudes: |x| as [groups, n] in the compute dtype, non-finite entries as 0.
+    finite_count: number of finite entries per group, [groups], in the same dtype.
+    threshold: clipping thresholds, [groups] or [candidates, groups], in the same dtype.
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    rounding_weight: factor on the rounding error (1/K): a Python float or a scalar tensor.
+
+  Returns:
+    The MSE per threshold, shaped like `threshold`.
   """
   candidates = threshold.shape[0] if threshold.shape.rank == 2 else None
   if magnitudes.shape[0] == 1 and candidates is not None and candidates <= _SCALAR_CANDIDATES:
@@ -159,7 +170,15 @@ def _keep_better(
 
 
 def best_candidate(candidates: tf.Tensor, errors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(candidate, its error) of least error per group, from [candidates, groups] tensors."""
+  """(candidate, its error) of least error per group, from [candidates, groups] tensors.
+
+  Args:
+    candidates: candidate thresholds, [candidates, groups].
+    errors: the error of each candidate, [candidates, groups].
+
+  Returns:
+    (best candidate [groups], its error [groups]).
+  """
   best = tf.argmin(errors, axis=0)
   return (
     tf.gather(tf.transpose(candidates), best, batch_dims=1),
@@ -269,6 +288,21 @@ def refinement(
 
   Returns the point of least exact MSE (its rounding term weighted by `rounding_weight`) among
   those evaluated and `anchors` [A, groups].
+
+  Args:
+    magnitudes: |x| as [groups, n] in the compute dtype, non-finite entries as 0.
+    finite_count: number of finite entries per group, [groups].
+    lower: lower end of the search bracket per group, [groups].
+    upper: upper end of the search bracket per group, [groups].
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    golden_iterations: resolution: the bracket is narrowed as far as this many golden-section
+      steps narrow it.
+    anchors: points always evaluated and kept if best, [A, groups] (e.g. fixed point, max |x|).
+    rounding_weight: factor on the rounding error (1/K): a Python float or a scalar tensor.
+
+  Returns:
+    The best threshold per group, [groups].
   """
   arguments = (magnitudes, finite_count, lower, upper, bits, rounding)
 

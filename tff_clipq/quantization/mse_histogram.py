@@ -83,6 +83,12 @@ def histogram(
 
   Returns (counts, bin width [groups], overflow count, sum u, sum u^2 over u >= upper [groups]).
   Every part is indexed by group first, so histograms of several blocks of groups concatenate.
+
+  Args:
+    magnitudes: |x| as [groups, n], non-finite entries as 0.
+    finite_count: number of finite entries per group, [groups].
+    upper: end of the binned range [0, upper) per group, [groups], >= 0.
+    num_bins: number of equal bins of [0, upper).
   """
   counts, _, width = _bin_counts(magnitudes, finite_count, upper, num_bins)
   overflow_count = counts[:, num_bins]
@@ -187,6 +193,19 @@ def histogram_search(
   search only touches [candidates, groups, bins] tensors. Each grid iteration evaluates
   `_GRID_POINTS` evenly spaced interior points and keeps the two cells around the best, until the
   bracket is narrower than `relative_resolution` of its starting width.
+
+  Args:
+    histogram: a `Histogram` from `histogram`, or several concatenated along the groups.
+    lower: lower end of the search bracket per group, [groups].
+    upper: upper end of the search bracket per group, [groups], at most the histogram's `upper`.
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    relative_resolution: final bracket width as a fraction of the starting width, in (0, 1).
+    rounding_weight: factor on the modelled rounding error (1/K): a Python float or a scalar
+      tensor.
+
+  Returns:
+    The modelled minimizer per group, [groups].
   """
   dtype = histogram[0].dtype
   divisions = _GRID_POINTS + 1
@@ -208,6 +227,11 @@ def fixed_point_counts(
   """Finite entries of `magnitudes` [groups, n] (normalized to [0, 1]) per bin, [groups, bins + 1].
 
   Bins of [0, 1), plus a last one for u = 1 (the maximum), whose entries are exactly at 1.
+
+  Args:
+    magnitudes: |x| / max |x| as [groups, n], non-finite entries as 0.
+    finite_count: number of finite entries per group, [groups].
+    num_bins: number of equal bins of [0, 1).
   """
   ones = tf.ones([tf.shape(magnitudes)[0]], magnitudes.dtype)
   return _bin_counts(magnitudes, finite_count, ones, num_bins)[0]
@@ -227,6 +251,14 @@ def fixed_point(
   this one pass in all. Bins are 1/256 of max|x| wide, so s is within a bin's width of the
   exact fixed point, well inside the search bracket [s/2, 2s] it centres. (All-zero groups get
   a value below one bin width: callers clamp to max |x|.)
+
+  Args:
+    counts: `fixed_point_counts` output, [groups, bins + 1].
+    coefficient: noise coefficient c of `thresholds.noise_coefficient`.
+    rounding_weight: factor on `coefficient` (1/K): a Python float or a scalar tensor.
+
+  Returns:
+    The fixed point per group, [groups], in units of max |x|.
   """
   dtype = counts.dtype
   if not is_unit_weight(rounding_weight):

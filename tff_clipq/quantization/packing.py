@@ -16,7 +16,18 @@ WORD_BITS = 32
 
 
 def packed_length(num_codes: int, bits: int) -> int:
-  """Number of int32 words that hold `num_codes` codes of `bits` bits."""
+  """Number of int32 words that hold `num_codes` codes of `bits` bits.
+
+  Args:
+    num_codes: number of codes to pack, >= 0.
+    bits: bits per code, an integer in [1, 16].
+
+  Returns:
+    ceil(num_codes * bits / 32).
+
+  Raises:
+    ValueError: if `bits` is not in [1, 16] or `num_codes` is negative.
+  """
   quantizer.validate_bits(bits)
   if num_codes < 0:
     raise ValueError(f'`num_codes` must be >= 0. Found {num_codes}.')
@@ -33,6 +44,17 @@ def pack_codes(codes: tf.Tensor, bits: int) -> tf.Tensor:
 
   The arithmetic is on uint32 (logical shifts, sums that cannot overflow), half the memory
   traffic of int64.
+
+  Args:
+    codes: integer tensor of codes in [0, 2^bits - 1], any shape; read in row-major order.
+    bits: bits per code, an integer in [1, 16].
+
+  Returns:
+    int32 vector of `packed_length(tf.size(codes), bits)` words; unused high bits are zero.
+
+  Raises:
+    ValueError: if `bits` is not in [1, 16].
+    TypeError: if `codes` does not have an integer dtype.
   """
   bits = quantizer.validate_bits(bits)
   codes = tf.convert_to_tensor(codes)
@@ -58,7 +80,20 @@ def pack_codes(codes: tf.Tensor, bits: int) -> tf.Tensor:
 
 
 def unpack_codes(words: tf.Tensor, bits: int, num_codes: int) -> tf.Tensor:
-  """Inverse of `pack_codes`: the first `num_codes` codes as an int32 vector."""
+  """Inverse of `pack_codes`: the first `num_codes` codes as an int32 vector.
+
+  Args:
+    words: int32 tensor of packed words, as returned by `pack_codes` (read flat).
+    bits: bits per code that the words were packed with, an integer in [1, 16].
+    num_codes: number of codes to read from the start of the bit stream.
+
+  Returns:
+    int32 vector of length `num_codes`, values in [0, 2^bits - 1].
+
+  Raises:
+    ValueError: if `bits` is not in [1, 16].
+    TypeError: if `words` is not an int32 tensor.
+  """
   bits = quantizer.validate_bits(bits)
   words = tf.convert_to_tensor(words)
   if words.dtype != tf.int32:

@@ -86,7 +86,17 @@ def parse_bits(bits: Union[BitsSpec, str]) -> BitsSpec:
 def validate_encoding_settings(
   bits: Union[BitsSpec, str], min_size_to_quantize: int, clipping: Union[str, float], rounding: str
 ) -> BitsSpec:
-  """Validates the settings shared by every tensor; returns `bits` parsed (int or tuple)."""
+  """Validates the settings shared by every tensor; returns `bits` parsed (int or tuple).
+
+  Args:
+    bits: an int, a sequence of ints, or a dash-separated string like '4-2-2-4'; each in 1..16.
+    min_size_to_quantize: non-negative int; tensors with fewer elements travel in float32.
+    clipping: one of `thresholds.CLIPPING_METHODS`, or a fixed positive, finite threshold.
+    rounding: 'nearest' or 'stochastic'.
+
+  Raises:
+    ValueError: if any setting is invalid.
+  """
   bits = parse_bits(bits)
   quantizer.validate_rounding(rounding)
   if isinstance(clipping, str):
@@ -95,8 +105,14 @@ def validate_encoding_settings(
         f'`clipping` must be one of {thresholds.CLIPPING_METHODS} or a positive number. '
         f'Found {clipping!r}.'
       )
-  elif isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not clipping > 0:
-    raise ValueError(f'A fixed `clipping` threshold must be a positive number. Found {clipping!r}.')
+  elif (
+    isinstance(clipping, bool)
+    or not isinstance(clipping, (int, float))
+    or not 0 < clipping < float('inf')
+  ):
+    raise ValueError(
+      f'A fixed `clipping` threshold must be a positive finite number. Found {clipping!r}.'
+    )
   if (
     isinstance(min_size_to_quantize, bool)
     or not isinstance(min_size_to_quantize, int)
@@ -155,7 +171,15 @@ def make_plan(
 
 
 def client_seed(round_seed: tf.Tensor, tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-  """A stateless seed [2] from the round and the client's own data, so runs are reproducible."""
+  """A stateless seed [2] from the round and the client's own data, so runs are reproducible.
+
+  Args:
+    round_seed: integer scalar seed of the round; becomes the first entry.
+    tensors: the client's tensors; the sum of their fingerprints becomes the second entry.
+
+  Returns:
+    int64 tensor of shape [2].
+  """
   # Fingerprint hashes each row's bytes, whatever the dtype.
   fingerprints = [tf.bitcast(tf.fingerprint(tf.reshape(t, [1, -1]))[0], tf.int64) for t in tensors]
   return tf.stack([tf.cast(round_seed, tf.int64), tf.math.add_n(fingerprints)])
@@ -238,7 +262,16 @@ def encode_tensors(
 def decode_quantized(
   plan: EncodingPlan, quantized: Sequence[collections.OrderedDict]
 ) -> list[tf.Tensor]:
-  """Unpacks and dequantizes each quantized tensor back to float32 of its original shape."""
+  """Unpacks and dequantizes each quantized tensor back to float32 of its original shape.
+
+  Args:
+    plan: the value's `EncodingPlan`.
+    quantized: one OrderedDict(codes=int32 words, threshold) per quantized tensor of `plan`,
+      in order, as returned by `encode_tensors`.
+
+  Returns:
+    The decoded float32 tensors, one per quantized tensor of `plan`.
+  """
   decoded = []
   for encoding, part in zip(plan.quantized, quantized):
     codes = tf.reshape(
@@ -258,6 +291,14 @@ def weighted_levels(
   branches of `dequantize_codes` (which make the outermost levels exactly +-s) or a second
   multiply: a server's weighted sum costs about 50 us less per client for a 40,000-entry tensor.
   Equal to weight x `decode_quantized` up to float rounding.
+
+  Args:
+    encoding: the tensor's `TensorEncoding` (shape and bits; must be quantized).
+    part: the tensor's OrderedDict(codes=int32 words, threshold) from `encode_tensors`.
+    weight: float32 scalar factor applied to the levels.
+
+  Returns:
+    float32 tensor of the encoding's shape.
   """
   half_max_code = 0.5 * float(quantizer.num_levels(encoding.bits) - 1)
   codes = packing.unpack_codes(part['codes'], encoding.bits, encoding.num_elements)
@@ -277,7 +318,16 @@ def _padding_is_zero(words: tf.Tensor, encoding: TensorEncoding) -> tf.Tensor:
 def payload_is_well_formed(
   plan: EncodingPlan, quantized: Sequence[collections.OrderedDict]
 ) -> tf.Tensor:
-  """True when every threshold is finite and >= 0 and no padding bit is set."""
+  """True when every threshold is finite and >= 0 and no padding bit is set.
+
+  Args:
+    plan: the value's `EncodingPlan`.
+    quantized: one OrderedDict(codes=int32 words, threshold) per quantized tensor of `plan`,
+      in order.
+
+  Returns:
+    A scalar bool tensor.
+  """
   checks = [tf.constant(True)]
   for encoding, part in zip(plan.quantized, quantized):
     threshold = part['threshold']

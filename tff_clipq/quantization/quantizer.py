@@ -46,7 +46,15 @@ def validate_rounding(rounding: str) -> str:
 
 
 def validate_float_tensor(x: tf.Tensor, name: str = 'x') -> tf.Tensor:
-  """Converts `x` to a tensor and checks it has a floating dtype (raises TypeError otherwise)."""
+  """Converts `x` to a tensor and checks it has a floating dtype (raises TypeError otherwise).
+
+  Args:
+    x: tensor, array or Python value to convert.
+    name: the argument's name, used in the error message.
+
+  Returns:
+    `x` as a floating-point tensor.
+  """
   x = tf.convert_to_tensor(x)
   if not x.dtype.is_floating:
     raise TypeError(f'`{name}` must be a floating-point tensor. Found dtype {x.dtype.name}.')
@@ -62,6 +70,10 @@ def as_compute_tensor(value: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
   """`value` (tensor, array or Python number) as a `dtype` tensor.
 
   Python floats convert straight to `dtype` (`tf.cast(1.3, tf.float64)` rounds to float32 first).
+
+  Args:
+    value: tensor, array or Python number.
+    dtype: the dtype of the result.
   """
   return tf.cast(tf.convert_to_tensor(value, dtype_hint=dtype), dtype)
 
@@ -71,7 +83,12 @@ def num_levels(bits: int) -> int:
 
 
 def quantization_step(threshold: tf.Tensor, bits: int) -> tf.Tensor:
-  """Distance between adjacent levels: 2 s / (2^B - 1)."""
+  """Distance between adjacent levels: 2 s / (2^B - 1).
+
+  Args:
+    threshold: clipping threshold s (a tensor or number; scalar or per-channel vector).
+    bits: bits per code B.
+  """
   return 2.0 * threshold / float(num_levels(bits) - 1)
 
 
@@ -100,7 +117,19 @@ class QuantizedTensor:
 
 def validate_threshold(threshold: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
   """Checks that `threshold` is a scalar, or a vector matching the last axis of `x`, and (when
-  its value is known, i.e. eagerly) finite and >= 0."""
+  its value is known, i.e. eagerly) finite and >= 0.
+
+  Args:
+    threshold: clipping threshold: a scalar (per tensor) or a vector of length `x.shape[-1]`
+      (per channel).
+    x: floating-point tensor the threshold applies to; its dtype sets the compute dtype.
+
+  Returns:
+    `threshold` as a tensor in the compute dtype of `x`.
+
+  Raises:
+    ValueError: if the shape does not fit, or (eagerly) a value is not finite or is negative.
+  """
   threshold = as_compute_tensor(threshold, compute_dtype(x.dtype))
   per_channel = (
     threshold.shape.rank == 1
@@ -192,6 +221,19 @@ def quantize_and_measure(
   step)^2, the dequantized level's distance from clip(x) up to float rounding. NaN entries count
   as zeros, as they are encoded. `all_finite=True` promises there are none (the caller has
   checked) and skips their per-entry handling.
+
+  Args:
+    x: floating-point tensor.
+    bits: bits per code, 1..16.
+    threshold: clipping threshold s >= 0: a scalar, or a vector over the last axis of `x`.
+    rounding: 'nearest' or 'stochastic'.
+    seed: an int or a stateless RNG seed of shape [2] for stochastic rounding; None draws a
+      fresh random seed.
+    all_finite: True if the caller guarantees `x` has no NaN entries.
+
+  Returns:
+    (quantized, error, clipped_fraction): the `QuantizedTensor`, the mean squared error of the
+    encoding and the fraction of entries clipped, both scalars in the compute dtype.
   """
   quantized, values, clipped, positions, codes = _quantize(
     x, bits, threshold, rounding, seed, all_finite
@@ -253,7 +295,14 @@ def dequantize(quantized: QuantizedTensor) -> tf.Tensor:
 def dequantize_codes(
   codes: tf.Tensor, threshold: tf.Tensor, bits: int, dtype: tf.DType
 ) -> tf.Tensor:
-  """`dequantize` on raw parts: levels -s + code * 2s/(2^B - 1) in `dtype`."""
+  """`dequantize` on raw parts: levels -s + code * 2s/(2^B - 1) in `dtype`.
+
+  Args:
+    codes: integer codes in [0, 2^bits - 1], any shape.
+    threshold: clipping threshold s: a scalar, or a vector over the last axis of `codes`.
+    bits: bits per code, 1..16.
+    dtype: floating dtype of the result (float64 is computed in float64, others in float32).
+  """
   bits = validate_bits(bits)
   work_dtype = compute_dtype(dtype)
   threshold = as_compute_tensor(threshold, work_dtype)
@@ -276,5 +325,14 @@ def fake_quantize(
   rounding: str = 'nearest',
   seed: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
-  """dequantize(quantize(x)): the value the receiver reconstructs, in x's dtype."""
+  """dequantize(quantize(x)): the value the receiver reconstructs, in x's dtype.
+
+  Args:
+    x: floating-point tensor.
+    bits: bits per code, 1..16.
+    threshold: clipping threshold s >= 0: a scalar, or a vector over the last axis of `x`.
+    rounding: 'nearest' or 'stochastic'.
+    seed: an int or a stateless RNG seed of shape [2] for stochastic rounding; None draws a
+      fresh random seed.
+  """
   return dequantize(quantize(x, bits, threshold, rounding, seed))

@@ -74,6 +74,14 @@ def fixed_point_iteration(
 
   Entries equal to s count as clipped (the derivative from below): with a strict `>` a tensor
   whose nonzero magnitudes are all equal (constant, or +-c) oscillates between |c| and 0.
+
+  Args:
+    magnitudes: |x| as [groups, n] in the compute dtype, non-finite entries as 0.
+    finite_count: number of finite entries per group, [groups].
+    coefficient: noise coefficient c of `thresholds.noise_coefficient`.
+    max_iterations: limit on the iteration count; the loop stops there even if not converged.
+    tolerance: stop once every group's threshold changes by at most this fraction of itself.
+    rounding_weight: factor on `coefficient` (1/K): a Python float or a scalar tensor.
   """
   if not mse_histogram.is_unit_weight(rounding_weight):
     coefficient = coefficient * rounding_weight
@@ -124,8 +132,18 @@ def optimal_grouped_thresholds(
 ) -> tf.Tensor:
   """`thresholds.optimal_clipping_threshold` of each row of grouped magnitudes: [groups].
 
-  `coefficient`: `thresholds.noise_coefficient(bits, rounding)`. `rounding_weight`: 1/K for the
-  mean of K copies (`thresholds._rounding_weight`), in the magnitudes' dtype.
+  Args:
+    magnitudes: |x| as [groups, n] in the compute dtype, non-finite entries as 0.
+    finite_count: number of finite entries per group, [groups].
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    coefficient: `thresholds.noise_coefficient(bits, rounding)`.
+    max_iterations: iteration limit of `fixed_point_iteration` (unused for groups searched on
+      histograms).
+    tolerance: relative convergence tolerance of `fixed_point_iteration` (likewise unused there).
+    refinement_iterations: resolution of the refinement, in golden-section steps.
+    rounding_weight: 1/K for the mean of K copies (`thresholds._rounding_weight`), in the
+      magnitudes' dtype.
   """
   if _searched_on_histograms(magnitudes):
     return _histogram_thresholds(
@@ -221,7 +239,17 @@ def batched_thresholds(
   length and searched as the groups of one block; larger tensors are blocks of their own. Blocks
   of at least `HISTOGRAM_MIN_ENTRIES` entries per group (and of the first such block's dtype)
   then share one histogram search (`_histogram_thresholds`); the others are searched one by one.
-  `rounding_weight(dtype)`: 1/K in that dtype. Returns thresholds [groups] per input.
+
+  Args:
+    grouped: one (magnitudes [groups, n], finite_count [groups]) pair per tensor, as returned by
+      `thresholds._grouped_magnitudes`.
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    coefficient: `thresholds.noise_coefficient(bits, rounding)`.
+    rounding_weight: function of a dtype returning 1/K in that dtype.
+
+  Returns:
+    Thresholds [groups] per input, in order.
   """
   batched = [
     i

@@ -64,7 +64,16 @@ HISTOGRAM_MIN_ENTRIES = threshold_search.HISTOGRAM_MIN_ENTRIES
 
 
 def noise_coefficient(bits: int, rounding: str = 'nearest', noise_model: str = 'matched') -> float:
-  """c in `rounding-noise variance = c * s^2` for the given quantizer and rounding mode."""
+  """c in `rounding-noise variance = c * s^2` for the given quantizer and rounding mode.
+
+  Args:
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'; ignored by the 'paper' noise model.
+    noise_model: 'matched' (this quantizer's step and rounding mode) or 'paper' (4^-B / 3).
+
+  Raises:
+    ValueError: for invalid `bits`, `rounding` or `noise_model`.
+  """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
   if noise_model == 'paper':
@@ -147,7 +156,15 @@ def _ungroup(thresholds: tf.Tensor, per_channel: bool) -> tf.Tensor:
 
 
 def max_abs_threshold(x: tf.Tensor, per_channel: bool = False) -> tf.Tensor:
-  """The conventional, unclipped range: max |x| over finite entries."""
+  """The conventional, unclipped range: max |x| over finite entries.
+
+  Args:
+    x: floating-point tensor of any shape.
+    per_channel: one threshold per slice of the last axis instead of one for the tensor.
+
+  Returns:
+    A scalar, or [channels] if `per_channel`, in the compute dtype.
+  """
   magnitudes, _ = _grouped_magnitudes(x, per_channel)
   return _ungroup(threshold_search.largest_magnitude(magnitudes), per_channel)
 
@@ -169,6 +186,17 @@ def expected_quantization_mse(
   squared error per entry of the mean of K independent quantizations of x: clipping error plus
   the rounding variance / K for stochastic rounding; nearest rounding ignores K (its error is
   the same in every copy).
+
+  Args:
+    x: floating-point tensor of any shape; non-finite entries are ignored.
+    threshold: clipping threshold: a scalar, or [channels] with `per_channel`.
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    per_channel: one MSE per slice of the last axis instead of one for the tensor.
+    num_clients: K, the number of independently quantized copies averaged.
+
+  Returns:
+    A scalar, or [channels] if `per_channel`.
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
@@ -183,7 +211,7 @@ def expected_quantization_mse(
   )
 
 
-def octav_threshold(
+def octav_fixed_point_threshold(
   x: tf.Tensor,
   bits: int,
   rounding: str = 'nearest',
@@ -192,7 +220,20 @@ def octav_threshold(
   max_iterations: int = 100,
   tolerance: float = 1e-5,
 ) -> tf.Tensor:
-  """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE."""
+  """The OCTAV fixed point of the noise model alone, without refinement on the exact MSE.
+
+  Args:
+    x: floating-point tensor of any shape; non-finite entries are ignored.
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    noise_model: 'matched' or 'paper' (see `noise_coefficient`).
+    per_channel: one threshold per slice of the last axis instead of one for the tensor.
+    max_iterations: limit on the fixed-point iterations.
+    tolerance: stop once the threshold changes by at most this fraction of itself.
+
+  Returns:
+    A scalar, or [channels] if `per_channel`, at most max |x|.
+  """
   coefficient = noise_coefficient(bits, rounding, noise_model)
   magnitudes, finite_count = _grouped_magnitudes(x, per_channel)
   magnitudes, scale, largest = threshold_search.normalized_magnitudes(magnitudes)
@@ -234,6 +275,16 @@ def optimal_clipping_threshold(
   MSE is flat there: a relative threshold error d costs about k d^2 / 2 of the MSE with
   k = s^2 J''(s) / J(s) of order 1-10, i.e. < 1e-4 here (tests: within 1% of a brute-force search,
   and of Max's optimum).
+
+  Args:
+    x: floating-point tensor of any shape; non-finite entries are ignored.
+    bits: bits per code, 1..16.
+    rounding: 'nearest' or 'stochastic'.
+    per_channel: one threshold per slice of the last axis instead of one for the tensor.
+    max_iterations: limit on the fixed-point iterations (groups below `HISTOGRAM_MIN_ENTRIES`).
+    tolerance: relative change at which the fixed point stops (likewise).
+    refinement_iterations: resolution of the refinement, in golden-section steps.
+    num_clients: K, the number of independently quantized copies averaged.
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
@@ -274,6 +325,17 @@ def optimal_clipping_thresholds(
   checked), which skips the handling of non-finite entries; with a non-finite entry the
   thresholds are then undefined. `num_clients`: as in `optimal_clipping_threshold` (the error of
   the mean of that many copies).
+
+  Args:
+    tensors: floating-point tensors of any shapes.
+    bits: bits per code, 1..16, the same for every tensor.
+    rounding: 'nearest' or 'stochastic'.
+    per_channel: one threshold per slice of the last axis instead of one per tensor.
+    all_finite: True if the caller guarantees that every entry is finite.
+    num_clients: K, the number of independently quantized copies averaged.
+
+  Returns:
+    One threshold (scalar, or [channels] if `per_channel`) per tensor, in order.
   """
   bits = quantizer.validate_bits(bits)
   rounding = quantizer.validate_rounding(rounding)
@@ -305,7 +367,22 @@ def clipping_threshold(
   `num_clients` independently quantized copies: `optimal_clipping_threshold(...,
   num_clients=num_clients)`; equal to 'octav' for one client or nearest rounding) or a fixed
   positive number. Methods other than 'mean_optimal' ignore `num_clients`, but a Python number
-  is validated (>= 1, finite) whatever the method."""
+  is validated (>= 1, finite) whatever the method.
+
+  Args:
+    x: floating-point tensor of any shape.
+    bits: bits per code, 1..16.
+    method: one of `CLIPPING_METHODS`, or a fixed positive threshold.
+    rounding: 'nearest' or 'stochastic'.
+    per_channel: one threshold per slice of the last axis instead of one for the tensor.
+    num_clients: K, the number of independently quantized copies averaged ('mean_optimal').
+
+  Returns:
+    A scalar, or [channels] if `per_channel`, in the compute dtype.
+
+  Raises:
+    ValueError: for an unknown method, a fixed threshold <= 0 or an invalid `num_clients`.
+  """
   num_clients = validate_num_clients(num_clients)
   if isinstance(method, (int, float)) and not isinstance(method, bool):
     if not method > 0:
@@ -320,7 +397,7 @@ def clipping_threshold(
   if method == 'mean_optimal':
     return optimal_clipping_threshold(x, bits, rounding, per_channel, num_clients=num_clients)
   if method == 'octav_paper':
-    return octav_threshold(x, bits, rounding, noise_model='paper', per_channel=per_channel)
+    return octav_fixed_point_threshold(x, bits, rounding, noise_model='paper', per_channel=per_channel)
   if method == 'max_abs':
     return max_abs_threshold(x, per_channel)
   raise ValueError(
@@ -340,8 +417,17 @@ def clipping_thresholds(
   """`clipping_threshold` of each tensor; 'octav' and 'mean_optimal' search small tensors
   together (faster).
 
-  `all_finite`: as in `optimal_clipping_thresholds` (used by 'octav' and 'mean_optimal' only).
-  `num_clients`: as in `clipping_threshold` (used by 'mean_optimal' only).
+  Args:
+    tensors: floating-point tensors of any shapes.
+    bits: bits per code, 1..16, the same for every tensor.
+    method: one of `CLIPPING_METHODS`, or a fixed positive threshold.
+    rounding: 'nearest' or 'stochastic'.
+    per_channel: one threshold per slice of the last axis instead of one per tensor.
+    all_finite: as in `optimal_clipping_thresholds` (used by 'octav' and 'mean_optimal' only).
+    num_clients: as in `clipping_threshold` (used by 'mean_optimal' only).
+
+  Returns:
+    One threshold (scalar, or [channels] if `per_channel`) per tensor, in order.
   """
   num_clients = validate_num_clients(num_clients)
   if method == 'octav':

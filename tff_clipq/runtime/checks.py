@@ -7,6 +7,16 @@ from typing import Optional
 
 
 def check_int(value: object, name: str, minimum: Optional[int] = None) -> None:
+  """Raises ValueError unless `value` is an int (not a bool), and >= `minimum` if one is given.
+
+  Args:
+    value: the value to check.
+    name: the argument's name, used in the error message.
+    minimum: optional inclusive lower bound; None means no bound.
+
+  Raises:
+    ValueError: if `value` is not such an integer.
+  """
   if (
     isinstance(value, bool)
     or not isinstance(value, int)
@@ -22,6 +32,16 @@ def check_intra_op_threads(value: object) -> None:
 
 
 def check_positive(value: object, name: str, allow_none: bool = False) -> None:
+  """Raises ValueError unless `value` is an int or float (not a bool) greater than zero.
+
+  Args:
+    value: the value to check.
+    name: the argument's name, used in the error message.
+    allow_none: whether None is accepted as well.
+
+  Raises:
+    ValueError: if `value` is not a positive number (or None, when `allow_none` is set).
+  """
   if value is None and allow_none:
     return
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

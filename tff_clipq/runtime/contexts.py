@@ -341,6 +341,20 @@ def execution_context(
   The context is pushed on TFF's (thread-local) context stack, so the previous default is in
   force again after the block, even if it raised.
 
+  Args:
+    workers: `host:port` of each running worker to use, or None.
+    num_local_workers: Number of local workers to start (0: none); not with `workers`.
+    default_num_clients: Number of clients when it cannot be inferred from the arguments.
+    max_concurrent_computation_calls: Passed to the workers started here; nonpositive means no
+      limit.
+    startup_timeout_s: How long to wait for a worker started here to serve.
+    connect_timeout_s: Remote context: how long to wait for every worker to be reachable.
+    reconnect_timeout_s: Remote context: after a worker failed with UNAVAILABLE, how long to wait
+      for it to be reachable again before the call raises `WorkerUnavailableError`.
+    rpc_timeout_s: Remote context: deadline for each RPC; None means none.
+    intra_op_threads: Threads each TensorFlow operation of a worker started here may use; None:
+      TensorFlow's default. Not with `workers`.
+
   Yields:
     The worker addresses in use (empty for the local context).
 

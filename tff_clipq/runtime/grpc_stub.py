@@ -39,6 +39,10 @@ _MAX_CONSECUTIVE_RETRIES = 3
 class WorkerUnavailableError(RuntimeError):
   """A TFF worker could not be reached (dead, stopped, hung or wrong address).
 
+  Args:
+    address: The `host:port` of the worker.
+    message: The error message.
+
   Attributes:
     address: The `host:port` of the worker.
   """
@@ -70,6 +74,10 @@ def probe(channel: grpc.Channel, timeout_s: float) -> concurrent.futures.Future:
   `wait_for_ready` makes the RPC wait (up to `timeout_s`) for a connection instead of failing at
   once. A probe RPC rather than `grpc.channel_ready_future`: that one subscribes to connectivity
   changes, whose gRPC polling thread raises if the channel is closed while it polls.
+
+  Args:
+    channel: A gRPC channel to the address to probe.
+    timeout_s: Deadline of the probe RPC, in seconds.
 
   Returns:
     A future of a `Probe`.
@@ -105,21 +113,51 @@ class UnsubscribedChannel(grpc.Channel):
     self._channel = channel
 
   def subscribe(self, callback, try_to_connect=False):
+    """Does nothing: connectivity changes are not reported.
+
+    Args:
+      callback: Ignored.
+      try_to_connect: Ignored.
+    """
     del callback, try_to_connect
 
   def unsubscribe(self, callback):
     del callback
 
   def unary_unary(self, *args, **kwargs):
+    """The wrapped channel's `unary_unary`.
+
+    Args:
+      *args: Passed on to the wrapped channel.
+      **kwargs: Passed on to the wrapped channel.
+    """
     return self._channel.unary_unary(*args, **kwargs)
 
   def unary_stream(self, *args, **kwargs):
+    """The wrapped channel's `unary_stream`.
+
+    Args:
+      *args: Passed on to the wrapped channel.
+      **kwargs: Passed on to the wrapped channel.
+    """
     return self._channel.unary_stream(*args, **kwargs)
 
   def stream_unary(self, *args, **kwargs):
+    """The wrapped channel's `stream_unary`.
+
+    Args:
+      *args: Passed on to the wrapped channel.
+      **kwargs: Passed on to the wrapped channel.
+    """
     return self._channel.stream_unary(*args, **kwargs)
 
   def stream_stream(self, *args, **kwargs):
+    """The wrapped channel's `stream_stream`.
+
+    Args:
+      *args: Passed on to the wrapped channel.
+      **kwargs: Passed on to the wrapped channel.
+    """
     return self._channel.stream_stream(*args, **kwargs)
 
   def close(self):
@@ -170,6 +208,13 @@ class BoundedRetryStub(tff.framework.RemoteExecutorStub):
   TFF's retry only if the worker is reachable again within `reconnect_timeout_s` (e.g. restarted),
   at most `_MAX_CONSECUTIVE_RETRIES` times in a row; otherwise the call raises
   `WorkerUnavailableError`, as does a call that ran past an RPC deadline.
+
+  Args:
+    address: The worker's `host:port`, for error messages.
+    channel: A gRPC channel to the worker.
+    reconnect_timeout_s: After a retryable error, how long to wait for the worker to be reachable
+      again before raising `WorkerUnavailableError`.
+    rpc_timeout_s: Deadline given to each RPC that has none; None means none.
   """
 
   def __init__(

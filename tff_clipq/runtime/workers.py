@@ -122,6 +122,11 @@ class WorkerProcess:
   worker serves TFF's executor service on `address` (the binary listens on all interfaces). Use
   as a context manager, or call `stop()`; at interpreter exit every worker still running is
   stopped, and if Python dies without running `atexit` handlers the kernel terminates it (Linux).
+
+  Args:
+    process: The started `worker_binary` process.
+    port: The port it serves on.
+    log_file: The open file that receives its stdout and stderr; closed when it is stopped.
   """
 
   def __init__(self, process: subprocess.Popen, port: int, log_file: IO[bytes]):
@@ -202,7 +207,12 @@ class WorkerProcess:
 
 
 def stop_workers(workers: Sequence[WorkerProcess], timeout_s: float = _STOP_TIMEOUT_S) -> None:
-  """Stops `workers` together: SIGINT to all, a shared wait of `timeout_s`, SIGKILL to the rest."""
+  """Stops `workers` together: SIGINT to all, a shared wait of `timeout_s`, SIGKILL to the rest.
+
+  Args:
+    workers: The workers to stop; those a forked child does not own are skipped.
+    timeout_s: Seconds to wait for all of them to exit after SIGINT (and again after SIGKILL).
+  """
   owned = [w for w in workers if os.getpid() == w._owner_pid]  # pylint: disable=protected-access
   for worker in owned:
     worker._signal(signal.SIGINT)  # pylint: disable=protected-access
@@ -323,6 +333,17 @@ def start_serving_workers(
 
   A worker that exits during start-up (typically: its port was taken between `portpicker` and the
   bind) is replaced, up to `_START_ATTEMPTS` times. On any failure every worker started is stopped.
+  Unlike `start_local_workers`, the arguments are not validated.
+
+  Args:
+    num_workers: How many workers to start.
+    max_concurrent_computation_calls: Passed to each worker; nonpositive means no limit.
+    startup_timeout_s: How long each attempt waits for its workers to serve.
+    intra_op_threads: Threads each TensorFlow operation of a worker may use; None: TensorFlow's
+      default.
+
+  Raises:
+    WorkerStartError: If a worker does not serve in time, or still exits at the last attempt.
   """
   serving: list[WorkerProcess] = []
   spawned: list[WorkerProcess] = []

@@ -58,13 +58,8 @@ zeros, like `MeanFactory(no_nan_division=True)`.
 from tff_clipq.aggregators.clipped_quantization.factory import build_codec
 from tff_clipq.aggregators.clipped_quantization.factory import clipped_quantization_mean
 from tff_clipq.aggregators.clipped_quantization.factory import clipped_quantization_sum
-from tff_clipq.aggregators.clipped_quantization.factory import ClippedQuantizationMeanFactory
-from tff_clipq.aggregators.clipped_quantization.factory import ClippedQuantizationSumFactory
 from tff_clipq.aggregators.clipped_quantization.factory import Codec
 from tff_clipq.aggregators.clipped_quantization.factory import unweighted_clipped_quantization_mean
-from tff_clipq.aggregators.clipped_quantization.factory import (
-  UnweightedClippedQuantizationMeanFactory,
-)
 from tff_clipq.aggregators.clipped_quantization.settings import INVERSE_ERROR_WEIGHTINGS
 from tff_clipq.aggregators.clipped_quantization.settings import QuantizationSettings
 from tff_clipq.aggregators.clipped_quantization.settings import UNWEIGHTED_WEIGHTINGS

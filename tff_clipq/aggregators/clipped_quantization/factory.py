@@ -246,155 +246,45 @@ def _build_process(
   return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
-class ClippedQuantizationMeanFactory(tff.aggregators.WeightedAggregationFactory):
-  """Weighted mean over clipped, B-bit quantized client values (see the module docstring).
-
-  With any weighting but 'example_count' the client weights handed to `next` only decide,
-  at the client, whether it takes part (weight > 0); they never leave the clients. Only
-  'example_count' sends them.
-  """
+class _Factory:
+  """What the three factories share: validated settings and the inner factory."""
 
   def __init__(
     self,
-    bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'max_abs',
-    rounding: str = 'stochastic',
-    weighting: str = 'example_count',
-    min_size_to_quantize: int = 128,
-    per_channel: bool = False,
-    seed: int = 0,
-    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+    settings: settings_lib.QuantizationSettings,
+    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory],
   ):
-    """Initializes the factory.
-
-    Args:
-      bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
-        value order (a sequence or a string like '4-2-2-4').
-      clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal
-        for this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
-        'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
-        threshold.
-      rounding: 'stochastic' (unbiased; the default) or 'nearest'.
-      weighting: 'example_count' (alias 'fedavg'; the default), 'inverse_error' (the paper's),
-        'inverse_normalized_error' or 'uniform'.
-      min_size_to_quantize: tensors with fewer elements are sent in float32.
-      per_channel: one threshold per slice of each tensor's last axis.
-      seed: first round's seed for stochastic rounding (advanced every round).
-      inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
-    """
-    self._settings = settings_lib.validate_settings(
-      bits,
-      clipping,
-      rounding,
-      weighting,
-      settings_lib.WEIGHTINGS,
-      min_size_to_quantize,
-      per_channel,
-      seed,
-    )
+    self._settings = settings
     self._inner_agg_factory = settings_lib.check_inner(inner_agg_factory)
 
   @property
   def settings(self) -> settings_lib.QuantizationSettings:
+    """The validated settings (bits per tensor are resolved when a value type is known)."""
     return self._settings
+
+
+class _WeightedFactory(_Factory, tff.aggregators.WeightedAggregationFactory):
+  """The weighted mean (`clipped_quantization_mean`)."""
 
   def create(
     self, value_type: tff.types.Type, weight_type: tff.types.Type
   ) -> tff.templates.AggregationProcess:
+    """Builds the aggregation process.
+
+    Args:
+      value_type: the clients' value type (float32 tensors of fully defined shapes).
+      weight_type: the clients' weight type (a float32 scalar).
+    """
     if not isinstance(weight_type, tff.types.TensorType) or weight_type.shape != ():
       raise TypeError(f'Expected a scalar `weight_type`. Found {weight_type}.')
     return _build_process(self._settings, self._inner_agg_factory, value_type, weight_type)
 
 
-class UnweightedClippedQuantizationMeanFactory(tff.aggregators.UnweightedAggregationFactory):
-  """Unweighted counterpart of `ClippedQuantizationMeanFactory` (no 'example_count')."""
-
-  def __init__(
-    self,
-    bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'max_abs',
-    rounding: str = 'stochastic',
-    weighting: str = 'uniform',
-    min_size_to_quantize: int = 128,
-    per_channel: bool = False,
-    seed: int = 0,
-    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
-  ):
-    """Same arguments as `ClippedQuantizationMeanFactory`, without 'example_count' (default
-    weighting 'uniform')."""
-    self._settings = settings_lib.validate_settings(
-      bits,
-      clipping,
-      rounding,
-      weighting,
-      settings_lib.UNWEIGHTED_WEIGHTINGS,
-      min_size_to_quantize,
-      per_channel,
-      seed,
-    )
-    self._inner_agg_factory = settings_lib.check_inner(inner_agg_factory)
-
-  @property
-  def settings(self) -> settings_lib.QuantizationSettings:
-    return self._settings
+class _UnweightedFactory(_Factory, tff.aggregators.UnweightedAggregationFactory):
+  """The unweighted mean and the sum (`unweighted_clipped_quantization_mean`, `..._sum`)."""
 
   def create(self, value_type: tff.types.Type) -> tff.templates.AggregationProcess:
     return _build_process(self._settings, self._inner_agg_factory, value_type, None)
-
-
-class ClippedQuantizationSumFactory(tff.aggregators.UnweightedAggregationFactory):
-  """Sum of clipped, B-bit quantized client values: the inner factory of TFF's wrappers.
-
-  The same encoding as `ClippedQuantizationMeanFactory` with uniform weights, returning the sum
-  instead of the mean, so it composes where TFF expects a sum: as `value_sum_factory` of
-  `tff.aggregators.MeanFactory` (which weights at the clients and divides at the server), or as
-  `inner_agg_factory` of `tff.aggregators.HadamardTransformFactory` (random rotation first).
-  """
-
-  def __init__(
-    self,
-    bits: Union[payload_lib.BitsSpec, str] = 4,
-    clipping: Union[str, float] = 'max_abs',
-    rounding: str = 'stochastic',
-    min_size_to_quantize: int = 128,
-    per_channel: bool = False,
-    seed: int = 0,
-    inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
-  ):
-    """Arguments as in `ClippedQuantizationMeanFactory`, without `weighting`."""
-    self._settings = settings_lib.validate_settings(
-      bits,
-      clipping,
-      rounding,
-      'uniform',
-      ('uniform',),
-      min_size_to_quantize,
-      per_channel,
-      seed,
-      sum_result=True,
-    )
-    self._inner_agg_factory = settings_lib.check_inner(inner_agg_factory)
-
-  @property
-  def settings(self) -> settings_lib.QuantizationSettings:
-    return self._settings
-
-  def create(self, value_type: tff.types.Type) -> tff.templates.AggregationProcess:
-    return _build_process(self._settings, self._inner_agg_factory, value_type, None)
-
-
-def clipped_quantization_sum(
-  bits: Union[payload_lib.BitsSpec, str] = 4,
-  clipping: Union[str, float] = 'max_abs',
-  rounding: str = 'stochastic',
-  **kwargs,
-) -> ClippedQuantizationSumFactory:
-  """The sum form, e.g. `tff.aggregators.HadamardTransformFactory(clipped_quantization_sum(2))`.
-
-  Further keyword arguments (min_size_to_quantize, per_channel, seed, inner_agg_factory) are
-  those of `ClippedQuantizationSumFactory`.
-  """
-  return ClippedQuantizationSumFactory(bits, clipping, rounding, **kwargs)
 
 
 def clipped_quantization_mean(
@@ -402,14 +292,43 @@ def clipped_quantization_mean(
   clipping: Union[str, float] = 'max_abs',
   rounding: str = 'stochastic',
   weighting: str = 'example_count',
-  **kwargs,
-) -> ClippedQuantizationMeanFactory:
-  """The weighted factory, for `tff.learning.algorithms.build_weighted_fed_avg(model_aggregator=...)`.
+  min_size_to_quantize: int = 128,
+  per_channel: bool = False,
+  seed: int = 0,
+  inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+) -> tff.aggregators.WeightedAggregationFactory:
+  """Weighted mean of clipped, B-bit quantized client values (see the package docstring).
 
-  Further keyword arguments (min_size_to_quantize, per_channel, seed,
-  inner_agg_factory) are those of `ClippedQuantizationMeanFactory`.
+  For `tff.learning.algorithms.build_weighted_fed_avg(model_aggregator=...)`. With any weighting
+  but 'example_count' the client weights handed to `next` only decide, at the client, whether
+  it takes part (weight > 0); they never leave the clients. Only 'example_count' sends them.
+
+  Args:
+    bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
+      value order (a sequence or a string like '4-2-2-4').
+    clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal for
+      this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
+      'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
+      threshold.
+    rounding: 'stochastic' (unbiased; the default) or 'nearest'.
+    weighting: 'example_count' (alias 'fedavg'; the default), 'inverse_error' (the paper's),
+      'inverse_normalized_error' or 'uniform'.
+    min_size_to_quantize: tensors with fewer elements are sent in float32.
+    per_channel: one threshold per slice of each tensor's last axis.
+    seed: first round's seed for stochastic rounding (advanced every round).
+    inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
   """
-  return ClippedQuantizationMeanFactory(bits, clipping, rounding, weighting, **kwargs)
+  settings = settings_lib.validate_settings(
+    bits,
+    clipping,
+    rounding,
+    weighting,
+    settings_lib.WEIGHTINGS,
+    min_size_to_quantize,
+    per_channel,
+    seed,
+  )
+  return _WeightedFactory(settings, inner_agg_factory)
 
 
 def unweighted_clipped_quantization_mean(
@@ -417,7 +336,77 @@ def unweighted_clipped_quantization_mean(
   clipping: Union[str, float] = 'max_abs',
   rounding: str = 'stochastic',
   weighting: str = 'uniform',
-  **kwargs,
-) -> UnweightedClippedQuantizationMeanFactory:
-  """The unweighted factory, for `tff.learning.algorithms.build_unweighted_fed_avg`."""
-  return UnweightedClippedQuantizationMeanFactory(bits, clipping, rounding, weighting, **kwargs)
+  min_size_to_quantize: int = 128,
+  per_channel: bool = False,
+  seed: int = 0,
+  inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+) -> tff.aggregators.UnweightedAggregationFactory:
+  """Unweighted mean, for `tff.learning.algorithms.build_unweighted_fed_avg`.
+
+  Args:
+    bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
+      value order (a sequence or a string like '4-2-2-4').
+    clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal for
+      this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
+      'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
+      threshold.
+    rounding: 'stochastic' (unbiased; the default) or 'nearest'.
+    weighting: 'uniform' (the default), 'inverse_error' or 'inverse_normalized_error'.
+    min_size_to_quantize: tensors with fewer elements are sent in float32.
+    per_channel: one threshold per slice of each tensor's last axis.
+    seed: first round's seed for stochastic rounding (advanced every round).
+    inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
+  """
+  settings = settings_lib.validate_settings(
+    bits,
+    clipping,
+    rounding,
+    weighting,
+    settings_lib.UNWEIGHTED_WEIGHTINGS,
+    min_size_to_quantize,
+    per_channel,
+    seed,
+  )
+  return _UnweightedFactory(settings, inner_agg_factory)
+
+
+def clipped_quantization_sum(
+  bits: Union[payload_lib.BitsSpec, str] = 4,
+  clipping: Union[str, float] = 'max_abs',
+  rounding: str = 'stochastic',
+  min_size_to_quantize: int = 128,
+  per_channel: bool = False,
+  seed: int = 0,
+  inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+) -> tff.aggregators.UnweightedAggregationFactory:
+  """Sum of clipped, B-bit quantized client values: the inner factory of TFF's wrappers.
+
+  The encoding of the mean with uniform weights, returning the sum, so it composes where TFF
+  expects a sum: `tff.aggregators.HadamardTransformFactory(clipped_quantization_sum(2))`
+  (random rotation first), or `value_sum_factory` of `tff.aggregators.MeanFactory`.
+
+  Args:
+    bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
+      value order (a sequence or a string like '4-2-2-4').
+    clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal for
+      this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
+      'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
+      threshold.
+    rounding: 'stochastic' (unbiased; the default) or 'nearest'.
+    min_size_to_quantize: tensors with fewer elements are sent in float32.
+    per_channel: one threshold per slice of each tensor's last axis.
+    seed: first round's seed for stochastic rounding (advanced every round).
+    inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
+  """
+  settings = settings_lib.validate_settings(
+    bits,
+    clipping,
+    rounding,
+    'uniform',
+    ('uniform',),
+    min_size_to_quantize,
+    per_channel,
+    seed,
+    sum_result=True,
+  )
+  return _UnweightedFactory(settings, inner_agg_factory)

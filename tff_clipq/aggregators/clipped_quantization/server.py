@@ -20,7 +20,14 @@ from tff_clipq.quantization import payload as payload_lib
 
 
 def statistic(weighting: str, client: dict, key: str, wire_weighting: str) -> tf.Tensor:
-  """A per-tensor statistic `key`: on the wire under `wire_weighting`, else a diagnostic."""
+  """A per-tensor statistic `key`: on the wire under `wire_weighting`, else a diagnostic.
+
+  Args:
+    weighting: the factory's weighting.
+    client: the client's payload, with 'wire' and 'diagnostics' parts (`client.encode`).
+    key: the statistic's name in the diagnostics, e.g. 'quantization_mse' or 'normalized_mse'.
+    wire_weighting: the weighting under which this statistic travels as `wire['errors']`.
+  """
   if weighting == wire_weighting:
     return client['wire']['errors']
   return client['diagnostics'][key]
@@ -79,7 +86,13 @@ def well_formed(
 def zero_accumulator(
   plan: payload_lib.EncodingPlan, float_types: Sequence[tff.TensorType], sum_floats: bool
 ) -> collections.OrderedDict:
-  """The empty accumulator; `float_sum` holds the float tensors' sum when `sum_floats`."""
+  """The empty accumulator; `float_sum` holds the float tensors' sum when `sum_floats`.
+
+  Args:
+    plan: the value's `EncodingPlan`.
+    float_types: the types of the value's unquantized (float) tensors, in order.
+    sum_floats: whether the accumulator sums the float tensors too (else `float_sum` is empty).
+  """
   num_quantized = len(plan.quantized)
   vector = tf.zeros([num_quantized])
   return collections.OrderedDict(
@@ -199,7 +212,12 @@ def accumulate(
 
 
 def merge(a: dict, b: dict) -> collections.OrderedDict:
-  """Two accumulators combined (sums added, weight extremes kept)."""
+  """Two accumulators combined (sums added, weight extremes kept).
+
+  Args:
+    a: an accumulator, as from `zero_accumulator` or `accumulate`.
+    b: another accumulator of the same structure.
+  """
   merged = collections.OrderedDict(
     (key, tf.nest.map_structure(tf.add, a[key], b[key])) for key in a
   )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+from absl import logging
 import numpy as np
 import tensorflow_federated as tff
 
@@ -37,10 +38,23 @@ class QuantizationSettings:
     return self.clipping == 'mean_optimal'
 
   def plan_for(self, value_type: tff.types.Type) -> payload_lib.EncodingPlan:
+    """The encoding plan for `value_type`; logs which width went to which tensor.
+
+    A list of widths is matched to the tensors one per quantized tensor or one per tensor, so
+    the log line says how it was read.
+    """
     shapes = [tuple(t.shape) for t in flat_tensor_types(value_type)]
-    return payload_lib.make_plan(
+    plan = payload_lib.make_plan(
       shapes, self.bits, self.min_size_to_quantize, self.clipping, self.rounding, self.per_channel
     )
+    if isinstance(self.bits, tuple):
+      logging.info(
+        'clipq bits per tensor: %s',
+        ', '.join(
+          f'{list(t.shape)}: {t.bits if t.bits is not None else "float32"}' for t in plan.tensors
+        ),
+      )
+    return plan
 
 
 def flat_tensor_types(value_type: tff.types.Type) -> list[tff.types.TensorType]:
