@@ -7,15 +7,20 @@ by 10-15%, more than the 5% the target allows. Here each piece is timed alone, s
 precise:
 
   * local training of one client, the FedAvg client's work: the paper's CNN, SGD with momentum
-    0.9 over the client's batches, in a `tf.function` (the floor's loop in `round_time.py`), on
-    random MNIST-shaped data, for each `--clients` size (examples:batch size);
+    0.9 over the client's batches, in a `tf.function` (`round_time_floor.ClientTrainer`, the
+    floor's loop in `round_time.py`), on random MNIST-shaped data, for each `--clients` size
+    (examples:batch size);
   * FedAvg's per-client aggregation: adding the example-weighted update to the running sum;
-  * clipq's encode (`payload.client_seed` + `payload.encode_tensors`) at 2 and 4 bits, stochastic
-    rounding, with the MSE-optimal `octav` threshold and with `max_abs` (which isolates the cost
-    of the threshold search);
-  * clipq's server side per client: `payload_is_well_formed`, the weight x threshold finiteness
-    checks and the weighted sum of the levels, `payload.weighted_levels` (with zero thresholds if
-    invalid): the core of the aggregator's `accumulate_fn`.
+  * clipq's encode, the aggregator's client step (`clipped_quantization.client.encode`), at 2 and
+    4 bits, stochastic rounding, with the MSE-optimal `octav` threshold and with `max_abs` (which
+    isolates the cost of the threshold search);
+  * clipq's server side per client, the aggregator's accumulate step
+    (`clipped_quantization.server.accumulate`: the payload's checks, its weights, the weighted
+    sum of its decoded levels and float tensors, the statistics), one payload added to an empty
+    accumulator.
+
+Both clipq pieces run the library's own functions on the encoding plan and weighting of the very
+factories the TFF part below times, so they measure what the aggregator runs.
 
 Everything runs in one process with one intra-op and one inter-op thread, each piece in its own
 `tf.function`, after warm-up. The pieces are timed round-robin in blocks of 10 calls (CPU time,
@@ -65,11 +70,14 @@ if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without install
   sys.path.insert(0, _REPO_ROOT)
 
 from benchmarks import bench_util  # pylint: disable=g-import-not-at-top
+from benchmarks import round_time_floor
 from tff_clipq import runtime  # pylint: disable=g-import-not-at-top
 from tff_clipq.aggregators import clipped_quantization  # pylint: disable=g-import-not-at-top
+from tff_clipq.aggregators.clipped_quantization import client as client_lib
+from tff_clipq.aggregators.clipped_quantization import server as server_lib
 from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
 from tff_clipq.learning import models  # pylint: disable=g-import-not-at-top
-from tff_clipq.quantization import payload  # pylint: disable=g-import-not-at-top
+from tff_clipq.learning import process as process_lib
 
 _OUTPUT = flags.DEFINE_string(
   'output',
@@ -133,40 +141,68 @@ def parse_clients(specs: list[str]) -> list[tuple[int, int]]:
   return sizes
 
 
-def local_training_fn(model: tf.keras.Model) -> Callable[[tf.data.Dataset], tf.Tensor]:
-  """One client's FedAvg work: SGD with momentum over its batches, from the global weights."""
-  variables = model.trainable_variables
-  start = [tf.Variable(v) for v in variables]
-  velocities = [tf.Variable(tf.zeros_like(v)) for v in variables]
-  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+def _cnn_shapes() -> list[tuple[int, ...]]:
+  """The shapes of the paper CNN's trainable tensors (the value every aggregator here gets)."""
+  model = models.create_keras_model('cnn', seed=0)
+  return [tuple(v.shape) for v in model.trainable_variables]
 
-  @tf.function
-  def train(dataset: tf.data.Dataset) -> tf.Tensor:
-    loss = tf.constant(0.0)
-    for variable, value in zip(variables, start):
-      variable.assign(value)
-    for velocity in velocities:
-      velocity.assign(tf.zeros_like(velocity))
-    for x, y in iter(dataset):
-      with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=True))
-      for variable, velocity, gradient in zip(
-        variables, velocities, tape.gradient(loss, variables)
-      ):
-        velocity.assign(0.9 * velocity + gradient)
-        variable.assign_sub(0.01 * velocity)
-    return loss
 
-  return train
+def _value_type(shapes: list[tuple[int, ...]]) -> tff.types.Type:
+  return tff.StructWithPythonType([tff.TensorType(np.float32, shape) for shape in shapes], list)
+
+
+def _clipq_pieces(
+  factory: tff.aggregators.WeightedAggregationFactory,
+  update: list[tf.Tensor],
+  weight: tf.Tensor,
+  round_seed: tf.Tensor,
+) -> tuple[Callable[..., Any], Callable[..., Any], tuple]:
+  """(encode, server, server's args) of `factory`'s aggregator, as its TFF computations run them.
+
+  `encode` is the client's `client.encode`; `server` is one call of the accumulate step,
+  `server.accumulate`, adding one client's payload to an empty accumulator. Both run on the
+  plan, weighting and accumulator of the process `factory` builds for the CNN's update.
+
+  Args:
+    factory: a `clipped_quantization_mean` factory.
+    update: one client's model update.
+    weight: the client's weight.
+    round_seed: the round's seed.
+  """
+  settings = factory.settings
+  value_type = _value_type([tuple(t.shape) for t in update])
+  # The codec says which parts of the client's payload the accumulate step takes, and with
+  # them whether it sums the float tensors too (it does for the default inner `SumFactory`).
+  codec = clipped_quantization.build_codec(
+    settings, tff.aggregators.SumFactory(), value_type, tff.TensorType(np.float32)
+  )
+  plan = settings.plan_for(value_type)
+  float_types = [tff.TensorType(np.float32, plan.tensors[i].shape) for i in plan.float_indices]
+  zero = server_lib.zero_accumulator(plan, float_types, 'weighted_floats' in codec.aggregate_keys)
+  encode = tf.function(
+    lambda value: client_lib.encode(plan, settings.weighting, value, round_seed, weight)
+  )
+  encoded = encode(update)
+  payload = collections.OrderedDict((key, encoded[key]) for key in codec.aggregate_keys)
+  server = tf.function(
+    lambda accumulator, value: server_lib.accumulate(plan, settings.weighting, accumulator, value)
+  )
+  return encode, server, (zero, payload)
 
 
 def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]:
-  model = models.create_keras_model('cnn', seed=0)
-  shapes = [tuple(v.shape) for v in model.trainable_variables]
+  """CPU ms per call of each piece, local training per client size, and clipq's overhead.
+
+  Args:
+    client_sizes: (examples, batch size) of the clients whose local training is timed.
+    repeats: timed calls per piece.
+  """
+  shapes = _cnn_shapes()
   update = [0.01 * tf.random.stateless_normal(s, seed=[i, 0]) for i, s in enumerate(shapes)]
   totals = [tf.zeros(s) for s in shapes]
   weight = tf.constant(100.0)
   round_seed = tf.constant(7, tf.int64)
+  factories = tff_aggregators()
 
   empty = tf.function(lambda *args: tf.constant(0.0))
   timed = collections.OrderedDict()  # name -> (fn, args, name of its call-overhead piece)
@@ -176,48 +212,27 @@ def measure(client_sizes: list[tuple[int, int]], repeats: int) -> dict[str, Any]
   timed['fedavg_aggregation'] = (fedavg_sum, (update, totals), 'overhead: update + sums')
   for bits in (2, 4):
     for clipping in ('octav', 'max_abs'):
-      plan = payload.make_plan(shapes, bits, _MIN_SIZE_TO_QUANTIZE, clipping, 'stochastic')
-      encode = tf.function(
-        lambda value, plan=plan: payload.encode_tensors(
-          plan, value, payload.client_seed(round_seed, value)
-        )
+      encode, server, server_args = _clipq_pieces(
+        factories[f'clipq_{bits}b_{clipping}'], update, weight, round_seed
       )
       timed[f'clipq_{bits}b_{clipping}_encode'] = (encode, (update,), 'overhead: update')
       if clipping != 'octav':
         continue
-      quantized, _, _, _ = encode(update)
-      quantized_totals = [totals[i] for i in plan.quantized_indices]
+      timed[f'overhead: clipq_{bits}b_server'] = (empty, server_args, None)
+      timed[f'clipq_{bits}b_server'] = (server, server_args, f'overhead: clipq_{bits}b_server')
 
-      @tf.function
-      def server(parts, sums, plan=plan):
-        checks = [payload.payload_is_well_formed(plan, parts)]
-        checks += [tf.math.is_finite(weight * tf.reduce_max(p['threshold'])) for p in parts]
-        valid = tf.reduce_all(tf.stack(checks))
-        client_weight = tf.where(valid, weight, 0.0)
-        return [
-          s
-          + payload.weighted_levels(
-            encoding,
-            collections.OrderedDict(
-              codes=p['codes'], threshold=tf.where(valid, p['threshold'], 0.0)
-            ),
-            client_weight,
-          )
-          for s, encoding, p in zip(sums, plan.quantized, parts)
-        ]
-
-      timed[f'overhead: clipq_{bits}b_server'] = (empty, (quantized, quantized_totals), None)
-      timed[f'clipq_{bits}b_server'] = (
-        server,
-        (quantized, quantized_totals),
-        f'overhead: clipq_{bits}b_server',
-      )
-
-  train = local_training_fn(model)
+  config = process_lib.ProcessConfig()
+  trainer = round_time_floor.ClientTrainer(
+    models.create_keras_model('cnn', seed=0),
+    config.client_learning_rate,
+    config.client_momentum,
+  )
+  train = tf.function(trainer.train)
   for examples, batch_size in client_sizes:
     images = tf.random.stateless_uniform([examples, 28, 28, 1], seed=[examples, 1])
     labels = tf.random.stateless_uniform([examples], seed=[examples, 2], maxval=10, dtype=tf.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+    batches = collections.OrderedDict(x=images, y=labels)  # As `ClientTrainer.train` reads them.
+    dataset = tf.data.Dataset.from_tensor_slices(batches).batch(batch_size)
     timed[f'training: {examples}:{batch_size}'] = (train, (dataset,), 'overhead: update')
 
   raw = interleaved_cpu_ms({name: (fn, args) for name, (fn, args, _) in timed.items()}, repeats)
@@ -267,7 +282,7 @@ def tff_aggregators() -> dict[str, tff.aggregators.WeightedAggregationFactory]:
       factories[f'clipq_{bits}b_{clipping}'] = clipped_quantization.clipped_quantization_mean(
         bits=bits, clipping=clipping, min_size_to_quantize=_MIN_SIZE_TO_QUANTIZE
       )
-    factories[f'tff_minmax_{bits}b'] = tff.aggregators.MeanFactory(
+    factories[f'tff_encoded_{bits}b'] = tff.aggregators.MeanFactory(
       tff.aggregators.EncodedSumFactory.quantize_above_threshold(
         quantization_bits=bits, threshold=_MIN_SIZE_TO_QUANTIZE
       )
@@ -293,11 +308,8 @@ def measure_in_tff(clients: int, rounds: int, intra_op_threads: int = 0) -> dict
 
   `intra_op_threads`: threads per TensorFlow operation in the worker (0: TensorFlow's default).
   """
-  model = models.create_keras_model('cnn', seed=0)
-  shapes = [tuple(v.shape) for v in model.trainable_variables]
-  value_type = tff.StructWithPythonType(
-    [tff.TensorType(np.float32, shape) for shape in shapes], list
-  )
+  shapes = _cnn_shapes()
+  value_type = _value_type(shapes)
   rng = np.random.default_rng(0)
   values = [
     [(0.01 * rng.standard_normal(shape)).astype(np.float32) for shape in shapes]

@@ -2,15 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
+import benchmark_loader
 import pytest
 import tensorflow as tf
-
-_PATH = os.path.join(
-  os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'accuracy_vs_bits.py'
-)
 
 
 @pytest.mark.slow
@@ -18,29 +13,23 @@ class AccuracyVsBitsBenchmarkTest(tf.test.TestCase):
   def test_tiny_study_writes_mean_and_std_over_seeds(self):
     directory = self.get_temp_dir()
     results = os.path.join(directory, 'accuracy')
-    log_path = os.path.join(directory, 'log.txt')
-    with open(log_path, 'w') as log:  # A file, not a pipe.
-      result = subprocess.run(
-        [
-          sys.executable,
-          _PATH,
-          '--methods=main',
-          '--datasets=synthetic',
-          '--partitions=iid',
-          '--payloads=update',
-          '--seeds=0,1',
-          '--rounds=1',
-          '--num_clients=10',
-          f'--output_dir={directory}/runs',
-          f'--results={results}',
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        timeout=900,
-        check=False,
-      )
-    with open(log_path) as log:
-      self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
+    returncode, log = benchmark_loader.run(
+      'accuracy_vs_bits',
+      [
+        '--methods=main',
+        '--datasets=synthetic',
+        '--partitions=iid',
+        '--payloads=update',
+        '--seeds=0,1',
+        '--rounds=1',
+        '--num_clients=10',
+        f'--output_dir={directory}/runs',
+        f'--results={results}',
+      ],
+      os.path.join(directory, 'log.txt'),
+      timeout=900,
+    )
+    self.assertEqual(returncode, 0, msg=log[-3000:])
     with open(results + '_main.json') as f:
       report = json.load(f)
     ((setting, rows),) = report['table'].items()
@@ -48,7 +37,7 @@ class AccuracyVsBitsBenchmarkTest(tf.test.TestCase):
     methods = [row['method'] for row in rows]
     self.assertEqual(methods[0], 'float32')
     self.assertIn('clipq defaults, 1 b', methods)
-    self.assertIn('TFF min-max, 2 b', methods)
+    self.assertIn('tff_encoded, 2 b', methods)
     for row in rows:
       self.assertEqual(row['seeds'], [0, 1])
       self.assertAllClose(row['accuracy_mean'], sum(row['accuracies']) / 2)

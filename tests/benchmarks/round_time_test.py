@@ -1,51 +1,50 @@
-"""Smoke test of `benchmarks/round_time.py`: a tiny run writes a report that parses."""
+"""Tests of `benchmarks/round_time.py`: a tiny run writes a report that parses; its pieces."""
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
+import benchmark_loader
+import pytest
 import tensorflow as tf
 
-_REPO_ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
-_PATH = os.path.join(_REPO_ROOT, 'benchmarks', 'round_time.py')
+measure = benchmark_loader.load('round_time_measure')
+targets = benchmark_loader.load('round_time_targets')
+variants = benchmark_loader.load('round_time_variants')
 
 
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location('round_time_benchmark', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while it executes.
-  spec.loader.exec_module(module)
-  return module
-
-
-benchmark = _load_benchmark()
+def _measurement(variant: str, clients_per_round: int, seconds: float, **memory_mb: float):
+  """A measurement of one timed round taking `seconds` of wall and CPU time."""
+  return measure.Measurement(
+    variant,
+    clients_per_round,
+    round_s=[seconds],
+    data_s=[0.0],
+    cpu_s=[seconds],
+    **{name: int(mb * 1024 * 1024) for name, mb in memory_mb.items()},
+  )
 
 
 class RoundTimeBenchmarkTest(tf.test.TestCase):
+  @pytest.mark.slow
   def test_tiny_run_writes_markdown_and_json(self):
     output = os.path.join(self.get_temp_dir(), 'round_time.md')
-    command = [
-      sys.executable,
-      _PATH,
-      '--dataset=synthetic',
-      '--num_clients=4',
-      '--examples_per_client=20',
-      '--clients_per_round=2',
-      '--rounds=1',
-      '--variants=keras,fedavg_float,clipq_2b',
-      '--worker_intra_op_threads=1',
-      f'--output={output}',
-    ]
-    # Output goes to a file, not a pipe (a TFF worker could hold a pipe open).
     log_path = os.path.join(self.get_temp_dir(), 'round_time.log')
-    with open(log_path, 'w') as log:
-      result = subprocess.run(
-        command, stdout=log, stderr=subprocess.STDOUT, timeout=300, check=False
-      )
-    with open(log_path) as log:
-      self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
+    returncode, log = benchmark_loader.run(
+      'round_time',
+      [
+        '--dataset=synthetic',
+        '--num_clients=4',
+        '--examples_per_client=20',
+        '--clients_per_round=2',
+        '--rounds=1',
+        '--variants=keras,fedavg_float,clipq_2b',
+        '--worker_intra_op_threads=1',
+        f'--output={output}',
+      ],
+      log_path,
+      timeout=300,
+    )
+    self.assertEqual(returncode, 0, msg=log[-3000:])
     with open(os.path.splitext(output)[0] + '.json') as f:
       report = json.load(f)
     rows = {(row['variant'], row['clients_per_round']): row for row in report['results']}
@@ -68,18 +67,13 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
 
     # --retarget re-evaluates the saved run without measuring: same results, same verdicts.
     retargeted = os.path.join(self.get_temp_dir(), 'retargeted.md')
-    command = [
-      sys.executable,
-      _PATH,
-      f'--retarget={os.path.splitext(output)[0]}.json',
-      f'--output={retargeted}',
-    ]
-    with open(log_path, 'w') as log:
-      result = subprocess.run(
-        command, stdout=log, stderr=subprocess.STDOUT, timeout=120, check=False
-      )
-    with open(log_path) as log:
-      self.assertEqual(result.returncode, 0, msg=log.read()[-3000:])
+    returncode, log = benchmark_loader.run(
+      'round_time',
+      [f'--retarget={os.path.splitext(output)[0]}.json', f'--output={retargeted}'],
+      log_path,
+      timeout=120,
+    )
+    self.assertEqual(returncode, 0, msg=log[-3000:])
     with open(os.path.splitext(retargeted)[0] + '.json') as f:
       again = json.load(f)
     self.assertEqual(again['results'], report['results'])
@@ -89,30 +83,57 @@ class RoundTimeBenchmarkTest(tf.test.TestCase):
 
   def test_memory_linearity_check(self):
     linear = [(10, 500.0), (50, 900.0), (100, 1400.0)]
-    self.assertTrue(benchmark._memory_is_at_most_linear(linear))
+    self.assertTrue(targets.memory_is_at_most_linear(linear))
     superlinear = [(10, 500.0), (50, 600.0), (100, 1400.0)]
-    self.assertFalse(benchmark._memory_is_at_most_linear(superlinear))
-    self.assertIsNone(benchmark._memory_is_at_most_linear(linear[:2]))
+    self.assertFalse(targets.memory_is_at_most_linear(superlinear))
+    self.assertIsNone(targets.memory_is_at_most_linear(linear[:2]))
 
   def test_round_rise_linearity_check(self):
-    self.assertTrue(benchmark._rise_is_at_most_linear([(10, 11.0), (50, 13.0), (100, 62.0)]))
-    self.assertTrue(benchmark._rise_is_at_most_linear([(10, 1.0), (50, 37.0), (100, 51.0)]))
-    self.assertFalse(benchmark._rise_is_at_most_linear([(10, 5.0), (50, 20.0), (100, 400.0)]))
-    self.assertIsNone(benchmark._rise_is_at_most_linear([(10, 5.0)]))
+    self.assertTrue(targets.rise_is_at_most_linear([(10, 11.0), (50, 13.0), (100, 62.0)]))
+    self.assertTrue(targets.rise_is_at_most_linear([(10, 1.0), (50, 37.0), (100, 51.0)]))
+    self.assertFalse(targets.rise_is_at_most_linear([(10, 5.0), (50, 20.0), (100, 400.0)]))
+    self.assertIsNone(targets.rise_is_at_most_linear([(10, 5.0)]))
+
+  def test_targets_judge_wall_time_and_show_cpu_time(self):
+    measurements = []
+    for k in (10, 50, 100):
+      measurements += [
+        _measurement('keras', k, 1.0, rise_main_bytes=1.0),
+        _measurement('fedavg_float', k, 1.2, peak_worker_bytes=100.0 + k),
+        _measurement('clipq_2b', k, 1.5, peak_worker_bytes=100.0 + k, rise_main_bytes=1.0),
+      ]
+    measurements[-1].cpu_s = [1.2]  # clipq_2b at K=100: as much CPU as FedAvg.
+    by_target = {t['target']: t for t in targets.evaluate_targets(measurements, [10, 50, 100])}
+    overhead = by_target['aggregator overhead: clipq (no QAT) round / FedAvg round <= 1.05']
+    self.assertFalse(overhead['met'])
+    self.assertAllClose(overhead['values']['clipq_2b K=10'], 1.25)
+    self.assertAllClose(overhead['cpu_values']['clipq_2b K=100'], 1.0)
+    self.assertIsNone(by_target['QAT overhead on local training <= 25%']['met'])
+    self.assertTrue(by_target['whole round / compute floor <= 1.5']['met'])
+    memory = [t for t in by_target.values() if t['target'].startswith('memory')][0]
+    self.assertTrue(memory['met'])
+    self.assertEqual(memory['values']['clipq_2b worker peak'], '110 -> 150 -> 200')
+    # Without ours the memory target is not measured; the others' curves are still shown.
+    without_ours = [m for m in measurements if m.variant != 'clipq_2b']
+    memory = targets.evaluate_targets(without_ours, [10, 50, 100])[-1]
+    self.assertIsNone(memory['met'])
+    self.assertIn('fedavg_float worker peak', memory['values'])
+    self.assertAllClose(targets.ratio(measurements, 'fedavg_float', 'keras', 50), 1.2)
+    self.assertIsNone(targets.ratio(measurements, 'clipq_4b', 'keras', 50))
 
   def test_variant_specs(self):
-    for name in benchmark.ALL_VARIANTS:
-      spec = benchmark.variant_spec(name)
+    for name in variants.ALL_VARIANTS:
+      spec = variants.variant_spec(name)
       self.assertIn(spec.group, 'abcd')
-    self.assertEqual(benchmark.variant_spec('clipq_4b_qat').bits, 4)
-    self.assertTrue(benchmark.variant_spec('clipq_4b_qat').qat)
-    self.assertFalse(benchmark.variant_spec('clipq_2b').qat)
-    self.assertEqual(benchmark.variant_spec('clipq_2b_qat').qat_refresh_steps, 0)
-    every_step = benchmark.variant_spec('clipq_2b_qat_every_step')
+    self.assertEqual(variants.variant_spec('clipq_4b_qat').bits, 4)
+    self.assertTrue(variants.variant_spec('clipq_4b_qat').qat)
+    self.assertFalse(variants.variant_spec('clipq_2b').qat)
+    self.assertEqual(variants.variant_spec('clipq_2b_qat').qat_refresh_steps, 0)
+    every_step = variants.variant_spec('clipq_2b_qat_every_step')
     self.assertEqual((every_step.bits, every_step.qat, every_step.qat_refresh_steps), (2, True, 1))
-    self.assertEqual(benchmark.variant_spec('keras_qat_2b_every_step').qat_refresh_steps, 1)
+    self.assertEqual(variants.variant_spec('keras_qat_2b_every_step').qat_refresh_steps, 1)
     with self.assertRaisesRegex(ValueError, 'Unknown variant'):
-      benchmark.variant_spec('fp16')
+      variants.variant_spec('fp16')
 
 
 if __name__ == '__main__':

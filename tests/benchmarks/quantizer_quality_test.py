@@ -1,27 +1,13 @@
 """Smoke tests for `benchmarks/quantizer_quality.py`: the pieces whose claims the report relies on."""
 
 import gzip
-import importlib.util
 import os
-import sys
 
+import benchmark_loader
 import numpy as np
 import tensorflow as tf
 
-_PATH = os.path.join(
-  os.path.dirname(__file__), os.pardir, os.pardir, 'benchmarks', 'quantizer_quality.py'
-)
-
-
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location('quantizer_quality_benchmark', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while it executes.
-  spec.loader.exec_module(module)
-  return module
-
-
-benchmark = _load_benchmark()
+benchmark = benchmark_loader.load('quantizer_quality')
 
 
 class QuantizerQualityBenchmarkTest(tf.test.TestCase):
