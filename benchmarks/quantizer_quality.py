@@ -24,16 +24,15 @@ Usage:
       [--num_samples 262144]
 
 The markdown table and a JSON file with the same stem are written atomically (temporary file in
-the same directory, then `os.replace`). MNIST comes from `--mnist_dir`, else the environment
-variable TFF_CLIPQ_MNIST_DIR, else /work/shared/data/mnist (IDX .gz files); if none has the files,
-scikit-learn's 8x8 `load_digits` stands in (and the report says so).
+the same directory, then `os.replace`). MNIST comes from the runner's source chain (`--mnist_dir`,
+$TFF_CLIPQ_MNIST_DIR, the Keras cache, ...); if none has it, scikit-learn's 8x8 `load_digits`
+stands in (and the report says so).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import gzip
 import json
 import os
 import statistics
@@ -55,6 +54,8 @@ if _REPO_ROOT not in sys.path:  # Run as a script from anywhere, without install
   sys.path.insert(0, _REPO_ROOT)
 
 from tff_clipq import quantization  # pylint: disable=g-import-not-at-top
+from tff_clipq.data import sources  # pylint: disable=g-import-not-at-top
+from tff_clipq.learning import models  # pylint: disable=g-import-not-at-top
 from tff_clipq.experiments import outputs  # pylint: disable=g-import-not-at-top
 
 _OUTPUT = flags.DEFINE_string(
@@ -90,8 +91,6 @@ _TIMING_REPEATS = flags.DEFINE_integer(
 
 BITS = tuple(range(1, 9))
 TIMING_BITS = (2, 4)
-DEFAULT_MNIST_DIR = '/work/shared/data/mnist'
-MNIST_ENV_VAR = 'TFF_CLIPQ_MNIST_DIR'
 TFF_TIMING_VARIANT = 'TFF uniform_quantization (stochastic)'
 
 
@@ -117,52 +116,20 @@ def synthetic_tensors(num_samples: int, seed: int) -> list[DataTensor]:
   ]
 
 
-def read_idx_gz(path: str) -> np.ndarray:
-  """Reads an IDX file (gzip-compressed, unsigned-byte data) into a numpy array."""
-  with gzip.open(path, 'rb') as f:
-    data = f.read()
-  if data[:2] != b'\x00\x00' or data[2] != 0x08:
-    raise ValueError(f'{path} is not an unsigned-byte IDX file.')
-  rank = data[3]
-  shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], 'big') for i in range(rank)]
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(shape)
+def load_training_images(data_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
+  """(images [n, h, w, 1] in [0, 1], labels [n], description): MNIST, else sklearn digits.
 
-
-def load_training_images(mnist_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
-  """(images [n, h, w, 1] in [0, 1], labels [n], description): MNIST, else sklearn digits."""
-  directory = mnist_dir or os.environ.get(MNIST_ENV_VAR) or DEFAULT_MNIST_DIR
-  images_path = os.path.join(directory, 'train-images-idx3-ubyte.gz')
-  labels_path = os.path.join(directory, 'train-labels-idx1-ubyte.gz')
-  if os.path.exists(images_path) and os.path.exists(labels_path):
-    images = read_idx_gz(images_path).astype(np.float32) / 255.0
-    labels = read_idx_gz(labels_path).astype(np.int64)
-    return images[..., None], labels, f'MNIST training set from {directory}'
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-
-  digits = datasets.load_digits()
-  images = (digits.images / 16.0).astype(np.float32)
-  return (
-    images[..., None],
-    digits.target.astype(np.int64),
-    f'scikit-learn load_digits (8x8): no MNIST IDX files in {directory}',
-  )
-
-
-def paper_cnn(input_shape: tuple[int, ...], num_classes: int = 10) -> tf.keras.Model:
-  """Conv 3x3x16 -> pool -> Conv 3x3x16 -> pool -> Dense 100 -> Dense 10, tanh hidden layers."""
-  padding = 'valid' if min(input_shape[:2]) >= 28 else 'same'  # 8x8 digits need 'same'.
-  return tf.keras.Sequential(
-    [
-      tf.keras.Input(input_shape),
-      tf.keras.layers.Conv2D(16, 3, padding=padding, activation='tanh', name='conv1'),
-      tf.keras.layers.MaxPool2D(2, name='pool1'),
-      tf.keras.layers.Conv2D(16, 3, padding=padding, activation='tanh', name='conv2'),
-      tf.keras.layers.MaxPool2D(2, name='pool2'),
-      tf.keras.layers.Flatten(name='flatten'),
-      tf.keras.layers.Dense(100, activation='tanh', name='dense1'),
-      tf.keras.layers.Dense(num_classes, name='dense2'),
-    ]
-  )
+  MNIST is looked up by the runner's source chain (`tff_clipq.data.sources`: `data_dir`,
+  $TFF_CLIPQ_MNIST_DIR, the Keras cache, local installs, a download); if none has it, the
+  bundled 8x8 digits stand in.
+  """
+  try:
+    dataset = sources.load_array_dataset('mnist', data_dir)
+  except sources.DataSourceError as error:
+    dataset = sources.load_array_dataset('digits')
+    dataset = dataclasses.replace(dataset, source=f'{dataset.source} (no MNIST: {error})')
+  images = dataset.train_images.astype(np.float32) / 255.0
+  return images[..., None], dataset.train_labels, dataset.source
 
 
 def trained_cnn_tensors(
@@ -172,7 +139,7 @@ def trained_cnn_tensors(
   images, labels, source = load_training_images(mnist_dir)
   images, labels = images[:train_examples], labels[:train_examples]
   tf.keras.utils.set_random_seed(seed)
-  model = paper_cnn(images.shape[1:])
+  model = models.create_keras_model('cnn', images.shape[1:], 10, seed=seed)
   model.compile(
     optimizer=tf.keras.optimizers.SGD(learning_rate=0.05),
     loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),

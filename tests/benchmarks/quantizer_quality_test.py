@@ -1,8 +1,5 @@
 """Smoke tests for `benchmarks/quantizer_quality.py`: the pieces whose claims the report relies on."""
 
-import gzip
-import os
-
 import benchmark_loader
 import numpy as np
 import tensorflow as tf
@@ -34,20 +31,13 @@ class QuantizerQualityBenchmarkTest(tf.test.TestCase):
       self.assertTrue(all(np.isfinite(v) and v >= 0 for v in by_bits.values()))
     self.assertLess(rows['ours: octav, nearest'][2], rows['max_abs, nearest'][2])
 
-  def test_paper_cnn_kernel_shapes(self):
-    mnist = benchmark.paper_cnn((28, 28, 1))
-    self.assertEqual(mnist.get_layer('dense1').kernel.shape, (400, 100))
-    self.assertEqual(mnist.get_layer('conv2').kernel.shape, (3, 3, 16, 16))
-    digits = benchmark.paper_cnn((8, 8, 1))
-    self.assertEqual(digits.get_layer('dense1').kernel.shape, (64, 100))
-
-  def test_read_idx_gz(self):
-    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    path = os.path.join(self.get_temp_dir(), 'images-idx3-ubyte.gz')
-    header = bytes([0, 0, 8, 3]) + b''.join(d.to_bytes(4, 'big') for d in images.shape)
-    with gzip.open(path, 'wb') as f:
-      f.write(header + images.tobytes())
-    self.assertAllEqual(benchmark.read_idx_gz(path), images)
+  def test_training_images_fall_back_to_digits_without_mnist(self):
+    empty = self.create_tempdir().full_path
+    images, labels, source = benchmark.load_training_images(empty)
+    self.assertEqual(images.shape[1:], (8, 8, 1))
+    self.assertLen(labels, len(images))
+    self.assertBetween(float(images.max()), 0.5, 1.0)
+    self.assertIn('no MNIST', source)
 
 
 if __name__ == '__main__':
