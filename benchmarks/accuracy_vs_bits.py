@@ -17,10 +17,16 @@ Method sets (`--methods`):
   * ablation: each ingredient switched on the defaults and off the paper's settings at 1 and 2
     bits, the mean-optimal threshold, the scale-free weighting, nearest rounding, per-channel
     thresholds and the Hadamard rotation;
+  * broadcast: the defaults at 1 bit with the server's broadcast quantized (`--broadcast`): the
+    model at 8 and 4 bits, its change since the clients' copy at 8, 4, 2 and 1 bits;
   * curve: 1, 2, 3, 4 bits and the paper's per-layer 4-2-2-4 for the defaults, the paper's
-    settings and tff_encoded (4-2-2-4: clipq only).
+    settings and tff_encoded (4-2-2-4: clipq only);
+  * subbit: below 1 bit per coordinate: float32, the defaults at 1 bit, the defaults at 1 bit
+    sending a fraction 0.5, 0.25, 0.1 or 0.05 of each quantized tensor (`--sample_fraction`),
+    the same budget as the last two spent on fewer entries at more bits (2 bits x 0.05, 3 bits x
+    0.033), and tff_encoded at 1 bit.
 
-  python benchmarks/accuracy_vs_bits.py [--methods=main|ablation|curve]
+  python benchmarks/accuracy_vs_bits.py [--methods=main|ablation|curve|broadcast|subbit]
       [--datasets=mnist,fashion_mnist] [--partitions=iid,dirichlet] [--payloads=update,weights]
       [--seeds=0,1,2] [--output_dir=runs/accuracy_vs_bits] [--resume]
 
@@ -102,6 +108,17 @@ def _method_set(name: str) -> list[tuple[str, str]]:
         ),
       ]
     return [('float32', FLOAT)] + methods
+  if name == 'broadcast':
+    upload = f'{DEFAULTS},bits=1'
+    return [
+      ('float32', FLOAT),
+      ('clipq defaults, 1 b', upload),
+      *(
+        (f'1 b + {mode} broadcast, {b} b', f'{upload},broadcast={mode},broadcast_bits={b}')
+        for mode, widths in (('model', ('8', '4')), ('delta', ('8', '4', '2', '1')))
+        for b in widths
+      ),
+    ]
   if name == 'curve':
     widths = ('1', '2', '3', '4', '4-2-2-4')
     return [
@@ -110,10 +127,28 @@ def _method_set(name: str) -> list[tuple[str, str]]:
       *((f'clipq paper, {b} b', f'{PAPER},bits={b}') for b in widths),
       *((f'tff_encoded, {b} b', f'{TFF_ENCODED},bits={b}') for b in widths[:-1]),
     ]
-  raise ValueError(f'--methods must be one of main, ablation, curve. Found {name!r}.')
+  if name == 'subbit':
+    return [
+      ('float32', FLOAT),
+      ('clipq defaults, 1 b', f'{DEFAULTS},bits=1'),
+      *(
+        (f'clipq defaults, 1 b, sample {f}', f'{DEFAULTS},bits=1,sample_fraction={f}')
+        for f in SUBBIT_FRACTIONS
+      ),
+      *(
+        (f'clipq defaults {b} b, sample {f}', f'{DEFAULTS},bits={b},sample_fraction={f}')
+        for b, f in (('2', '0.05'), ('3', '0.033'))
+      ),
+      ('tff_encoded, 1 b', f'{TFF_ENCODED},bits=1'),
+    ]
+  raise ValueError(f'--methods must be one of {", ".join(METHOD_SETS)}. Found {name!r}.')
 
 
-METHOD_SETS = ('main', 'ablation', 'curve')
+METHOD_SETS = ('main', 'ablation', 'curve', 'broadcast', 'subbit')
+# The fractions of each quantized tensor sent in the `subbit` set.
+SUBBIT_FRACTIONS = ('0.5', '0.25', '0.1', '0.05')
+# The sub-bit goal: within this many pp of float32 at <= this many bits per coordinate.
+SUBBIT_GOAL_PP, SUBBIT_GOAL_BITS = 0.3, 0.25
 
 _METHODS = flags.DEFINE_enum('methods', 'main', METHOD_SETS, 'Method set (module docstring).')
 _DATASETS = flags.DEFINE_list('datasets', ['mnist', 'fashion_mnist'], 'Datasets.')
@@ -208,6 +243,10 @@ def aggregate(
           quantized_accuracy_std=quantized[1],
           client_upload_bits=summaries[0]['client_upload_bits'],
           bits_per_coordinate=summaries[0]['bits_per_coordinate'],
+          # Runs made before downloads were counted broadcast the float32 model.
+          download_bits_per_coordinate=(
+            summaries[0].get('client_download_bits', 0) / summaries[0]['num_parameters'] or 32.0
+          ),
           wall_seconds=float(np.mean([s['wall_seconds'] for s in summaries])),
         )
       )
@@ -226,14 +265,15 @@ def markdown_tables(table: dict[str, list[dict[str, Any]]]) -> str:
     lines += [
       f'### {setting}',
       '',
-      '| method | bits / coordinate | accuracy (%) | vs float32 (pp) '
+      '| method | bits / coordinate up | down | accuracy (%) | vs float32 (pp) '
       '| quantized model (%) | seeds | s / run |',
-      '|---|---:|---:|---:|---:|---:|---:|',
+      '|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in rows:
       delta = '-' if reference is None else f'{100 * (r["accuracy_mean"] - reference):+.1f}'
       lines.append(
         f'| {r["method"]} | {r["bits_per_coordinate"]:.3g} '
+        f'| {r["download_bits_per_coordinate"]:.3g} '
         f'| {_percent(r["accuracy_mean"], r["accuracy_std"])} | {delta} '
         f'| {_percent(r["quantized_accuracy_mean"], r["quantized_accuracy_std"])} '
         f'| {len(r["seeds"])} | {r["wall_seconds"]:.0f} |'
@@ -250,6 +290,7 @@ def goal_verdicts(table: dict[str, list[dict[str, Any]]]) -> list[str]:
     reference = by_method.get('float32')
     if reference is None:
       continue
+    verdicts += _subbit_verdicts(setting, rows, reference)
     iid, update = ', IID,' in setting, 'update payload' in setting
     for bits in ('1', '2'):
       ours = by_method.get(f'clipq defaults, {bits} b')
@@ -271,6 +312,28 @@ def goal_verdicts(table: dict[str, list[dict[str, Any]]]) -> list[str]:
           f'{"met" if margin >= 1.0 else "missed"}'
         )
       verdicts.append(line)
+  return verdicts
+
+
+def _subbit_verdicts(setting: str, rows: list[dict[str, Any]], reference: float) -> list[str]:
+  """The sub-bit goal, per sampled row: within 0.3 pp of float32 at <= 0.25 bits/coordinate.
+
+  Args:
+    setting: the setting's name.
+    rows: its rows (`aggregate`).
+    reference: float32's mean accuracy in it.
+  """
+  verdicts = []
+  for r in rows:
+    if ', sample ' not in r['method'] or r['bits_per_coordinate'] > SUBBIT_GOAL_BITS:
+      continue
+    gap = 100 * (reference - r['accuracy_mean'])
+    verdicts.append(
+      f'{setting}, {r["method"]} ({r["bits_per_coordinate"]:.3g} bits/coordinate): '
+      f'{100 * r["accuracy_mean"]:.2f}% vs float32 {100 * reference:.2f}% (gap {gap:+.2f} pp, '
+      f'goal <= {SUBBIT_GOAL_PP} pp at <= {SUBBIT_GOAL_BITS} bits/coordinate): '
+      f'{"met" if gap <= SUBBIT_GOAL_PP else "missed"}'
+    )
   return verdicts
 
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 from tff_clipq import quantization
 from tff_clipq.learning import models
 from tff_clipq.learning import qat
+from tff_clipq.learning import qat_quantizers
 
 
 def _dense_model(units=(3,), input_size: int = 4, seed: int = 0) -> tf.keras.Model:
@@ -204,7 +205,7 @@ class NearestLevelsTest(tf.test.TestCase, parameterized.TestCase):
     weights = tf.constant(np.random.default_rng(bits).standard_t(3, size=4096), tf.float32)
     weights = tf.concat([weights, [threshold, -threshold, 0.0]], axis=0)
     expected = quantization.fake_quantize(weights, bits, threshold, 'nearest')
-    levels = qat._nearest_levels(weights, bits, tf.constant(threshold))
+    levels = qat_quantizers._nearest_levels(weights, bits, tf.constant(threshold))
     self.assertAllClose(levels, expected, rtol=0.0, atol=1e-6 * max(threshold, 1.0))
 
 
@@ -327,9 +328,9 @@ class VariablesTest(tf.test.TestCase):
       self.assertAllEqual(weight, expected)
 
   def test_quantizer_refreshing_every_pass_creates_no_variables(self):
-    quantizer = qat.ClippedUniformWeightQuantizer(4, threshold_refresh_steps=1)
+    quantizer = qat_quantizers.ClippedUniformWeightQuantizer(4, threshold_refresh_steps=1)
     self.assertEqual(quantizer.build(tf.TensorShape([3, 3]), 'kernel', None), {})
-    restored = qat.ClippedUniformWeightQuantizer.from_config(quantizer.get_config())
+    restored = qat_quantizers.ClippedUniformWeightQuantizer.from_config(quantizer.get_config())
     self.assertEqual((restored.bits, restored.threshold_refresh_steps), (4, 1))
 
   def test_unsupported_layer_raises(self):

@@ -112,7 +112,9 @@ class FixedPointTest(tf.test.TestCase, parameterized.TestCase):
       tf.constant(magnitudes[None], tf.float64), tf.constant([magnitudes.size], tf.float64)
     )
     found = mse_histogram.fixed_point(counts, coefficient).numpy()[0]
-    iterated = thresholds.octav_fixed_point_threshold(magnitudes, bits, rounding, tolerance=1e-9).numpy()
+    iterated = thresholds.octav_fixed_point_threshold(
+      magnitudes, bits, rounding, tolerance=1e-9
+    ).numpy()
     self.assertNear(found, iterated, 1.0 / mse_histogram.FIXED_POINT_BINS)
 
   def test_constant_and_zero_groups(self):

@@ -91,9 +91,13 @@ class ExperimentConfig:
   min_size_to_quantize: int = 128
   per_channel: bool = False
   rotation: str = 'none'
+  sample_fraction: float = 1.0
   payload: str = 'update'
   qat: bool = False
   qat_threshold_refresh_steps: int = 0
+  # Download compression.
+  broadcast: str = 'float'
+  broadcast_bits: int = 8
   # Evaluation and outputs.
   eval_every: int = 1
   max_eval_examples: int = 0
@@ -132,6 +136,7 @@ class ExperimentConfig:
       min_size_to_quantize=self.min_size_to_quantize,
       per_channel=self.per_channel,
       rotation=self.rotation,
+      sample_fraction=self.sample_fraction,
     )
 
   def process_config(
@@ -157,6 +162,8 @@ class ExperimentConfig:
       server_optimizer=self.server_optimizer,
       server_learning_rate=self.server_learning_rate,
       server_momentum=self.server_momentum,
+      broadcast=self.broadcast,
+      broadcast_bits=self.broadcast_bits,
       seed=self.seed,
     )
 
@@ -204,13 +211,13 @@ def _parse_clipping(clipping: str) -> Union[str, float]:
 _FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(ExperimentConfig))
 
 
-def _library_setting(check, *args: Any) -> Any:
+def _library_setting(check, *args: Any, **kwargs: Any) -> Any:
   """Runs a library validator; its ValueError/TypeError becomes a ConfigError naming flags.
 
   The library names its arguments in backticks (`bits`); each that is a flag becomes --bits.
   """
   try:
-    return check(*args)
+    return check(*args, **kwargs)
   except (ValueError, TypeError) as error:
     message = re.sub(
       r'`(\w+)`',
@@ -295,7 +302,13 @@ def _validate(config: ExperimentConfig) -> None:
     config.min_size_to_quantize,
     config.per_channel,
     config.seed,
+    sample_fraction=config.sample_fraction,
   )
+  if config.sample_fraction != 1 and config.aggregator != 'clipq':
+    raise ConfigError(
+      f'--sample_fraction={config.sample_fraction!r} applies to --aggregator=clipq. '
+      f'Found --aggregator={config.aggregator}.'
+    )
   if isinstance(settings.bits, tuple):
     layers = weighted_layer_names(config.model)
     if len(settings.bits) != len(layers):
@@ -347,10 +360,8 @@ def _validate(config: ExperimentConfig) -> None:
         dataclasses.replace(config, sweep='', **overrides)
       except ConfigError as e:
         raise ConfigError(f'--sweep run {name!r}: {e}') from None
-  try:  # What the learning-process configs check beyond the above (none expected).
-    config.process_config(models.MNIST_INPUT_SHAPE, 10)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  # What the learning process checks itself (the broadcast, combinations of settings).
+  _library_setting(config.process_config, models.MNIST_INPUT_SHAPE, 10)
 
 
 def _parse_field_value(name: str, text: str) -> Any:

@@ -14,6 +14,7 @@ from tff_clipq import aggregators
 from tff_clipq import data as data_lib
 from tff_clipq.experiments.config import ExperimentConfig
 from tff_clipq.experiments.config import PARTITIONS
+from tff_clipq.learning import broadcast as broadcast_lib
 from tff_clipq.learning import models
 from tff_clipq.learning import process as process_lib
 from tff_clipq.quantization import quantizer
@@ -144,6 +145,28 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     process_lib.ROTATIONS,
     "Random Hadamard rotation of each tensor before clipq quantizes it (TFF's "
     'HadamardTransformFactory; weighting example_count or uniform).',
+    **fv,
+  )
+  flags.DEFINE_enum(
+    'broadcast',
+    default('broadcast'),
+    broadcast_lib.BROADCASTS,
+    'What the server broadcasts: the float32 model, the model quantized to --broadcast_bits, '
+    "or its change since the clients' copy quantized (delta; assumes clients keep the last "
+    'broadcast).',
+    **fv,
+  )
+  flags.DEFINE_integer(
+    'broadcast_bits',
+    default('broadcast_bits'),
+    'Bits per coordinate of a quantized broadcast (max_abs threshold, stochastic rounding).',
+    **fv,
+  )
+  flags.DEFINE_float(
+    'sample_fraction',
+    default('sample_fraction'),
+    "Fraction of each quantized tensor's entries a clipq client sends, in (0, 1]: a "
+    'uniformly chosen subset, scaled back by the server (unbiased); 1 sends all.',
     **fv,
   )
   flags.DEFINE_enum(

@@ -60,6 +60,7 @@ FLOAT_UNUSED_FIELDS = (
   'min_size_to_quantize',
   'per_channel',
   'rotation',
+  'sample_fraction',
   'qat',
   'qat_threshold_refresh_steps',
 )
@@ -199,12 +200,20 @@ def _round_metrics(
   num_coordinates: int,
   clients_per_round: int,
 ) -> dict[str, Any]:
-  """Training and upload metrics of one round, from the process output."""
+  """Training, upload and download metrics of one round, from the process output."""
   train = output.metrics['client_work']['train']
   metrics = dict(
     train_accuracy=float(train['sparse_categorical_accuracy']),
     train_loss=float(train['loss']),
   )
+  # A quantized broadcast measures what it sends; TFF's broadcast sends the float32 model.
+  distributor = output.metrics.get('distributor') or {}
+  if 'download_bits_per_client' in distributor:
+    client_download_bits = int(distributor['download_bits_per_client'])
+    metrics['broadcast_quantization_mse'] = float(distributor['broadcast_quantization_mse'])
+  else:
+    client_download_bits = 32 * num_coordinates
+  metrics['round_download_bits'] = client_download_bits * clients_per_round
   if method == 'clipq':
     quantized = quantized_measurements(output.metrics['aggregator'])
     accepted = int(quantized['accepted_clients'])
@@ -280,6 +289,10 @@ def _summary(
     final_train_accuracy=last.get('train_accuracy'),
     total_upload_bits=last.get('cumulative_upload_bits', 0),
     client_upload_bits=client_upload_bits,
+    total_download_bits=last.get('cumulative_download_bits', 0),
+    client_download_bits=(
+      last.get('round_download_bits', 0) // run_config.clients_per_round if last else 0
+    ),
     bits_per_coordinate=last.get('bits_per_coordinate'),
     compression_ratio=last.get('compression_ratio'),
     wall_seconds=sum(row['round_seconds'] for row in history),
@@ -321,6 +334,7 @@ def _run(
   test_batches = data_lib.preprocess_for_evaluation(test_data, EVAL_BATCH_SIZE)
   client_upload_bits = process_lib.upload_bits_per_client(process_config)
   cumulative_bits = history[-1]['cumulative_upload_bits'] if history else 0
+  cumulative_download_bits = history[-1].get('cumulative_download_bits', 0) if history else 0
 
   progress = tqdm.tqdm(
     total=run_config.rounds,
@@ -356,6 +370,8 @@ def _run(
       )
       cumulative_bits += metrics['round_upload_bits']
       metrics['cumulative_upload_bits'] = cumulative_bits
+      cumulative_download_bits += metrics['round_download_bits']
+      metrics['cumulative_download_bits'] = cumulative_download_bits
       if round_num % run_config.eval_every == 0 or round_num == run_config.rounds:
         test = process_lib.evaluate(process, state, evaluation_model, test_batches)
         metrics.update(test_accuracy=test['accuracy'], test_loss=test['loss'])

@@ -100,10 +100,13 @@ def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None
   if not os.path.exists(config_path):
     return
   stored, current = outputs.read_json(config_path), config_dict(run_config)
+  # A setting added after the run was started is absent from its config: it ran with the default.
+  defaults = config_dict(config_lib.ExperimentConfig())
+  stored = {key: stored.get(key, defaults[key]) for key in current}
   changed = [
-    f'--{key}={stored.get(key)!r} (now {value!r})'
+    f'--{key}={stored[key]!r} (now {value!r})'
     for key, value in current.items()
-    if key not in config_lib.RESUMABLE_CHANGES and stored.get(key) != value
+    if key not in config_lib.RESUMABLE_CHANGES and stored[key] != value
   ]
   run_label = f'run {name!r}'
   if changed:

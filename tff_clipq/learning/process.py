@@ -1,7 +1,7 @@
 """Builds the federated learning process of a run: FedAvg with a chosen upload compression.
 
 The process is TFF's own composition (`tff.learning.templates.compose_learning_process`) of
-  * a broadcast distributor,
+  * a broadcast distributor (TFF's float broadcast, or the quantized one of `broadcast.py`),
   * TFF's FedAvg client work (local training, optionally quantization-aware), followed by a small
     client-side step that turns its result into the run's payload,
   * the model aggregator (float mean, TFF's built-in quantization, or ours),
@@ -32,11 +32,14 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_clipq import aggregators
+from tff_clipq.learning import broadcast as broadcast_lib
 from tff_clipq.learning import deployment
 from tff_clipq.learning import models
 from tff_clipq.learning import qat as qat_lib
+from tff_clipq.learning import weights_payload
 from tff_clipq.quantization import packing
 from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import quantizer
 
 AGGREGATORS = ('float', 'clipq', 'tff_encoded')
 PAYLOADS = ('update', 'weights')
@@ -59,6 +62,9 @@ class AggregatorConfig:
     min_size_to_quantize: smaller tensors (biases) travel in float32, for every method.
     rotation: 'hadamard' rotates each tensor with TFF's `HadamardTransformFactory` (flattened,
       zero-padded to a power of two, random signs) before clipq quantizes it; 'none' does not.
+    sample_fraction: clipq sends the codes of a uniformly chosen fraction of each quantized
+      tensor's entries (after the rotation, if any), as in `clipped_quantization_mean`; 1 sends
+      all of them.
   """
 
   method: str = 'clipq'
@@ -69,6 +75,7 @@ class AggregatorConfig:
   min_size_to_quantize: int = 128
   per_channel: bool = False
   rotation: str = 'none'
+  sample_fraction: float = 1.0
 
   def __post_init__(self):
     if self.method not in AGGREGATORS:
@@ -93,6 +100,15 @@ class AggregatorConfig:
     bits = payload_lib.validate_encoding_settings(
       self.bits, self.min_size_to_quantize, self.clipping, self.rounding
     )
+    object.__setattr__(
+      self,
+      'sample_fraction',
+      payload_lib.validate_sample_fraction(self.sample_fraction, self.per_channel),
+    )
+    if self.sample_fraction < 1.0 and self.method != 'clipq':
+      raise ValueError(
+        f'`sample_fraction` applies to the clipq aggregator. Found method {self.method!r}.'
+      )
     if self.method == 'tff_encoded' and isinstance(bits, tuple):
       raise ValueError('`bits` per layer is only supported by the clipq aggregator.')
     if self.weighting not in aggregators.WEIGHTINGS:
@@ -108,7 +124,8 @@ class AggregatorConfig:
     if self.method == 'tff_encoded':
       return f'tff_encoded-{self.bits}b'
     rotated = '-hadamard' if self.rotation != 'none' else ''
-    return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}{rotated}'
+    sampled = f'-sample{self.sample_fraction:g}' if self.sample_fraction < 1.0 else ''
+    return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}{rotated}{sampled}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +145,8 @@ class ProcessConfig:
   server_optimizer: str = 'sgd'
   server_learning_rate: float = 1.0
   server_momentum: float = 0.0
+  broadcast: str = 'float'
+  broadcast_bits: int = 8
   seed: int = 0
 
   def __post_init__(self):
@@ -144,6 +163,19 @@ class ProcessConfig:
     for name in ('client_momentum', 'server_momentum'):
       if not 0 <= getattr(self, name) < 1:
         raise ValueError(f'`{name}` must be in [0, 1). Found {getattr(self, name)!r}.')
+    if self.broadcast not in broadcast_lib.BROADCASTS:
+      raise ValueError(
+        f'`broadcast` must be one of {broadcast_lib.BROADCASTS}. Found {self.broadcast!r}.'
+      )
+    if (
+      isinstance(self.broadcast_bits, bool)
+      or not isinstance(self.broadcast_bits, int)
+      or not quantizer.MIN_BITS <= self.broadcast_bits <= quantizer.MAX_BITS
+    ):
+      raise ValueError(
+        f'`broadcast_bits` must be an integer in [{quantizer.MIN_BITS}, {quantizer.MAX_BITS}]. '
+        f'Found {self.broadcast_bits!r}.'
+      )
     if self.uses_qat and self.aggregator.clipping == 'mean_optimal':
       raise ValueError(
         "`qat` trains through the upload's quantizer, but the mean_optimal threshold depends "
@@ -211,6 +243,7 @@ def build_model_aggregator(config: ProcessConfig) -> tff.aggregators.WeightedAgg
       rounding=agg.rounding,
       min_size_to_quantize=agg.min_size_to_quantize,
       seed=config.seed,
+      sample_fraction=agg.sample_fraction,
     )
     return tff.aggregators.MeanFactory(
       value_sum_factory=tff.aggregators.HadamardTransformFactory(quantized_sum),
@@ -230,6 +263,7 @@ def build_model_aggregator(config: ProcessConfig) -> tff.aggregators.WeightedAgg
     min_size_to_quantize=agg.min_size_to_quantize,
     per_channel=agg.per_channel,
     seed=config.seed,
+    sample_fraction=agg.sample_fraction,
   )
 
 
@@ -254,6 +288,7 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
     agg.clipping,
     agg.rounding,
     agg.per_channel,
+    agg.sample_fraction,
   )
   float_bits = 32 * sum(t.num_elements for t in plan.tensors if t.bits is None)
   if agg.method == 'tff_encoded':
@@ -268,66 +303,29 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
   if agg.rotation == 'hadamard':  # MeanFactory sums each client's weight in float32.
     weighting_bits = 32
   accepted_flag_bits = 8
+  selection_seed_bits = 32 if plan.sampled else 0  # The int32 the sent coordinates come from.
   codes = sum(packing.WORD_BITS * t.packed_words for t in plan.quantized)
-  return codes + thresholds + weighting_bits + accepted_flag_bits + float_bits
+  return codes + thresholds + weighting_bits + accepted_flag_bits + selection_seed_bits + float_bits
 
 
-def _weights_payload_client_work(
-  inner: tff.learning.templates.ClientWorkProcess,
-  weights_type: tff.types.Type,
-) -> tff.learning.templates.ClientWorkProcess:
-  """Wraps FedAvg client work so that clients send trained weights instead of deltas."""
-  result_type = inner.next.type_signature.result.result.member
+def build_distributor(
+  config: ProcessConfig, weights_type: tff.types.Type
+) -> tff.learning.templates.DistributionProcess:
+  """TFF's float broadcast, or the model quantized to `broadcast_bits` (`broadcast.py`).
 
-  @tff.tensorflow.computation(result_type, weights_type)
-  def to_payload(client_result, initial_weights):
-    # TFF's delta is initial - trained, so trained = initial - delta.
-    update = tf.nest.map_structure(tf.subtract, initial_weights.trainable, client_result.update)
-    return tff.learning.templates.ClientResult(
-      update=update, update_weight=client_result.update_weight
-    )
-
-  @tff.federated_computation(
-    inner.next.type_signature.parameter[0],
-    inner.next.type_signature.parameter[1],
-    inner.next.type_signature.parameter[2],
-  )
-  def next_fn(state, weights, data):
-    output = inner.next(state, weights, data)
-    client_result = tff.federated_map(to_payload, (output.result, weights))
-    return tff.templates.MeasuredProcessOutput(output.state, client_result, output.measurements)
-
-  return tff.learning.templates.ClientWorkProcess(
-    inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
-  )
-
-
-def _weights_payload_finalizer(
-  inner: tff.learning.templates.FinalizerProcess, weights_type: tff.types.Type
-) -> tff.learning.templates.FinalizerProcess:
-  """Turns aggregated weights into the pseudo-gradient `current - aggregated` for `inner`."""
-  trainable_type = weights_type.trainable
-
-  @tff.tensorflow.computation(weights_type, trainable_type)
-  def pseudo_gradient(current, aggregated):
-    any_accepted = tf.reduce_any(
-      [tf.reduce_any(tf.not_equal(t, 0.0)) for t in tf.nest.flatten(aggregated)]
-    )
-    return tf.nest.map_structure(
-      lambda w, a: tf.where(any_accepted, w - a, tf.zeros_like(w)), current.trainable, aggregated
-    )
-
-  @tff.federated_computation(
-    inner.next.type_signature.parameter[0],
-    inner.next.type_signature.parameter[1],
-    inner.next.type_signature.parameter[2],
-  )
-  def next_fn(state, weights, aggregated):
-    update = tff.federated_map(pseudo_gradient, (weights, aggregated))
-    return inner.next(state, weights, update)
-
-  return tff.learning.templates.FinalizerProcess(
-    inner.initialize, next_fn, get_hparams_fn=inner.get_hparams, set_hparams_fn=inner.set_hparams
+  Args:
+    config: the run's settings (`broadcast`, `broadcast_bits`, `seed`, the upload's
+      `min_size_to_quantize`).
+    weights_type: the model's `ModelWeights` type.
+  """
+  if config.broadcast == 'float':
+    return tff.learning.templates.build_broadcast_process(weights_type)
+  return broadcast_lib.build_quantized_broadcast(
+    weights_type,
+    config.broadcast_bits,
+    config.broadcast,
+    min_size_to_quantize=config.aggregator.min_size_to_quantize,
+    seed=config.seed,
   )
 
 
@@ -356,7 +354,7 @@ def build_learning_process(config: ProcessConfig) -> tff.learning.templates.Lear
     loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
   )
   if config.payload == 'weights':
-    client_work = _weights_payload_client_work(client_work, weights_type)
+    client_work = weights_payload.client_work(client_work, weights_type)
   aggregator = build_model_aggregator(config).create(
     weights_type.trainable, tff.TensorType(np.float32)
   )
@@ -365,10 +363,10 @@ def build_learning_process(config: ProcessConfig) -> tff.learning.templates.Lear
     weights_type,
   )
   if config.payload == 'weights':
-    finalizer = _weights_payload_finalizer(finalizer, weights_type)
+    finalizer = weights_payload.finalizer(finalizer, weights_type)
   return tff.learning.templates.compose_learning_process(
     initial_model_weights_fn,
-    tff.learning.templates.build_broadcast_process(weights_type),
+    build_distributor(config, weights_type),
     client_work,
     aggregator,
     finalizer,

@@ -397,7 +397,9 @@ def clipping_threshold(
   if method == 'mean_optimal':
     return optimal_clipping_threshold(x, bits, rounding, per_channel, num_clients=num_clients)
   if method == 'octav_paper':
-    return octav_fixed_point_threshold(x, bits, rounding, noise_model='paper', per_channel=per_channel)
+    return octav_fixed_point_threshold(
+      x, bits, rounding, noise_model='paper', per_channel=per_channel
+    )
   if method == 'max_abs':
     return max_abs_threshold(x, per_channel)
   raise ValueError(

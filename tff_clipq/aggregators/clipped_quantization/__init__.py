@@ -28,6 +28,18 @@ sum_i w_i x_i / sum_i w_i with
   * 'example_count' (alias 'fedavg'): w_i = the client's weight (FedAvg);
   * 'uniform': w_i = 1.
 
+With `sample_fraction` f < 1 each client sends, of every quantized tensor of n entries, the codes
+of only k = max(1, ceil(f n)) entries, chosen uniformly without replacement; its threshold and
+statistics are those of these entries. No index travels: the client sends one int32 seed, drawn
+from the round's seed and its own data, and the server derives the same coordinates from it
+(`tff_clipq.quantization.payload.selected_coordinates`). The seed has to travel with the payload
+because the server decodes inside `tff.federated_aggregate`'s accumulate step, which sees the
+payload and nothing else, and clients are anonymous there; a per-client seed (rather than the
+round's seed alone) gives every client its own coordinates, so a round's mean covers more of
+each tensor. The server scatters the decoded levels back scaled by n / k, zeros elsewhere: each
+entry is sent with probability k / n, so with stochastic rounding the decoded tensor is unbiased.
+With the inverse-error weightings e_i is the quantization error of the entries sent.
+
 With `clipping='mean_optimal'` the clients clip at the threshold that minimizes the error of the
 mean of K clients (`tff_clipq.quantization.clipping_threshold`): K is learned by the process, as
 TFF's adaptive factories learn their norms: its state holds the effective number of clients of

@@ -35,8 +35,9 @@ def encode(
     num_clients: clients the server averages (for `clipping='mean_optimal'`), else None.
 
   `wire` is what is uploaded: per quantized tensor its packed codes and threshold, the accepted
-  flag, and 'errors' (inverse-error weightings) or 'weight' (example_count). `diagnostics` holds
-  the per-tensor statistics the wire does not already carry.
+  flag, 'selection_seed' when the plan sends a fraction of each tensor (the int32 from which the
+  server derives the coordinates sent), and 'errors' (inverse-error weightings) or 'weight'
+  (example_count). `diagnostics` holds the per-tensor statistics the wire does not already carry.
   """
   tensors = [tf.cast(t, tf.float32) for t in tf.nest.flatten(value)]
   takes_part = None
@@ -44,10 +45,13 @@ def encode(
     weight = tf.cast(client_weight, tf.float32)
     takes_part = tf.logical_and(tf.math.is_finite(weight), weight > 0.0)
   seed = payload_lib.client_seed(round_seed, tensors)
+  selection = payload_lib.selection_seed(seed) if plan.sampled else None
   quantized, floats, statistics, accepted = payload_lib.encode_tensors(
-    plan, tensors, seed, takes_part, num_clients
+    plan, tensors, seed, takes_part, num_clients, selection
   )
   wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
+  if plan.sampled:
+    wire['selection_seed'] = tf.where(accepted, selection, 0)
   float_weight = tf.cast(accepted, tf.float32)
   if weighting == 'inverse_error':
     wire['errors'] = statistics['quantization_mse']

@@ -296,6 +296,7 @@ def clipped_quantization_mean(
   per_channel: bool = False,
   seed: int = 0,
   inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+  sample_fraction: float = 1.0,
 ) -> tff.aggregators.WeightedAggregationFactory:
   """Weighted mean of clipped, B-bit quantized client values (see the package docstring).
 
@@ -317,6 +318,11 @@ def clipped_quantization_mean(
     per_channel: one threshold per slice of each tensor's last axis.
     seed: first round's seed for stochastic rounding (advanced every round).
     inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
+    sample_fraction: f in (0, 1]: each quantized tensor of n entries sends the codes of a
+      uniformly chosen k = max(1, ceil(f n)) of them, which the server scatters back scaled by
+      n / k (unbiased; below 1 bit per coordinate at 1 bit). The client sends one int32 seed
+      from which the server derives the coordinates. With the inverse-error weightings e_i is
+      the quantization error of the entries sent. Not with `per_channel`. 1: every entry.
   """
   settings = settings_lib.validate_settings(
     bits,
@@ -327,6 +333,7 @@ def clipped_quantization_mean(
     min_size_to_quantize,
     per_channel,
     seed,
+    sample_fraction=sample_fraction,
   )
   return _WeightedFactory(settings, inner_agg_factory)
 
@@ -340,6 +347,7 @@ def unweighted_clipped_quantization_mean(
   per_channel: bool = False,
   seed: int = 0,
   inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+  sample_fraction: float = 1.0,
 ) -> tff.aggregators.UnweightedAggregationFactory:
   """Unweighted mean, for `tff.learning.algorithms.build_unweighted_fed_avg`.
 
@@ -356,6 +364,11 @@ def unweighted_clipped_quantization_mean(
     per_channel: one threshold per slice of each tensor's last axis.
     seed: first round's seed for stochastic rounding (advanced every round).
     inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
+    sample_fraction: f in (0, 1]: each quantized tensor of n entries sends the codes of a
+      uniformly chosen k = max(1, ceil(f n)) of them, which the server scatters back scaled by
+      n / k (unbiased; below 1 bit per coordinate at 1 bit). The client sends one int32 seed
+      from which the server derives the coordinates. With the inverse-error weightings e_i is
+      the quantization error of the entries sent. Not with `per_channel`. 1: every entry.
   """
   settings = settings_lib.validate_settings(
     bits,
@@ -366,6 +379,7 @@ def unweighted_clipped_quantization_mean(
     min_size_to_quantize,
     per_channel,
     seed,
+    sample_fraction=sample_fraction,
   )
   return _UnweightedFactory(settings, inner_agg_factory)
 
@@ -378,6 +392,7 @@ def clipped_quantization_sum(
   per_channel: bool = False,
   seed: int = 0,
   inner_agg_factory: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+  sample_fraction: float = 1.0,
 ) -> tff.aggregators.UnweightedAggregationFactory:
   """Sum of clipped, B-bit quantized client values: the inner factory of TFF's wrappers.
 
@@ -397,6 +412,11 @@ def clipped_quantization_sum(
     per_channel: one threshold per slice of each tensor's last axis.
     seed: first round's seed for stochastic rounding (advanced every round).
     inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
+    sample_fraction: f in (0, 1]: each quantized tensor of n entries sends the codes of a
+      uniformly chosen k = max(1, ceil(f n)) of them, which the server scatters back scaled by
+      n / k (unbiased; below 1 bit per coordinate at 1 bit). The client sends one int32 seed
+      from which the server derives the coordinates. With the inverse-error weightings e_i is
+      the quantization error of the entries sent. Not with `per_channel`. 1: every entry.
   """
   settings = settings_lib.validate_settings(
     bits,
@@ -408,5 +428,6 @@ def clipped_quantization_sum(
     per_channel,
     seed,
     sum_result=True,
+    sample_fraction=sample_fraction,
   )
   return _UnweightedFactory(settings, inner_agg_factory)

@@ -122,7 +122,8 @@ def accumulate(
 
   A payload that is not accepted, or fails `well_formed`, adds nothing but its count: its levels
   are formed with zero thresholds and zero weight, and its statistics are removed with
-  `tf.where`, never by multiplying with 0 (NaN * 0 is NaN).
+  `tf.where`, never by multiplying with 0 (NaN * 0 is NaN). A tensor of which the client sent a
+  fraction adds its levels at the coordinates its `selection_seed` selects, scaled by n / k.
 
   Args:
     plan: the value's `EncodingPlan`.
@@ -155,6 +156,12 @@ def accumulate(
     for part in wire['quantized']
   ]
   thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
+  coordinates = [
+    payload_lib.selected_coordinates(encoding, wire['selection_seed'], position)
+    if encoding.sampled
+    else None
+    for position, encoding in enumerate(plan.quantized)
+  ]
 
   def add_if_valid(key, values):
     return accumulator[key] + tf.where(valid, values, tf.zeros_like(values))
@@ -165,7 +172,7 @@ def accumulate(
   )
   return collections.OrderedDict(
     weighted_sum=[
-      total + payload_lib.weighted_levels(encoding, part, weights[i])
+      total + payload_lib.weighted_levels(encoding, part, weights[i], coordinates[i])
       for i, (total, encoding, part) in enumerate(
         zip(accumulator['weighted_sum'], plan.quantized, parts)
       )
@@ -175,8 +182,8 @@ def accumulate(
     exact_sum=[
       tf.cond(
         exact[i],
-        lambda total=total, encoding=encoding, part=part: (
-          total + payload_lib.weighted_levels(encoding, part, 1.0)
+        lambda total=total, encoding=encoding, part=part, sent=coordinates[i]: (
+          total + payload_lib.weighted_levels(encoding, part, 1.0, sent)
         ),
         lambda total=total: total,
       )

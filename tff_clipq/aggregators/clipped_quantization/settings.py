@@ -31,6 +31,7 @@ class QuantizationSettings:
   per_channel: bool
   seed: int
   sum_result: bool = False  # The sum form: weighted sum, not divided by the weights' sum.
+  sample_fraction: float = 1.0  # Fraction of each quantized tensor's entries sent.
 
   @property
   def mean_aware(self) -> bool:
@@ -45,7 +46,13 @@ class QuantizationSettings:
     """
     shapes = [tuple(t.shape) for t in flat_tensor_types(value_type)]
     plan = payload_lib.make_plan(
-      shapes, self.bits, self.min_size_to_quantize, self.clipping, self.rounding, self.per_channel
+      shapes,
+      self.bits,
+      self.min_size_to_quantize,
+      self.clipping,
+      self.rounding,
+      self.per_channel,
+      self.sample_fraction,
     )
     if isinstance(self.bits, tuple):
       logging.info(
@@ -97,6 +104,7 @@ def validate_settings(
   per_channel: bool,
   seed: int,
   sum_result: bool = False,
+  sample_fraction: float = 1.0,
 ) -> QuantizationSettings:
   """The factories' settings, checked; raises ValueError/TypeError naming the argument.
 
@@ -110,6 +118,8 @@ def validate_settings(
     per_channel: one threshold per slice of the last axis.
     seed: the first round's seed for stochastic rounding.
     sum_result: the sum form (no division by the weights' sum).
+    sample_fraction: in (0, 1]; below 1 each quantized tensor sends a uniformly chosen
+      max(1, ceil(f n)) of its n entries (not with `per_channel`).
   """
   weighting = WEIGHTING_ALIASES.get(weighting, weighting)
   if weighting not in allowed_weightings:
@@ -118,6 +128,7 @@ def validate_settings(
     raise TypeError(f'`per_channel` must be a bool. Found {per_channel!r}.')
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f'`seed` must be an int. Found {seed!r}.')
+  sample_fraction = payload_lib.validate_sample_fraction(sample_fraction, per_channel)
   return QuantizationSettings(
     bits=payload_lib.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
     clipping=clipping,
@@ -127,6 +138,7 @@ def validate_settings(
     per_channel=per_channel,
     seed=seed,
     sum_result=sum_result,
+    sample_fraction=sample_fraction,
   )
 
 
