@@ -6,26 +6,19 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+import aggregator_fixtures
+
 from tff_clipq import aggregators
 from tff_clipq.aggregators import clipped_quantization
 from tff_clipq import quantization
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload
 
-MATRIX = tff.TensorType(np.float32, [12, 10])
-BIAS = tff.TensorType(np.float32, [10])
-VALUE_TYPE = tff.StructWithPythonType([MATRIX, BIAS], list)
-WEIGHT_TYPE = tff.TensorType(np.float32)
-
-
-def _client_values(num_clients: int, seed: int = 0) -> list[list[np.ndarray]]:
-  rng = np.random.default_rng(seed)
-  return [
-    [
-      (rng.standard_normal([12, 10]) * (1 + i)).astype(np.float32),
-      rng.standard_normal([10]).astype(np.float32),
-    ]
-    for i in range(num_clients)
-  ]
+MATRIX = aggregator_fixtures.MATRIX
+BIAS = aggregator_fixtures.BIAS
+VALUE_TYPE = aggregator_fixtures.VALUE_TYPE
+WEIGHT_TYPE = aggregator_fixtures.WEIGHT_TYPE
+_client_values = aggregator_fixtures.client_values
 
 
 def _numpy_nearest_reconstruction(x: np.ndarray, bits: int) -> np.ndarray:
@@ -282,7 +275,7 @@ class ClippedQuantizationMeanTest(tf.test.TestCase):
       self.assertTrue(np.all(np.isfinite(result['weight_sum'])))
 
   def test_malformed_payload_is_detected(self):
-    plan = payload.make_plan([(5,)], bits=3)
+    plan = encoding_plan.make_plan([(5,)], bits=3)
     codes = quantization.pack_codes(tf.constant([1, 2, 3, 4, 5]), 3)
     good = [collections.OrderedDict(codes=codes, threshold=tf.constant(1.0))]
     self.assertTrue(payload.payload_is_well_formed(plan, good))

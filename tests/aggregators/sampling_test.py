@@ -10,6 +10,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+import aggregator_fixtures
+
 from tff_clipq import aggregators
 from tff_clipq.aggregators import clipped_quantization
 from tff_clipq.aggregators.clipped_quantization import client
@@ -21,27 +23,18 @@ from tff_clipq.experiments import flag_definitions
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import run_dirs
 from tff_clipq.learning import process as process_lib
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload
 
-MATRIX = tff.TensorType(np.float32, [12, 10])
-BIAS = tff.TensorType(np.float32, [10])
-VALUE_TYPE = tff.StructWithPythonType([MATRIX, BIAS], list)
-WEIGHT_TYPE = tff.TensorType(np.float32)
-
-
-def _client_values(num_clients: int, seed: int = 0) -> list[list[np.ndarray]]:
-  rng = np.random.default_rng(seed)
-  return [
-    [
-      (rng.standard_normal([12, 10]) * (1 + i)).astype(np.float32),
-      rng.standard_normal([10]).astype(np.float32),
-    ]
-    for i in range(num_clients)
-  ]
+MATRIX = aggregator_fixtures.MATRIX
+BIAS = aggregator_fixtures.BIAS
+VALUE_TYPE = aggregator_fixtures.VALUE_TYPE
+WEIGHT_TYPE = aggregator_fixtures.WEIGHT_TYPE
+_client_values = aggregator_fixtures.client_values
 
 
 def _decoded_means(
-  plan: payload.EncodingPlan,
+  plan: encoding_plan.EncodingPlan,
   weighting: str,
   values: list[np.ndarray],
   weights: list[float],
@@ -86,7 +79,7 @@ class SampledEncodingTest(tf.test.TestCase):
     ]
     weights = [1.0, 3.0]
     expected = (weights[0] * values[0] + weights[1] * values[1]) / sum(weights)
-    plan = payload.make_plan(
+    plan = encoding_plan.make_plan(
       [[16, 16]], 1, 0, 'max_abs', 'stochastic', per_channel=False, sample_fraction=0.25
     )
     self.assertEqual(plan.tensors[0].sent, 64)
@@ -103,7 +96,7 @@ class SampledEncodingTest(tf.test.TestCase):
 
   def test_errors_and_threshold_are_those_of_the_sent_entries(self):
     x = np.random.default_rng(0).standard_normal([40, 10]).astype(np.float32)
-    plan = payload.make_plan([[40, 10]], 2, 0, 'max_abs', 'nearest', sample_fraction=0.1)
+    plan = encoding_plan.make_plan([[40, 10]], 2, 0, 'max_abs', 'nearest', sample_fraction=0.1)
     encoded = client.encode(plan, 'inverse_error', [tf.constant(x)], tf.constant(7, tf.int64))
     wire = encoded['wire']
     coordinates = payload.selected_coordinates(plan.tensors[0], wire['selection_seed'], 0)
@@ -121,10 +114,12 @@ class SampledEncodingTest(tf.test.TestCase):
     self.assertAllClose(weighted, 2.0 * decoded, atol=1e-5)
 
   def test_sent_entries(self):
-    self.assertEqual(payload.sent_entries(30, 0.1), 3)  # Not 4 from 0.1 * 30 = 3.0000000000000004.
-    self.assertEqual(payload.sent_entries(10, 0.01), 1)
-    self.assertEqual(payload.sent_entries(10, 0.95), None)  # ceil(9.5) = 10: all of them.
-    self.assertEqual(payload.sent_entries(10, 1.0), None)
+    self.assertEqual(
+      encoding_plan.sent_entries(30, 0.1), 3
+    )  # Not 4 from 0.1 * 30 = 3.0000000000000004.
+    self.assertEqual(encoding_plan.sent_entries(10, 0.01), 1)
+    self.assertEqual(encoding_plan.sent_entries(10, 0.95), None)  # ceil(9.5) = 10: all of them.
+    self.assertEqual(encoding_plan.sent_entries(10, 1.0), None)
 
 
 class SampledAggregatorTest(tf.test.TestCase):

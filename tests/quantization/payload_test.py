@@ -4,6 +4,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload
 
 SHAPES = [(3, 3, 1, 16), (16,), (400, 10), (10,)]
@@ -17,7 +18,9 @@ def client_tensors(seed: int = 0) -> list[np.ndarray]:
 class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
   def setUp(self):
     super().setUp()
-    self.plan = payload.make_plan(SHAPES, (2, 4), min_size_to_quantize=100, rounding='stochastic')
+    self.plan = encoding_plan.make_plan(
+      SHAPES, (2, 4), min_size_to_quantize=100, rounding='stochastic'
+    )
     self.seed = tf.constant([3, 4], tf.int64)
 
   def test_decoded_error_is_the_reported_error(self):
@@ -41,7 +44,7 @@ class EncodeTensorsTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.product(bits=(1, 2, 3, 4, 8, 16), per_channel=(False, True))
   def test_weighted_levels_are_the_weighted_decoded_levels(self, bits, per_channel):
-    plan = payload.make_plan(SHAPES, bits, min_size_to_quantize=100, per_channel=per_channel)
+    plan = encoding_plan.make_plan(SHAPES, bits, min_size_to_quantize=100, per_channel=per_channel)
     quantized, _, _, _ = payload.encode_tensors(plan, client_tensors(1), self.seed)
     decoded = payload.decode_quantized(plan, quantized)
     for encoding, part, levels in zip(plan.quantized, quantized, decoded):

@@ -28,12 +28,13 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_clipq.aggregators.clipped_quantization import settings as settings_lib
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload as payload_lib
 
 BROADCASTS = ('float', 'model', 'delta')
 
 
-def _decoded(plan: payload_lib.EncodingPlan, quantized: list, floats: list) -> list[tf.Tensor]:
+def _decoded(plan: encoding_plan.EncodingPlan, quantized: list, floats: list) -> list[tf.Tensor]:
   """The trainable tensors, in order, from their encoded parts."""
   decoded = iter(payload_lib.decode_quantized(plan, quantized))
   unquantized = iter(floats)

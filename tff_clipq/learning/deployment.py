@@ -16,7 +16,7 @@ from typing import Sequence, Union
 import numpy as np
 import tensorflow as tf
 
-from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import quantizer
 from tff_clipq.quantization import thresholds
 
@@ -25,7 +25,7 @@ DEPLOYED_ROUNDING = 'nearest'
 
 def quantize_weights(
   weights: Sequence[np.ndarray],
-  bits: payload_lib.BitsSpec,
+  bits: encoding_plan.BitsSpec,
   clipping: Union[str, float],
   min_size_to_quantize: int,
   per_channel: bool = False,
@@ -34,12 +34,12 @@ def quantize_weights(
 
   Args:
     weights: the model's trainable tensors, in `model.trainable_variables` order.
-    bits: one width, or one per quantized tensor / per tensor (as `payload.make_plan` takes).
+    bits: one width, or one per quantized tensor / per tensor (as `encoding_plan.make_plan` takes).
     clipping: the threshold method ('max_abs', 'octav', 'mean_optimal', ...) or a fixed number.
     min_size_to_quantize: tensors with fewer entries stay float32, as they travel.
     per_channel: one threshold per slice of the last axis.
   """
-  plan = payload_lib.make_plan(
+  plan = encoding_plan.make_plan(
     [np.shape(w) for w in weights],
     bits,
     min_size_to_quantize,

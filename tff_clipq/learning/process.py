@@ -38,7 +38,7 @@ from tff_clipq.learning import models
 from tff_clipq.learning import qat as qat_lib
 from tff_clipq.learning import weights_payload
 from tff_clipq.quantization import packing
-from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import quantizer
 
 AGGREGATORS = ('float', 'clipq', 'tff_encoded')
@@ -97,13 +97,13 @@ class AggregatorConfig:
         "`per_channel` thresholds need the tensors' channels, which a rotation "
         'mixes: use one or the other.'
       )
-    bits = payload_lib.validate_encoding_settings(
+    bits = encoding_plan.validate_encoding_settings(
       self.bits, self.min_size_to_quantize, self.clipping, self.rounding
     )
     object.__setattr__(
       self,
       'sample_fraction',
-      payload_lib.validate_sample_fraction(self.sample_fraction, self.per_channel),
+      encoding_plan.validate_sample_fraction(self.sample_fraction, self.per_channel),
     )
     if self.sample_fraction < 1.0 and self.method != 'clipq':
       raise ValueError(
@@ -198,7 +198,7 @@ def _optimizer(
 
 def bits_per_tensor(config: ProcessConfig) -> Union[int, tuple[int, ...]]:
   """The run's bit widths: one int, or one per trainable tensor (expanded from per-layer)."""
-  bits = payload_lib.parse_bits(config.aggregator.bits)
+  bits = encoding_plan.parse_bits(config.aggregator.bits)
   if isinstance(bits, int):
     return bits
   keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
@@ -281,9 +281,9 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
     return 32 * sum(int(np.prod(shape)) for shape in shapes) + 32
   if agg.rotation == 'hadamard':  # Each tensor flattened and zero-padded to a power of two.
     shapes = [(1 << max(int(np.prod(shape)) - 1, 0).bit_length(),) for shape in shapes]
-  plan = payload_lib.make_plan(
+  plan = encoding_plan.make_plan(
     shapes,
-    bits_per_tensor(config) if agg.method == 'clipq' else int(payload_lib.parse_bits(agg.bits)),
+    bits_per_tensor(config) if agg.method == 'clipq' else int(encoding_plan.parse_bits(agg.bits)),
     agg.min_size_to_quantize,
     agg.clipping,
     agg.rounding,

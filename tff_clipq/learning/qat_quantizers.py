@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tff_clipq import quantization
-from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import quantizer as quantizer_lib
 
 ClippingMethod = Union[str, float]
@@ -23,7 +23,7 @@ ClippingMethod = Union[str, float]
 
 def validate_clipping(clipping: Any) -> ClippingMethod:
   """Returns `clipping` if it is a known method or a positive number, else raises ValueError."""
-  return payload_lib.validate_clipping(clipping)
+  return encoding_plan.validate_clipping(clipping)
 
 
 def validate_refresh_steps(steps: Any) -> int:

@@ -12,11 +12,12 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload as payload_lib
 
 
 def encode(
-  plan: payload_lib.EncodingPlan,
+  plan: encoding_plan.EncodingPlan,
   weighting: str,
   value,
   round_seed: tf.Tensor,

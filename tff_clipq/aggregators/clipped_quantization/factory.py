@@ -21,7 +21,7 @@ from tff_clipq.aggregators.clipped_quantization import client
 from tff_clipq.aggregators.clipped_quantization import measurements as measurements_lib
 from tff_clipq.aggregators.clipped_quantization import server
 from tff_clipq.aggregators.clipped_quantization import settings as settings_lib
-from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import encoding_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +288,7 @@ class _UnweightedFactory(_Factory, tff.aggregators.UnweightedAggregationFactory)
 
 
 def clipped_quantization_mean(
-  bits: Union[payload_lib.BitsSpec, str] = 4,
+  bits: Union[encoding_plan.BitsSpec, str] = 4,
   clipping: Union[str, float] = 'max_abs',
   rounding: str = 'stochastic',
   weighting: str = 'example_count',
@@ -339,7 +339,7 @@ def clipped_quantization_mean(
 
 
 def unweighted_clipped_quantization_mean(
-  bits: Union[payload_lib.BitsSpec, str] = 4,
+  bits: Union[encoding_plan.BitsSpec, str] = 4,
   clipping: Union[str, float] = 'max_abs',
   rounding: str = 'stochastic',
   weighting: str = 'uniform',
@@ -352,23 +352,9 @@ def unweighted_clipped_quantization_mean(
   """Unweighted mean, for `tff.learning.algorithms.build_unweighted_fed_avg`.
 
   Args:
-    bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
-      value order (a sequence or a string like '4-2-2-4').
-    clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal for
-      this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
-      'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
-      threshold.
-    rounding: 'stochastic' (unbiased; the default) or 'nearest'.
+    bits, clipping, rounding, min_size_to_quantize, per_channel, seed, inner_agg_factory,
+      sample_fraction: as for `clipped_quantization_mean`.
     weighting: 'uniform' (the default), 'inverse_error' or 'inverse_normalized_error'.
-    min_size_to_quantize: tensors with fewer elements are sent in float32.
-    per_channel: one threshold per slice of each tensor's last axis.
-    seed: first round's seed for stochastic rounding (advanced every round).
-    inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
-    sample_fraction: f in (0, 1]: each quantized tensor of n entries sends the codes of a
-      uniformly chosen k = max(1, ceil(f n)) of them, which the server scatters back scaled by
-      n / k (unbiased; below 1 bit per coordinate at 1 bit). The client sends one int32 seed
-      from which the server derives the coordinates. With the inverse-error weightings e_i is
-      the quantization error of the entries sent. Not with `per_channel`. 1: every entry.
   """
   settings = settings_lib.validate_settings(
     bits,
@@ -385,7 +371,7 @@ def unweighted_clipped_quantization_mean(
 
 
 def clipped_quantization_sum(
-  bits: Union[payload_lib.BitsSpec, str] = 4,
+  bits: Union[encoding_plan.BitsSpec, str] = 4,
   clipping: Union[str, float] = 'max_abs',
   rounding: str = 'stochastic',
   min_size_to_quantize: int = 128,
@@ -401,22 +387,8 @@ def clipped_quantization_sum(
   (random rotation first), or `value_sum_factory` of `tff.aggregators.MeanFactory`.
 
   Args:
-    bits: bits per coordinate, 1..16: one width, or one per quantized tensor / per tensor in
-      value order (a sequence or a string like '4-2-2-4').
-    clipping: 'max_abs' (no clipping; the default, measured best), 'octav' (MSE-optimal for
-      this quantizer and rounding, the paper's), 'octav_paper' (the paper's noise model),
-      'mean_optimal' (MSE-optimal for the mean of the clients averaged), or a fixed positive
-      threshold.
-    rounding: 'stochastic' (unbiased; the default) or 'nearest'.
-    min_size_to_quantize: tensors with fewer elements are sent in float32.
-    per_channel: one threshold per slice of each tensor's last axis.
-    seed: first round's seed for stochastic rounding (advanced every round).
-    inner_agg_factory: sums the weighted float32 tensors; default `tff.aggregators.SumFactory`.
-    sample_fraction: f in (0, 1]: each quantized tensor of n entries sends the codes of a
-      uniformly chosen k = max(1, ceil(f n)) of them, which the server scatters back scaled by
-      n / k (unbiased; below 1 bit per coordinate at 1 bit). The client sends one int32 seed
-      from which the server derives the coordinates. With the inverse-error weightings e_i is
-      the quantization error of the entries sent. Not with `per_channel`. 1: every entry.
+    bits, clipping, rounding, min_size_to_quantize, per_channel, seed, inner_agg_factory,
+      sample_fraction: as for `clipped_quantization_mean` (the sum has no weighting).
   """
   settings = settings_lib.validate_settings(
     bits,

@@ -12,11 +12,11 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import encoding_plan
 
 
 def finalize(
-  plan: payload_lib.EncodingPlan,
+  plan: encoding_plan.EncodingPlan,
   sum_result: bool,
   value_specs: Any,
   client_upload_bits: int,

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_clipq.aggregators.clipped_quantization import settings as settings_lib
+from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload as payload_lib
 
 
@@ -54,7 +55,7 @@ def client_weights(
 
 
 def well_formed(
-  plan: payload_lib.EncodingPlan,
+  plan: encoding_plan.EncodingPlan,
   weighting: str,
   wire: dict,
   errors: tf.Tensor,
@@ -84,7 +85,7 @@ def well_formed(
 
 
 def zero_accumulator(
-  plan: payload_lib.EncodingPlan, float_types: Sequence[tff.TensorType], sum_floats: bool
+  plan: encoding_plan.EncodingPlan, float_types: Sequence[tff.TensorType], sum_floats: bool
 ) -> collections.OrderedDict:
   """The empty accumulator; `float_sum` holds the float tensors' sum when `sum_floats`.
 
@@ -116,7 +117,7 @@ def zero_accumulator(
 
 
 def accumulate(
-  plan: payload_lib.EncodingPlan, weighting: str, accumulator: dict, client: dict
+  plan: encoding_plan.EncodingPlan, weighting: str, accumulator: dict, client: dict
 ) -> collections.OrderedDict:
   """`accumulator` plus one client's payload, decoded and weighted.
 

@@ -9,7 +9,7 @@ from absl import logging
 import numpy as np
 import tensorflow_federated as tff
 
-from tff_clipq.quantization import payload as payload_lib
+from tff_clipq.quantization import encoding_plan
 
 WEIGHTINGS = ('inverse_error', 'inverse_normalized_error', 'example_count', 'uniform')
 UNWEIGHTED_WEIGHTINGS = ('inverse_error', 'inverse_normalized_error', 'uniform')
@@ -23,7 +23,7 @@ INVERSE_ERROR_WEIGHTINGS = ('inverse_error', 'inverse_normalized_error')
 class QuantizationSettings:
   """Validated settings shared by the weighted, unweighted and sum factories."""
 
-  bits: payload_lib.BitsSpec
+  bits: encoding_plan.BitsSpec
   clipping: Union[str, float]
   rounding: str
   weighting: str
@@ -38,14 +38,14 @@ class QuantizationSettings:
     """Whether clients need the number of clients averaged (the process learns it)."""
     return self.clipping == 'mean_optimal'
 
-  def plan_for(self, value_type: tff.types.Type) -> payload_lib.EncodingPlan:
+  def plan_for(self, value_type: tff.types.Type) -> encoding_plan.EncodingPlan:
     """The encoding plan for `value_type`; logs which width went to which tensor.
 
     A list of widths is matched to the tensors one per quantized tensor or one per tensor, so
     the log line says how it was read.
     """
     shapes = [tuple(t.shape) for t in flat_tensor_types(value_type)]
-    plan = payload_lib.make_plan(
+    plan = encoding_plan.make_plan(
       shapes,
       self.bits,
       self.min_size_to_quantize,
@@ -95,7 +95,7 @@ def bits_of_type(type_spec: tff.types.Type) -> int:
 
 
 def validate_settings(
-  bits: Union[payload_lib.BitsSpec, str],
+  bits: Union[encoding_plan.BitsSpec, str],
   clipping: Union[str, float],
   rounding: str,
   weighting: str,
@@ -128,9 +128,9 @@ def validate_settings(
     raise TypeError(f'`per_channel` must be a bool. Found {per_channel!r}.')
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f'`seed` must be an int. Found {seed!r}.')
-  sample_fraction = payload_lib.validate_sample_fraction(sample_fraction, per_channel)
+  sample_fraction = encoding_plan.validate_sample_fraction(sample_fraction, per_channel)
   return QuantizationSettings(
-    bits=payload_lib.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
+    bits=encoding_plan.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
     clipping=clipping,
     rounding=rounding,
     weighting=weighting,
