@@ -7,19 +7,30 @@ dataset, is `OrderedDict(x=float32 [H, W, 1] in [0, 1] with 0 = background, y=in
 
 Images stay uint8 in memory and are converted to float inside the tf.data map, so a client's
 dataset costs a quarter of the float memory and serializes small when TFF ships it.
+
+Long runs build every round's client datasets afresh, so the map function is traced once per
+element structure and reused (`map_with_shared_function`): eager TensorFlow caches the kernel of
+every dataset op it runs, keyed by the op's attributes, and a `Dataset.map` traces a function
+with a new name each time, so each fresh `map` left a ~70 KB kernel in that cache for good.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+# pylint: disable=g-direct-tensorflow-import  # The dataset op `Dataset.map` builds, see below.
+from tensorflow.python.data.ops import dataset_ops
+from tensorflow.python.data.ops import structured_function
+from tensorflow.python.ops import gen_dataset_ops
+
+# pylint: enable=g-direct-tensorflow-import
 from tff_clipq.data import partition as partition_lib
 from tff_clipq.data import sources
 
@@ -138,6 +149,11 @@ def federated_data_from_arrays(
 
   Client `i` of `client_indices` gets id `client_{i:03d}`; clients without examples are reported
   (absl warning, `FederatedData.empty_clients`) and left out of the `ClientData`.
+
+  Args:
+    arrays: the centralized dataset (uint8 images, int64 labels, train and test splits).
+    client_indices: per client, the indices of its training examples.
+    partition_description: how the training set was split, for the run's summary.
   """
   empty_clients = partition_lib.find_empty_clients(client_indices)
   id_width = max(3, len(str(len(client_indices) - 1)))
@@ -186,7 +202,77 @@ def _examples_dataset(
   images: Union[np.ndarray, tf.Tensor], labels: Union[np.ndarray, tf.Tensor]
 ) -> tf.data.Dataset:
   """An unbatched dataset of model inputs from uint8 images [N, H, W] and int labels [N]."""
-  return tf.data.Dataset.from_tensor_slices((images, labels)).map(_to_model_input)
+  return map_with_shared_function(
+    tf.data.Dataset.from_tensor_slices((images, labels)), _to_model_input
+  )
+
+
+# The map functions traced so far, by Python function and input element spec (its repr, since
+# nested specs such as OrderedDicts are not hashable). Bounded by the code's distinct map calls.
+_SHARED_MAP_FUNCTIONS: dict[
+  tuple[Callable[..., Any], str], structured_function.StructuredFunctionWrapper
+] = {}
+
+
+class _SharedFunctionMapDataset(dataset_ops.UnaryDataset):
+  """`Dataset.map` with a function traced beforehand: TF's `_MapDataset` minus the tracing."""
+
+  def __init__(
+    self,
+    input_dataset: tf.data.Dataset,
+    map_func: structured_function.StructuredFunctionWrapper,
+  ):
+    self._map_func = map_func
+    self._name = None
+    variant_tensor = gen_dataset_ops.map_dataset(
+      input_dataset._variant_tensor,  # pylint: disable=protected-access
+      map_func.function.captured_inputs,
+      f=map_func.function,
+      use_inter_op_parallelism=True,
+      preserve_cardinality=True,
+      **self._common_args,
+    )
+    super().__init__(input_dataset, variant_tensor)
+
+  def _functions(self) -> list[structured_function.StructuredFunctionWrapper]:
+    return [self._map_func]
+
+  @property
+  def element_spec(self) -> Any:
+    return self._map_func.output_structure
+
+
+def map_with_shared_function(
+  dataset: tf.data.Dataset, map_func: Callable[..., Any]
+) -> tf.data.Dataset:
+  """`dataset.map(map_func)`, tracing `map_func` once per input element spec in eager mode.
+
+  `Dataset.map` traces `map_func` into a function with a new name on every call, and eager
+  TensorFlow caches the kernel of every `MapDataset` op it runs, keyed by that name, for the
+  life of the process (~70 KB each). Reusing one traced function reuses one cached kernel, so
+  building datasets afresh every round does not grow memory. Same dataset graph, elements and
+  element spec as `dataset.map(map_func)`; in graph mode (inside a `tf.function` or TFF
+  computation), where the function lives in the graph, it is `dataset.map(map_func)`.
+
+  Args:
+    dataset: The input dataset.
+    map_func: A tf.data map function of `dataset`'s elements. It is traced once and kept for
+      the life of the process, keyed by the function object: pass a long-lived function (not a
+      new lambda per call), without Python side effects meant to run per call.
+
+  Returns:
+    The mapped dataset.
+  """
+  if not tf.executing_eagerly():
+    return dataset.map(map_func)
+  key = (map_func, repr(dataset.element_spec))
+  wrapper = _SHARED_MAP_FUNCTIONS.get(key)
+  if wrapper is None:
+    wrapper = structured_function.StructuredFunctionWrapper(
+      map_func, 'Dataset.map()', dataset=dataset
+    )
+    _SHARED_MAP_FUNCTIONS[key] = wrapper
+  return _SharedFunctionMapDataset(dataset, wrapper)
 
 
 def _make_client_dataset_fn(
@@ -256,6 +342,13 @@ def federated_emnist(
   """Samples `num_clients` writers of EMNIST-structured `train`; evaluates on all of `test`.
 
   Client sizes and label histograms are computed by reading the sampled clients' data once.
+
+  Args:
+    train: TFF's EMNIST training `ClientData` (clients are writers).
+    test: TFF's EMNIST test `ClientData`, evaluated as one dataset.
+    num_clients: how many writers to sample.
+    seed: seeds the sample of writers.
+    source: where the data came from, for the run's summary.
   """
   num_writers = len(train.client_ids)
   if not 1 <= num_clients <= num_writers:
@@ -264,7 +357,7 @@ def federated_emnist(
   client_ids = sorted(rng.choice(train.client_ids, size=num_clients, replace=False).tolist())
 
   def client_dataset(client_id: Union[str, tf.Tensor]) -> tf.data.Dataset:
-    return train.serializable_dataset_fn(client_id).map(emnist_to_model_input)
+    return map_with_shared_function(train.serializable_dataset_fn(client_id), emnist_to_model_input)
 
   federated_train = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
     client_ids, client_dataset
@@ -303,10 +396,26 @@ def preprocess_for_training(
   With a `seed`, the shuffle order is fixed (`reshuffle_each_iteration=False`): every epoch and
   every iteration of the dataset sees the same order, so runs are reproducible. With `seed=None`
   the order is random and changes every epoch.
+
+  An integer seed reaches TensorFlow as a numpy int64: eager TensorFlow keeps the tensor of every
+  distinct Python number it converts for the life of the process (~0.7 KB each), and every client
+  of every round has its own seed. Same seed tensors, hence the same order, as a Python int.
+
+  Args:
+    dataset: The client's unbatched dataset.
+    batch_size: Examples per batch (the last batch may be smaller).
+    local_epochs: How many times the client's examples are repeated.
+    seed: Seed of the shuffle order, or None for a random order.
+    shuffle_buffer: Shuffle buffer size (>= the client's size shuffles uniformly).
+
+  Returns:
+    The batched training dataset.
   """
   _check_positive_int(batch_size, 'batch_size')
   _check_positive_int(local_epochs, 'local_epochs')
   _check_positive_int(shuffle_buffer, 'shuffle_buffer')
+  if isinstance(seed, (int, np.integer)) and -(2**63) <= seed < 2**63:
+    seed = np.int64(seed)
   return (
     dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=seed is None)
     .repeat(local_epochs)
@@ -315,7 +424,12 @@ def preprocess_for_training(
 
 
 def preprocess_for_evaluation(dataset: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
-  """Batches a dataset for evaluation, in order and without repetition."""
+  """Batches a dataset for evaluation, in order and without repetition.
+
+  Args:
+    dataset: the unbatched evaluation dataset.
+    batch_size: examples per batch (the last batch may be smaller).
+  """
   _check_positive_int(batch_size, 'batch_size')
   return dataset.batch(batch_size)
 
