@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: CPU and memory accounting of Python and its TFF workers.
+"""Shared by the benchmarks: CPU and memory accounting of Python and its TFF workers.
 
 The benchmarks compare their variants by the resources of this process and of the
 `worker_binary` processes `tff_clipq.runtime` starts, read from Linux's `/proc`; the report text

@@ -1,6 +1,6 @@
 """Pytest setup shared by all tests.
 
-absl flags are marked parsed (tf.test helpers need them), and TFF computations run in the
+absl flags are marked parsed (tf.test utilities need them), and TFF computations run in the
 project's leak-free local execution context, which owns its worker_binary process and stops it
 at exit, instead of TFF's default one, which can outlive the test run.
 """

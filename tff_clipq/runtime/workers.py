@@ -281,7 +281,7 @@ def _worker_environment(intra_op_threads: Optional[int]) -> Optional[dict[str, s
   if intra_op_threads is None:
     return None  # Inherit.
   environment = dict(os.environ)
-  # Read by TensorFlow when a session's config leaves the pool size at 0, as TFF's does.
+  # Read by TensorFlow when a config leaves the intra-op pool size at 0, as TFF's worker does.
   environment['TF_NUM_INTRAOP_THREADS'] = str(intra_op_threads)
   return environment
 
@@ -310,7 +310,7 @@ def _spawn_worker(
       stderr=subprocess.STDOUT,
       env=_worker_environment(intra_op_threads),
       close_fds=True,
-      # Its own session: a terminal's Ctrl-C goes to Python, which then stops the worker.
+      # Its own process group (setsid): a terminal's Ctrl-C goes to Python, which stops the worker.
       start_new_session=True,
     )
   except BaseException:
