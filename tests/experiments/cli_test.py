@@ -147,9 +147,9 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     flags = (*TINY_FLAGS, f'--rounds={rounds}', '--rounding=stochastic', '--payload=weights')
     output_dir = self.create_tempdir().full_path
     process = self.start_script(*flags, f'--output_dir={output_dir}')
-    checkpoint_3 = os.path.join(output_dir, run_dirs.CHECKPOINT_DIR, 'program_state_3')
+    checkpoint_3 = run_dirs.checkpoint_path(output_dir, 3)
     self.assertTrue(
-      wait_until(lambda: os.path.isdir(checkpoint_3) or process.poll() is not None, TIMEOUT_S),
+      wait_until(lambda: os.path.exists(checkpoint_3) or process.poll() is not None, TIMEOUT_S),
       'no checkpoint of round 3',
     )
     process.send_signal(signal.SIGKILL)
@@ -178,9 +178,9 @@ class RunExperimentsScriptTest(tf.test.TestCase):
     flags = (*TINY_FLAGS, '--rounds=20', '--num_local_workers=2')
     output_dir = self.create_tempdir().full_path
     process = self.start_script(*flags, f'--output_dir={output_dir}')
-    checkpoint_2 = os.path.join(output_dir, run_dirs.CHECKPOINT_DIR, 'program_state_2')
+    checkpoint_2 = run_dirs.checkpoint_path(output_dir, 2)
     self.assertTrue(
-      wait_until(lambda: os.path.isdir(checkpoint_2) or process.poll() is not None, TIMEOUT_S),
+      wait_until(lambda: os.path.exists(checkpoint_2) or process.poll() is not None, TIMEOUT_S),
       'no checkpoint of round 2',
     )
     workers = child_workers(process.pid)

@@ -153,6 +153,31 @@ class ResumeTest(tf.test.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, "--bits='4' \\(now '2'\\)"):
       program.run_experiment(tiny_config(output_dir, rounds=2, bits='2', resume=True))
 
+  def test_keeps_the_last_two_checkpoints(self):
+    output_dir = self.create_tempdir().full_path
+    program.run_experiment(tiny_config(output_dir, rounds=3))
+    self.assertEqual(
+      sorted(os.listdir(os.path.join(output_dir, run_dirs.CHECKPOINT_DIR))),
+      [os.path.basename(run_dirs.checkpoint_path(output_dir, r)) for r in (2, 3)],
+    )
+
+  def test_resume_removes_an_interrupted_checkpoint_write(self):
+    output_dir = self.create_tempdir().full_path
+    program.run_experiment(tiny_config(output_dir, rounds=1))
+    leftover = os.path.join(output_dir, run_dirs.CHECKPOINT_DIR, '.round_000002.npz.x1y2.tmp')
+    with open(leftover, 'wb') as file:
+      file.write(b'PK\x03')
+    summary = program.run_experiment(tiny_config(output_dir, rounds=2, resume=True))
+    self.assertEqual(summary['rounds_completed'], 2)
+    self.assertFalse(os.path.exists(leftover))
+
+  def test_resume_rejects_checkpoints_of_the_savedmodel_format(self):
+    output_dir = self.create_tempdir().full_path
+    program.run_experiment(tiny_config(output_dir, rounds=1))
+    os.makedirs(os.path.join(output_dir, run_dirs.CHECKPOINT_DIR, 'program_state_1'))
+    with self.assertRaisesRegex(config_lib.ConfigError, 'SavedModel format.*--overwrite'):
+      program.run_experiment(tiny_config(output_dir, rounds=2, resume=True))
+
   def test_refuses_to_delete_a_directory_it_did_not_write(self):
     output_dir = self.create_tempdir()
     output_dir.create_file('thesis.tex')

@@ -2,14 +2,12 @@
 
 `check_output_dir` only reads (every check passes before anything is written);
 `prepare_output_dir` applies --overwrite and writes `study.json` and each run's `config.json`;
-`Checkpoints` saves (round, learning-process state, metrics history) after every round through
-`tff.program.FileProgramStateManager`, which `--resume` restores.
+`Checkpoints` saves (round, learning-process state, metrics history) after every round as one
+`.npz` file written atomically, which `--resume` restores.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 import json
 import os
@@ -19,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_federated as tff
 
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
@@ -27,9 +24,10 @@ from tff_clipq.experiments import outputs
 STUDY_JSON = 'study.json'
 CONFIG_JSON = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
-CHECKPOINT_PREFIX = 'program_state_'
-# Leftovers of an interrupted atomic write by TFF's file managers ('<name>_temp1234').
-_TFF_TEMPORARY = re.compile(r'.*_temp\d+$')
+_CHECKPOINT_FILE = re.compile(r'^round_(\d+)\.npz$')
+# Leftovers of an interrupted atomic write: TFF's file managers ('<name>_temp1234') and
+# `outputs.atomic_file` ('.<name>.<random>.tmp').
+_TEMPORARY = re.compile(r'(.*_temp\d+|\..*\.tmp)$')
 
 ConfigError = config_lib.ConfigError
 
@@ -38,12 +36,25 @@ def config_dict(config: config_lib.ExperimentConfig) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config)))  # Tuples as lists, as read back.
 
 
+def checkpoint_path(run_dir: str, round_num: int) -> str:
+  """The file that holds the checkpoint after round `round_num` of the run in `run_dir`.
+
+  Args:
+    run_dir: the run's directory.
+    round_num: the round the checkpoint was taken after.
+  """
+  return os.path.join(run_dir, CHECKPOINT_DIR, f'round_{round_num:06d}.npz')
+
+
+def _checkpoint_rounds(run_dir: str) -> list[int]:
+  directory = os.path.join(run_dir, CHECKPOINT_DIR)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(m.group(1)) for m in map(_CHECKPOINT_FILE.match, names) if m)
+
+
 def completed_rounds(run_dir: str) -> int:
   """The round of the latest checkpoint in `run_dir` (0 if none)."""
-  manager = tff.program.FileProgramStateManager(
-    os.path.join(run_dir, CHECKPOINT_DIR), prefix=CHECKPOINT_PREFIX
-  )
-  return max(asyncio.run(manager.get_versions()) or [0])
+  return max(_checkpoint_rounds(run_dir) or [0])
 
 
 def check_output_dir(
@@ -114,6 +125,14 @@ def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None
       f'--resume: {run_label} in {run_dir} was started with other settings: '
       f'{", ".join(changed)}. Resume with the original flags, or use another --output_dir.'
     )
+  checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+  if os.path.isdir(checkpoint_dir) and any(
+    name.startswith('program_state_') for name in os.listdir(checkpoint_dir)
+  ):
+    raise ConfigError(
+      f'--resume: {run_label} in {run_dir} has checkpoints in the SavedModel format of an '
+      'earlier tff_clipq, which this version does not read; rerun it with --overwrite.'
+    )
   completed = completed_rounds(run_dir)
   if completed > run_config.rounds:
     raise ConfigError(
@@ -123,11 +142,11 @@ def _check_resumable(name: str, run_config: config_lib.ExperimentConfig) -> None
 
 
 def remove_interrupted_writes(run_dir: str) -> None:
-  """Deletes temporaries that a crash during an atomic write by TFF's managers left behind."""
+  """Deletes temporaries that a crash during an atomic write left behind."""
   for directory in (run_dir, os.path.join(run_dir, CHECKPOINT_DIR)):
     if os.path.isdir(directory):
       for entry in os.listdir(directory):
-        if _TFF_TEMPORARY.match(entry):
+        if _TEMPORARY.match(entry):
           path = os.path.join(directory, entry)
           shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -135,51 +154,47 @@ def remove_interrupted_writes(run_dir: str) -> None:
 class Checkpoints:
   """Saves and restores (round, learning-process state, metrics history) after each round.
 
-  The state is stored as its flattened list of arrays and rebuilt with the structure of a fresh
-  `initialize()`, since the SavedModel format of `tff.program.FileProgramStateManager` keeps the
-  values but not TFF's structure classes; the history is one JSON string.
+  Each checkpoint is one `.npz` file: the state's flattened arrays (`state_0`, `state_1`, ...),
+  rebuilt on load with the structure of a fresh `initialize()`, the round and the history as one
+  JSON string. It is written through `outputs.atomic_file`, so a crash leaves the previous
+  checkpoint intact; the last two are kept. A plain file per round keeps a long run's memory flat,
+  where a SavedModel per round (`tff.program.FileProgramStateManager`) grew it ~41 KB per round.
 
   Args:
     run_dir: the run's directory (checkpoints go to its `checkpoints/`).
     initial_state: the learning process's `initialize()`, the structure to restore into.
   """
 
+  _KEEP = 2
+
   def __init__(self, run_dir: str, initial_state: Any):
-    self._manager = tff.program.FileProgramStateManager(
-      os.path.join(run_dir, CHECKPOINT_DIR),
-      prefix=CHECKPOINT_PREFIX,
-      keep_total=2,
-      keep_first=False,
-    )
+    self._run_dir = run_dir
     self._initial_state = initial_state
 
-  def _program_state(self, round_num: int, state: Any, history: list[dict[str, Any]]):
-    return collections.OrderedDict(
-      round=np.int64(round_num),
-      state=[np.asarray(leaf) for leaf in tf.nest.flatten(state)],
-      history=json.dumps(history),
-    )
-
   def save(self, round_num: int, state: Any, history: list[dict[str, Any]]) -> None:
-    """Saves the state after round `round_num` (keeping the last two versions).
+    """Saves the state after round `round_num` (keeping the last two checkpoints).
 
     Args:
       round_num: the round just completed.
       state: the learning process's state.
       history: the metrics of every round so far.
     """
-    asyncio.run(self._manager.save(self._program_state(round_num, state, history), round_num))
+    arrays = {f'state_{i}': np.asarray(leaf) for i, leaf in enumerate(tf.nest.flatten(state))}
+    with outputs.atomic_file(checkpoint_path(self._run_dir, round_num), 'wb') as file:
+      np.savez(file, round=np.int64(round_num), history=np.str_(json.dumps(history)), **arrays)
+    for old in _checkpoint_rounds(self._run_dir)[: -self._KEEP]:
+      os.remove(checkpoint_path(self._run_dir, old))
 
   def load_latest(self) -> tuple[int, Any, list[dict[str, Any]]]:
     """(round, state, history) of the latest checkpoint, or (0, initial state, []) if none."""
-    structure = self._program_state(0, self._initial_state, [])
-    saved, round_num = asyncio.run(self._manager.load_latest(structure))
-    if saved is None:
+    round_num = completed_rounds(self._run_dir)
+    if not round_num:
       return 0, self._initial_state, []
-    leaves = [
-      np.asarray(value, dtype=np.asarray(template).dtype)
-      for value, template in zip(saved['state'], structure['state'])
-    ]
-    history = saved['history']
-    history = json.loads(history.decode() if isinstance(history, bytes) else history)
+    templates = tf.nest.flatten(self._initial_state)
+    with np.load(checkpoint_path(self._run_dir, round_num)) as saved:
+      leaves = [
+        np.asarray(saved[f'state_{i}'], dtype=np.asarray(template).dtype)
+        for i, template in enumerate(templates)
+      ]
+      history = json.loads(str(saved['history']))
     return round_num, tf.nest.pack_sequence_as(self._initial_state, leaves), history
