@@ -28,6 +28,7 @@ from tff_clipq import data as data_lib
 from tff_clipq.learning import models
 from tff_clipq.learning import process as process_lib
 from tff_clipq.learning import qat as qat_lib
+from tff_clipq.quantization import bit_allocation
 from tff_clipq.quantization import quantizer
 
 NATURAL_PARTITION = 'natural'
@@ -322,6 +323,11 @@ def _validate(config: ExperimentConfig) -> None:
       raise ConfigError(
         f'--bits per layer ({config.bits!r}) needs --aggregator=clipq; tff_encoded takes one width.'
       )
+  if bit_allocation.is_budget(settings.bits) and config.aggregator != 'clipq':
+    raise ConfigError(
+      f'--bits={config.bits} (widths chosen within a budget) needs --aggregator=clipq. '
+      f'Found --aggregator={config.aggregator}.'
+    )
   _choice(config, 'rotation', process_lib.ROTATIONS)
   _at_least(config, 'qat_threshold_refresh_steps', 0)
   _choice(config, 'payload', process_lib.PAYLOADS)

@@ -110,7 +110,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
     'bits',
     default('bits'),
-    'Bits per coordinate, or per layer with weights, e.g. 4-2-2-4 (clipq).',
+    'Bits per coordinate, or per layer with weights, e.g. 4-2-2-4, or a budget of average code '
+    'bits per quantized coordinate within which each client chooses its widths per tensor, '
+    'e.g. budget:2.15 (clipq).',
     **fv,
   )
   flags.DEFINE_string(

@@ -47,6 +47,7 @@ from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import run_dirs
 from tff_clipq.learning import process as process_lib
+from tff_clipq.quantization import bit_allocation
 
 METRICS_CSV = 'metrics.csv'
 TENSORBOARD_DIR = 'tensorboard'
@@ -199,8 +200,13 @@ def _round_metrics(
   client_upload_bits: int,
   num_coordinates: int,
   clients_per_round: int,
+  budget: bool = False,
 ) -> dict[str, Any]:
-  """Training, upload and download metrics of one round, from the process output."""
+  """Training, upload and download metrics of one round, from the process output.
+
+  With a bit `budget`, also `width_<i>`: the mean width the round's clients chose for quantized
+  tensor i.
+  """
   train = output.metrics['client_work']['train']
   metrics = dict(
     train_accuracy=float(train['sparse_categorical_accuracy']),
@@ -231,6 +237,9 @@ def _round_metrics(
       accepted_clients=accepted,
       rejected_clients=rejected,
     )
+    if budget:
+      widths = np.asarray(quantized['per_tensor']['bits'], np.float64)
+      metrics.update((f'width_{i}', float(width)) for i, width in enumerate(widths))
   else:
     metrics.update(
       round_upload_bits=client_upload_bits * clients_per_round,
@@ -367,6 +376,7 @@ def _run(
         client_upload_bits,
         num_parameters,
         run_config.clients_per_round,
+        bit_allocation.is_budget(run_config.bits),
       )
       cumulative_bits += metrics['round_upload_bits']
       metrics['cumulative_upload_bits'] = cumulative_bits

@@ -16,6 +16,7 @@ from typing import Sequence, Union
 import numpy as np
 import tensorflow as tf
 
+from tff_clipq.quantization import budget_payload
 from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import quantizer
 from tff_clipq.quantization import thresholds
@@ -34,7 +35,8 @@ def quantize_weights(
 
   Args:
     weights: the model's trainable tensors, in `model.trainable_variables` order.
-    bits: one width, or one per quantized tensor / per tensor (as `encoding_plan.make_plan` takes).
+    bits: one width, one per quantized tensor / per tensor, or a budget (as
+      `encoding_plan.make_plan` takes).
     clipping: the threshold method ('max_abs', 'octav', 'mean_optimal', ...) or a fixed number.
     min_size_to_quantize: tensors with fewer entries stay float32, as they travel.
     per_channel: one threshold per slice of the last axis.
@@ -48,6 +50,13 @@ def quantize_weights(
     per_channel,
   )
   deployed = [np.asarray(w, np.float32) for w in weights]
+  if plan.budget is not None:  # Widths chosen within the budget, as a client would.
+    part, _, _, _ = budget_payload.encode_tensors(
+      plan, [tf.constant(w) for w in deployed], tf.zeros([2], tf.int64)
+    )
+    for index, value in zip(plan.quantized_indices, budget_payload.decode(plan, part)):
+      deployed[index] = value.numpy()
+    return deployed
   for index in plan.quantized_indices:
     encoding, value = plan.tensors[index], tf.constant(deployed[index])
     threshold = thresholds.clipping_threshold(

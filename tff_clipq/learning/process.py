@@ -38,6 +38,7 @@ from tff_clipq.learning import models
 from tff_clipq.learning import qat as qat_lib
 from tff_clipq.learning import weights_payload
 from tff_clipq.quantization import packing
+from tff_clipq.quantization import bit_allocation
 from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import quantizer
 
@@ -109,8 +110,9 @@ class AggregatorConfig:
       raise ValueError(
         f'`sample_fraction` applies to the clipq aggregator. Found method {self.method!r}.'
       )
-    if self.method == 'tff_encoded' and isinstance(bits, tuple):
-      raise ValueError('`bits` per layer is only supported by the clipq aggregator.')
+    encoding_plan.validate_budget(bits, self.per_channel, self.sample_fraction)
+    if self.method == 'tff_encoded' and not isinstance(bits, int):
+      raise ValueError('`bits` per layer or as a budget is only supported by the clipq aggregator.')
     if self.weighting not in aggregators.WEIGHTINGS:
       raise ValueError(
         f'`weighting` must be one of {aggregators.WEIGHTINGS}. Found {self.weighting!r}.'
@@ -125,7 +127,8 @@ class AggregatorConfig:
       return f'tff_encoded-{self.bits}b'
     rotated = '-hadamard' if self.rotation != 'none' else ''
     sampled = f'-sample{self.sample_fraction:g}' if self.sample_fraction < 1.0 else ''
-    return f'clipq-{self.bits}b-{self.clipping}-{self.rounding}-{self.weighting}{rotated}{sampled}'
+    bits = self.bits.replace(':', '') if 'budget' in str(self.bits) else f'{self.bits}b'
+    return f'clipq-{bits}-{self.clipping}-{self.rounding}-{self.weighting}{rotated}{sampled}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +185,11 @@ class ProcessConfig:
         'on the number of clients the server averages, which a client does not know while it '
         'trains: use another `clipping` with `qat`.'
       )
+    if self.uses_qat and bit_allocation.is_budget(self.aggregator.bits):
+      raise ValueError(
+        f'`qat` trains through fixed widths, but `bits={self.aggregator.bits}` lets each client '
+        'choose its widths after training: use fixed `bits` with `qat`, or turn `qat` off.'
+      )
 
   @property
   def uses_qat(self) -> bool:
@@ -196,10 +204,11 @@ def _optimizer(
   return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate, momentum=momentum or None)
 
 
-def bits_per_tensor(config: ProcessConfig) -> Union[int, tuple[int, ...]]:
-  """The run's bit widths: one int, or one per trainable tensor (expanded from per-layer)."""
+def bits_per_tensor(config: ProcessConfig) -> encoding_plan.BitsSpec:
+  """The run's bit widths: one int, one per trainable tensor (expanded from per-layer), or the
+  budget the clients choose widths within."""
   bits = encoding_plan.parse_bits(config.aggregator.bits)
-  if isinstance(bits, int):
+  if not isinstance(bits, tuple):
     return bits
   keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
   return models.bits_per_tensor(keras_model, bits)
@@ -304,7 +313,10 @@ def upload_bits_per_client(config: ProcessConfig) -> int:
     weighting_bits = 32
   accepted_flag_bits = 8
   selection_seed_bits = 32 if plan.sampled else 0  # The int32 the sent coordinates come from.
-  codes = sum(packing.WORD_BITS * t.packed_words for t in plan.quantized)
+  if plan.budget is not None:  # One buffer, plus an int32 width per quantized tensor.
+    codes = packing.WORD_BITS * plan.budget_words + 32 * len(plan.quantized)
+  else:
+    codes = sum(packing.WORD_BITS * t.packed_words for t in plan.quantized)
   return codes + thresholds + weighting_bits + accepted_flag_bits + selection_seed_bits + float_bits
 
 

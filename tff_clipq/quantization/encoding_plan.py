@@ -2,8 +2,10 @@
 
 An `EncodingPlan` fixes, for every tensor of a value (e.g. a model's trainable weights), whether
 it is quantized and with how many bits, how its threshold is chosen, and, with a
-`sample_fraction` below 1, how many of its entries are sent. `make_plan` builds it from the
-tensors' shapes and validated settings; `payload.py` encodes and decodes values by it.
+`sample_fraction` below 1, how many of its entries are sent. With a bit budget
+(`bits='budget:1.5'`) the widths are chosen by each client (`budget_payload.py`) and the plan
+fixes only the total. `make_plan` builds it from the tensors' shapes and validated settings;
+`payload.py` (fixed widths) and `budget_payload.py` (a budget) encode and decode values by it.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from tff_clipq.quantization import bit_allocation
 from tff_clipq.quantization import packing
 from tff_clipq.quantization import quantizer
 from tff_clipq.quantization import thresholds
 
-BitsSpec = Union[int, Sequence[int]]
+BitsSpec = Union[int, Sequence[int], bit_allocation.BitBudget]
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorEncoding:
   """How one tensor travels: `bits=None` means float32, unquantized.
+
+  In a plan with a budget, a quantized tensor's `bits` is the widest width it may get
+  (`bit_allocation.MAX_WIDTH`); each client chooses the width it uses.
 
   `sent` is the number of its entries whose codes are sent (a uniformly chosen subset, see
   `selected_coordinates`); None means all of them.
@@ -61,6 +67,17 @@ class EncodingPlan:
   clipping: Union[str, float]
   rounding: str
   per_channel: bool
+  budget: Optional[bit_allocation.BitBudget] = None
+
+  @property
+  def budget_bits(self) -> int:
+    """The code bits a client spends on the quantized tensors (plans with a `budget`)."""
+    return self.budget.total_bits(sum(t.num_elements for t in self.quantized))
+
+  @property
+  def budget_words(self) -> int:
+    """The int32 words of the buffer that holds them."""
+    return -(-self.budget_bits // packing.WORD_BITS)
 
   @property
   def quantized(self) -> tuple[TensorEncoding, ...]:
@@ -85,13 +102,19 @@ class EncodingPlan:
 
 
 def parse_bits(bits: Union[BitsSpec, str]) -> BitsSpec:
-  """Accepts an int, a sequence of ints, or a dash-separated string like the paper's '4-2-2-4'."""
+  """Accepts an int, a sequence of ints, a dash-separated string like the paper's '4-2-2-4', or
+  a budget like 'budget:1.5' (average code bits per quantized coordinate)."""
+  if isinstance(bits, bit_allocation.BitBudget):
+    return bit_allocation.parse_budget(str(bits))
+  if bit_allocation.is_budget(bits):
+    return bit_allocation.parse_budget(bits)
   if isinstance(bits, str):
     try:
       parts = [int(part) for part in bits.split('-')]
     except ValueError:
       raise ValueError(
-        f'`bits` must be an integer or a dash-separated list like 4-2-2-4. Found {bits!r}.'
+        f'`bits` must be an integer, a dash-separated list like 4-2-2-4 or a budget like '
+        f'budget:2.15. Found {bits!r}.'
       ) from None
     bits = parts[0] if len(parts) == 1 else tuple(parts)
   if isinstance(bits, (list, tuple)):
@@ -124,7 +147,8 @@ def validate_encoding_settings(
   """Validates the settings shared by every tensor; returns `bits` parsed (int or tuple).
 
   Args:
-    bits: an int, a sequence of ints, or a dash-separated string like '4-2-2-4'; each in 1..16.
+    bits: an int, a sequence of ints, or a dash-separated string like '4-2-2-4'; each in 1..16;
+      or a budget like 'budget:2.15'.
     min_size_to_quantize: non-negative int; tensors with fewer elements travel in float32.
     clipping: one of `thresholds.CLIPPING_METHODS`, or a fixed positive, finite threshold.
     rounding: 'nearest' or 'stochastic'.
@@ -144,6 +168,21 @@ def validate_encoding_settings(
       f'`min_size_to_quantize` must be a non-negative integer. Found {min_size_to_quantize!r}.'
     )
   return bits
+
+
+def validate_budget(bits: BitsSpec, per_channel: bool, sample_fraction: float) -> None:
+  """Raises ValueError when a bit budget is combined with what it does not support.
+
+  Args:
+    bits: parsed bits (`parse_bits`).
+    per_channel: whether thresholds are per channel.
+    sample_fraction: the fraction of each quantized tensor's entries sent.
+  """
+  if isinstance(bits, bit_allocation.BitBudget) and (per_channel or sample_fraction < 1.0):
+    raise ValueError(
+      f'`bits={bits}` chooses one width per tensor; it does not combine with `per_channel` '
+      'thresholds or a `sample_fraction` below 1.'
+    )
 
 
 def validate_sample_fraction(sample_fraction: float, per_channel: bool = False) -> float:
@@ -203,7 +242,8 @@ def make_plan(
     shapes: fully defined shapes of the value's tensors, in order.
     bits: one bit width for every quantized tensor, or a sequence with either one entry per
       quantized tensor (those with at least `min_size_to_quantize` elements; e.g. the paper's
-      4-2-2-4 for the four kernels of its CNN) or one entry per tensor.
+      4-2-2-4 for the four kernels of its CNN) or one entry per tensor; or a
+      `bit_allocation.BitBudget` (widths chosen by each client within it).
     min_size_to_quantize: tensors with fewer elements travel in float32.
     clipping: 'octav', 'octav_paper', 'max_abs', 'mean_optimal' or a fixed positive threshold.
     rounding: 'nearest' or 'stochastic'.
@@ -214,7 +254,11 @@ def make_plan(
   sample_fraction = validate_sample_fraction(sample_fraction, per_channel)
   shapes = [tuple(int(d) for d in shape) for shape in shapes]
   large = [int(np.prod(s, dtype=np.int64)) >= min_size_to_quantize for s in shapes]
-  if isinstance(bits, tuple):
+  validate_budget(bits, per_channel, sample_fraction)
+  budget = bits if isinstance(bits, bit_allocation.BitBudget) else None
+  if budget is not None:
+    tensor_bits = [bit_allocation.MAX_WIDTH if is_large else None for is_large in large]
+  elif isinstance(bits, tuple):
     if len(bits) == sum(large):
       per_quantized = iter(bits)
       tensor_bits = [next(per_quantized) if is_large else None for is_large in large]
@@ -241,4 +285,5 @@ def make_plan(
     clipping=clipping,
     rounding=rounding,
     per_channel=per_channel,
+    budget=budget,
   )

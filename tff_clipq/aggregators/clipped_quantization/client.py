@@ -1,7 +1,8 @@
 """The client's side of clipq: a value encoded as the payload it uploads.
 
 Pure TensorFlow (`factory.py` wraps it in a `tff.tensorflow.computation`): clip, quantize and pack
-every large tensor (`tff_clipq.quantization.payload`), then add what the weighting needs (the
+every large tensor (`tff_clipq.quantization.payload`, or `budget_payload` when the client chooses
+its widths within a bit budget), then add what the weighting needs (the
 per-tensor errors, or the example count) and the diagnostics the simulation measures.
 """
 
@@ -12,6 +13,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tff_clipq.quantization import budget_payload
 from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload as payload_lib
 
@@ -35,7 +37,8 @@ def encode(
       rejects the client (TFF's FedAvg client work gives a non-finite update weight 0).
     num_clients: clients the server averages (for `clipping='mean_optimal'`), else None.
 
-  `wire` is what is uploaded: per quantized tensor its packed codes and threshold, the accepted
+  `wire` is what is uploaded: per quantized tensor its packed codes and threshold (with a bit
+  budget: one OrderedDict(codes, widths, thresholds) for all of them), the accepted
   flag, 'selection_seed' when the plan sends a fraction of each tensor (the int32 from which the
   server derives the coordinates sent), and 'errors' (inverse-error weightings) or 'weight'
   (example_count). `diagnostics` holds the per-tensor statistics the wire does not already carry.
@@ -47,9 +50,14 @@ def encode(
     takes_part = tf.logical_and(tf.math.is_finite(weight), weight > 0.0)
   seed = payload_lib.client_seed(round_seed, tensors)
   selection = payload_lib.selection_seed(seed) if plan.sampled else None
-  quantized, floats, statistics, accepted = payload_lib.encode_tensors(
-    plan, tensors, seed, takes_part, num_clients, selection
-  )
+  if plan.budget is not None:
+    quantized, floats, statistics, accepted = budget_payload.encode_tensors(
+      plan, tensors, seed, takes_part, num_clients
+    )
+  else:
+    quantized, floats, statistics, accepted = payload_lib.encode_tensors(
+      plan, tensors, seed, takes_part, num_clients, selection
+    )
   wire = collections.OrderedDict(quantized=quantized, accepted=accepted)
   if plan.sampled:
     wire['selection_seed'] = tf.where(accepted, selection, 0)

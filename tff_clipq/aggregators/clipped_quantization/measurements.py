@@ -91,7 +91,10 @@ def finalize(
     clipped_fraction=summary(per_tensor_mean('clipped_fraction')),
     weight_max_over_min=tf.reduce_max(tf.concat([spread, [0.0]], axis=0)),
     per_tensor=collections.OrderedDict(
-      bits=tf.constant([t.bits for t in plan.quantized] or np.zeros([0]), tf.int32),
+      # With a bit budget, the mean of the widths the accepted clients chose.
+      bits=per_tensor_mean('width_sum')
+      if plan.budget is not None
+      else tf.constant([t.bits for t in plan.quantized] or np.zeros([0]), tf.float32),
       clipping_threshold=per_tensor_mean('clipping_threshold'),
       quantization_mse=per_tensor_mean('quantization_mse'),
       normalized_mse=per_tensor_mean('normalized_mse'),

@@ -9,13 +9,14 @@ apart, see `accumulate`), and the sums behind the measurements.
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_clipq.aggregators.clipped_quantization import settings as settings_lib
+from tff_clipq.quantization import budget_payload
 from tff_clipq.quantization import encoding_plan
 from tff_clipq.quantization import payload as payload_lib
 
@@ -70,13 +71,17 @@ def well_formed(
     errors: the per-tensor errors it reported (or diagnostics), all must be finite and >= 0.
     weights: its weights per quantized tensor (`client_weights`).
   """
-  checks = [payload_lib.payload_is_well_formed(plan, wire['quantized'])]
   # Levels lie in [-s, s], so weight x s bounds every weighted level: finite thresholds near
   # the float32 maximum could still give Inf once weighted.
-  checks += [
-    tf.math.is_finite(weights[i] * tf.reduce_max(part['threshold']))
-    for i, part in enumerate(wire['quantized'])
-  ]
+  if plan.budget is not None:
+    checks = [budget_payload.is_well_formed(plan, wire['quantized'])]
+    checks.append(tf.reduce_all(tf.math.is_finite(weights * wire['quantized']['thresholds'])))
+  else:
+    checks = [payload_lib.payload_is_well_formed(plan, wire['quantized'])]
+    checks += [
+      tf.math.is_finite(weights[i] * tf.reduce_max(part['threshold']))
+      for i, part in enumerate(wire['quantized'])
+    ]
   checks.append(tf.reduce_all(tf.math.is_finite(errors)))
   checks.append(tf.reduce_all(errors >= 0.0))
   if weighting == 'example_count':
@@ -112,6 +117,7 @@ def zero_accumulator(
     normalized_mse=vector,
     clipped_fraction=vector,
     clipping_threshold=vector,
+    width_sum=vector,
     float_sum=[tf.zeros(t.shape) for t in float_types] if sum_floats else [],
   )
 
@@ -149,20 +155,7 @@ def accumulate(
   malformed = tf.logical_and(accepted, tf.logical_not(valid))
   weights = tf.where(valid, weights, 0.0)
   exact = tf.logical_and(valid, exact)
-  parts = [
-    collections.OrderedDict(
-      codes=part['codes'],
-      threshold=tf.where(valid, part['threshold'], tf.zeros_like(part['threshold'])),
-    )
-    for part in wire['quantized']
-  ]
-  thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
-  coordinates = [
-    payload_lib.selected_coordinates(encoding, wire['selection_seed'], position)
-    if encoding.sampled
-    else None
-    for position, encoding in enumerate(plan.quantized)
-  ]
+  levels, thresholds, widths = _decoder(plan, wire, valid)
 
   def add_if_valid(key, values):
     return accumulator[key] + tf.where(valid, values, tf.zeros_like(values))
@@ -173,24 +166,13 @@ def accumulate(
   )
   return collections.OrderedDict(
     weighted_sum=[
-      total + payload_lib.weighted_levels(encoding, part, weights[i], coordinates[i])
-      for i, (total, encoding, part) in enumerate(
-        zip(accumulator['weighted_sum'], plan.quantized, parts)
-      )
+      total + levels(i, weights[i]) for i, total in enumerate(accumulator['weighted_sum'])
     ],
     weight_sum=accumulator['weight_sum'] + weights,
     # A zero-error tensor is rare: tf.cond skips the full-size work for all others.
     exact_sum=[
-      tf.cond(
-        exact[i],
-        lambda total=total, encoding=encoding, part=part, sent=coordinates[i]: (
-          total + payload_lib.weighted_levels(encoding, part, 1.0, sent)
-        ),
-        lambda total=total: total,
-      )
-      for i, (total, encoding, part) in enumerate(
-        zip(accumulator['exact_sum'], plan.quantized, parts)
-      )
+      tf.cond(exact[i], lambda i=i, total=total: total + levels(i, 1.0), lambda total=total: total)
+      for i, total in enumerate(accumulator['exact_sum'])
     ],
     exact_count=accumulator['exact_count'] + tf.cast(exact, tf.float32),
     weight_min=tf.where(
@@ -211,12 +193,54 @@ def accumulate(
     clipping_threshold=add_if_valid(
       'clipping_threshold', tf.stack(thresholds) if thresholds else tf.zeros([0])
     ),
+    width_sum=add_if_valid('width_sum', widths),
     # As the inner SumFactory would: every payload's float tensors, already weighted.
     float_sum=[
       total + value
       for total, value in zip(accumulator['float_sum'], client.get('weighted_floats', []))
     ],
   )
+
+
+def _decoder(
+  plan: encoding_plan.EncodingPlan, wire: dict, valid: tf.Tensor
+) -> tuple[Callable[[int, tf.Tensor], tf.Tensor], list[tf.Tensor], tf.Tensor]:
+  """(levels, thresholds, widths) of a client's quantized tensors.
+
+  `levels(i, weight)` is weight x the decoded levels of quantized tensor i (zero thresholds
+  unless `valid`); `thresholds` the mean threshold of each; `widths` the width of each (float32).
+  """
+  if plan.budget is not None:
+    part = wire['quantized']
+    widths, codes = budget_payload.unpack(plan, part, valid)
+    sent = tf.where(valid, part['thresholds'], tf.zeros_like(part['thresholds']))
+    levels = lambda i, weight: budget_payload.weighted_levels(
+      plan.quantized[i], codes[i], widths[i], sent[i], weight
+    )
+    return (
+      levels,
+      tf.unstack(part['thresholds'], num=len(plan.quantized)),
+      tf.cast(widths, tf.float32),
+    )
+  parts = [
+    collections.OrderedDict(
+      codes=part['codes'],
+      threshold=tf.where(valid, part['threshold'], tf.zeros_like(part['threshold'])),
+    )
+    for part in wire['quantized']
+  ]
+  coordinates = [
+    payload_lib.selected_coordinates(encoding, wire['selection_seed'], position)
+    if encoding.sampled
+    else None
+    for position, encoding in enumerate(plan.quantized)
+  ]
+  levels = lambda i, weight: payload_lib.weighted_levels(
+    plan.quantized[i], parts[i], weight, coordinates[i]
+  )
+  thresholds = [tf.reduce_mean(part['threshold']) for part in wire['quantized']]
+  widths = tf.constant([float(t.bits) for t in plan.quantized], tf.float32, [len(parts)])
+  return levels, thresholds, widths
 
 
 def merge(a: dict, b: dict) -> collections.OrderedDict:

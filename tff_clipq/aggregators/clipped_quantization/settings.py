@@ -54,7 +54,14 @@ class QuantizationSettings:
       self.per_channel,
       self.sample_fraction,
     )
-    if isinstance(self.bits, tuple):
+    if plan.budget is not None:
+      logging.info(
+        'clipq bit budget: %s, %d code bits per client in %d words',
+        plan.budget,
+        plan.budget_bits,
+        plan.budget_words,
+      )
+    elif isinstance(self.bits, tuple):
       logging.info(
         'clipq bits per tensor: %s',
         ', '.join(
@@ -109,7 +116,8 @@ def validate_settings(
   """The factories' settings, checked; raises ValueError/TypeError naming the argument.
 
   Args:
-    bits: one width 1..16, or one per quantized tensor / per tensor.
+    bits: one width 1..16, or one per quantized tensor / per tensor, or a budget such as
+      'budget:2.15' (average code bits per quantized coordinate; widths chosen by each client).
     clipping: a method of `tff_clipq.quantization.CLIPPING_METHODS` or a positive threshold.
     rounding: 'nearest' or 'stochastic'.
     weighting: one of `allowed_weightings`, or an alias in `WEIGHTING_ALIASES`.
@@ -129,8 +137,10 @@ def validate_settings(
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f'`seed` must be an int. Found {seed!r}.')
   sample_fraction = encoding_plan.validate_sample_fraction(sample_fraction, per_channel)
+  bits = encoding_plan.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding)
+  encoding_plan.validate_budget(bits, per_channel, sample_fraction)
   return QuantizationSettings(
-    bits=encoding_plan.validate_encoding_settings(bits, min_size_to_quantize, clipping, rounding),
+    bits=bits,
     clipping=clipping,
     rounding=rounding,
     weighting=weighting,
