@@ -126,6 +126,15 @@ class ResumeTest(tf.test.TestCase):
       [int(r['round']) for r in read_csv(os.path.join(output_dir, 'metrics.csv'))], [1, 2, 3, 4]
     )
 
+  def test_resumed_run_with_a_bit_budget_reproduces_the_uninterrupted_run(self):
+    settings = dict(rounds=3, bits='budget:1.5', payload='weights', min_size_to_quantize=10)
+    uninterrupted = program.run_experiment(tiny_config(self.create_tempdir().full_path, **settings))
+    output_dir = self.create_tempdir().full_path
+    program.run_experiment(tiny_config(output_dir, **{**settings, 'rounds': 1}))
+    resumed = program.run_experiment(tiny_config(output_dir, resume=True, **settings))
+    self.assertEqual(reproducible(resumed['history']), reproducible(uninterrupted['history']))
+    self.assertIn('width_0', resumed['history'][-1])
+
   def test_resuming_a_finished_run_trains_nothing(self):
     output_dir = self.create_tempdir().full_path
     first = program.run_experiment(tiny_config(output_dir, rounds=2))

@@ -187,7 +187,7 @@ class ProcessConfig:
       )
     if self.uses_qat and bit_allocation.is_budget(self.aggregator.bits):
       raise ValueError(
-        f'`qat` trains through fixed widths, but `bits={self.aggregator.bits}` lets each client '
+        f'`qat` trains through fixed widths, but `bits`={self.aggregator.bits} lets each client '
         'choose its widths after training: use fixed `bits` with `qat`, or turn `qat` off.'
       )
 

@@ -180,7 +180,7 @@ def validate_budget(bits: BitsSpec, per_channel: bool, sample_fraction: float) -
   """
   if isinstance(bits, bit_allocation.BitBudget) and (per_channel or sample_fraction < 1.0):
     raise ValueError(
-      f'`bits={bits}` chooses one width per tensor; it does not combine with `per_channel` '
+      f'`bits`={bits} chooses one width per tensor; it does not combine with `per_channel` '
       'thresholds or a `sample_fraction` below 1.'
     )
 
