@@ -5,6 +5,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from tff_clipq.learning import evaluation
 from tff_clipq.learning import process as process_lib
 
 INPUT_SHAPE = (8, 8, 1)
@@ -50,8 +51,8 @@ class LearningProcessTest(tf.test.TestCase):
         state = process.initialize()
         for _ in range(4):
           state = process.next(state, datasets).state
-        accuracy = process_lib.evaluate(
-          process, state, process_lib.build_evaluation_model(config), test_data
+        accuracy = evaluation.evaluate(
+          process, state, evaluation.build_evaluation_model(config), test_data
         )['accuracy']
         self.assertGreater(accuracy, 0.75, msg=f'{payload} {method}')
 
@@ -111,8 +112,8 @@ class LearningProcessTest(tf.test.TestCase):
       # The logistic kernel (64 x 2 = 128 entries) is padded to 128, its bias (2) to 2; plus
       # the float32 weight that TFF's MeanFactory sums.
       self.assertEqual(inner['client_upload_bits'] + 32, process_lib.upload_bits_per_client(config))
-      accuracy = process_lib.evaluate(
-        process, state, process_lib.build_evaluation_model(config), _client_dataset(99)
+      accuracy = evaluation.evaluate(
+        process, state, evaluation.build_evaluation_model(config), _client_dataset(99)
       )['accuracy']
       self.assertGreater(accuracy, 0.75, msg=weighting)
 
@@ -123,15 +124,15 @@ class LearningProcessTest(tf.test.TestCase):
     state = process.initialize()
     for _ in range(3):
       state = process.next(state, datasets).state
-    keras_model = process_lib.build_evaluation_model(config)
-    process_lib.assign_trainable_weights(process, state, keras_model, deployed_by=config)
+    keras_model = evaluation.build_evaluation_model(config)
+    evaluation.assign_trainable_weights(process, state, keras_model, deployed_by=config)
     kernel, bias = (v.numpy() for v in keras_model.trainable_variables)
     # 1 bit, max_abs: every kernel entry is +-max|w|; the 2-entry bias stays float.
     float_kernel, float_bias = process.get_model_weights(state).trainable
     self.assertAllClose(np.abs(kernel), np.full_like(kernel, np.abs(float_kernel).max()))
     self.assertAllEqual(bias, float_bias)
-    float_accuracy = process_lib.evaluate(process, state, keras_model, _client_dataset(99))
-    deployed_16 = process_lib.evaluate(
+    float_accuracy = evaluation.evaluate(process, state, keras_model, _client_dataset(99))
+    deployed_16 = evaluation.evaluate(
       process,
       state,
       keras_model,

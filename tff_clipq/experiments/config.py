@@ -96,6 +96,7 @@ class ExperimentConfig:
   payload: str = 'update'
   qat: bool = False
   qat_threshold_refresh_steps: int = 0
+  error_feedback: bool = False
   # Download compression.
   broadcast: str = 'float'
   broadcast_bits: int = 8
@@ -165,6 +166,7 @@ class ExperimentConfig:
       server_momentum=self.server_momentum,
       broadcast=self.broadcast,
       broadcast_bits=self.broadcast_bits,
+      error_feedback=self.error_feedback,
       seed=self.seed,
     )
 

@@ -149,6 +149,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     'HadamardTransformFactory; weighting example_count or uniform).',
     **fv,
   )
+  flags.DEFINE_bool(
+    'error_feedback',
+    default('error_feedback'),
+    'Each client adds what quantization removed from its last upload to its next one; the '
+    'residuals (one model per client) are kept by the program and checkpointed (clipq, no '
+    'rotation).',
+    **fv,
+  )
   flags.DEFINE_enum(
     'broadcast',
     default('broadcast'),

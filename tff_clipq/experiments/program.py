@@ -6,8 +6,9 @@ execution context (local, `--workers`, or `--num_local_workers`) and writes, per
 * `config.json`: the run's settings (checked again by `--resume`);
 * `metrics.csv` and `tensorboard/`: one row / step per round, released through
   `tff.program.CSVFileReleaseManager` and `tff.program.TensorBoardReleaseManager`;
-* `checkpoints/`: after every round, a `tff.program.FileProgramStateManager` version holding the
-  learning-process state, the round number and the metrics history;
+* `checkpoints/`: after every round, one `.npz` (`run_dirs.Checkpoints`) holding the
+  learning-process state, the round number, the metrics history and, with `--error_feedback`,
+  every client's residual (TFF's clients are stateless, so the program keeps them by client id);
 * `summary.json`: final and best accuracy, upload cost, wall time, settings and data statistics;
 
 and, at the top of `output_dir`, `study.json`, the comparison table (`comparison.md`,
@@ -46,6 +47,8 @@ from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import run_dirs
+from tff_clipq.learning import error_feedback
+from tff_clipq.learning import evaluation
 from tff_clipq.learning import process as process_lib
 from tff_clipq.quantization import bit_allocation
 
@@ -287,7 +290,7 @@ def _summary(
       config.pop(key)
   return dict(
     run=name,
-    method=process_config.aggregator.label,
+    method=process_config.aggregator.label + ('-ef' if process_config.error_feedback else ''),
     rounds_completed=len(history),
     final_test_accuracy=evaluated[-1]['test_accuracy'] if evaluated else None,
     final_test_loss=evaluated[-1]['test_loss'] if evaluated else None,
@@ -320,9 +323,12 @@ def _run(
   run_dir = run_config.output_dir
   run_dirs.remove_interrupted_writes(run_dir)
   process_config = run_config.process_config(data.input_shape, data.num_classes)
-  process = process_lib.build_learning_process(process_config)
+  if process_config.error_feedback:
+    process = error_feedback.build_error_feedback_process(process_config)
+  else:
+    process = process_lib.build_learning_process(process_config)
   checkpoints = run_dirs.Checkpoints(run_dir, process.initialize())
-  start_round, state, history = checkpoints.load_latest()
+  start_round, state, history, residuals = checkpoints.load_latest()
 
   tensorboard = _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR))
   release_manager = tff.program.GroupingReleaseManager(
@@ -335,7 +341,7 @@ def _run(
       tensorboard,
     ]
   )
-  evaluation_model = process_lib.build_evaluation_model(process_config)
+  evaluation_model = evaluation.build_evaluation_model(process_config)
   num_parameters = int(sum(np.prod(v.shape) for v in evaluation_model.trainable_variables))
   test_data = data.test
   if run_config.max_eval_examples:
@@ -368,7 +374,12 @@ def _run(
         )
         for position, client_id in enumerate(client_ids)
       ]
-      output = process.next(state, client_datasets)
+      if process_config.error_feedback:
+        sent = [residuals.get(client_id) or process.zero_residual() for client_id in client_ids]
+        output, kept = process.next(state, client_datasets, sent)
+        residuals.update(zip(client_ids, [list(r) for r in kept]))
+      else:
+        output = process.next(state, client_datasets)
       state = output.state
       metrics = _round_metrics(
         output,
@@ -383,10 +394,10 @@ def _run(
       cumulative_download_bits += metrics['round_download_bits']
       metrics['cumulative_download_bits'] = cumulative_download_bits
       if round_num % run_config.eval_every == 0 or round_num == run_config.rounds:
-        test = process_lib.evaluate(process, state, evaluation_model, test_batches)
+        test = evaluation.evaluate(process, state, evaluation_model, test_batches)
         metrics.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
         if run_config.aggregator != 'float':
-          deployed = process_lib.evaluate(
+          deployed = evaluation.evaluate(
             process, state, evaluation_model, test_batches, deployed_by=process_config
           )
           metrics.update(
@@ -396,7 +407,7 @@ def _run(
       history.append(dict(round=round_num, **metrics))
       # Release before checkpointing: a crash in between re-runs the round and replaces its row.
       asyncio.run(release_manager.release(metrics, key=round_num))
-      checkpoints.save(round_num, state, history)
+      checkpoints.save(round_num, state, history, residuals)
       progress.set_postfix(_progress_fields(history), refresh=False)
       progress.update()
 

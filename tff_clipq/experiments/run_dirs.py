@@ -2,8 +2,8 @@
 
 `check_output_dir` only reads (every check passes before anything is written);
 `prepare_output_dir` applies --overwrite and writes `study.json` and each run's `config.json`;
-`Checkpoints` saves (round, learning-process state, metrics history) after every round as one
-`.npz` file written atomically, which `--resume` restores.
+`Checkpoints` saves (round, learning-process state, metrics history, per-client state) after every
+round as one `.npz` file written atomically, which `--resume` restores.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -152,11 +152,12 @@ def remove_interrupted_writes(run_dir: str) -> None:
 
 
 class Checkpoints:
-  """Saves and restores (round, learning-process state, metrics history) after each round.
+  """Saves and restores (round, learning-process state, metrics history, client states).
 
   Each checkpoint is one `.npz` file: the state's flattened arrays (`state_0`, `state_1`, ...),
   rebuilt on load with the structure of a fresh `initialize()`, the round and the history as one
-  JSON string. It is written through `outputs.atomic_file`, so a crash leaves the previous
+  JSON string, and the states the program keeps per client (error feedback's residuals) as
+  `client_<k>_<i>` with the client ids in order as one JSON string. It is written through `outputs.atomic_file`, so a crash leaves the previous
   checkpoint intact; the last two are kept. A plain file per round keeps a long run's memory flat,
   where a SavedModel per round (`tff.program.FileProgramStateManager`) grew it ~41 KB per round.
 
@@ -171,25 +172,42 @@ class Checkpoints:
     self._run_dir = run_dir
     self._initial_state = initial_state
 
-  def save(self, round_num: int, state: Any, history: list[dict[str, Any]]) -> None:
+  def save(
+    self,
+    round_num: int,
+    state: Any,
+    history: list[dict[str, Any]],
+    client_states: Optional[dict[str, list[np.ndarray]]] = None,
+  ) -> None:
     """Saves the state after round `round_num` (keeping the last two checkpoints).
 
     Args:
       round_num: the round just completed.
       state: the learning process's state.
       history: the metrics of every round so far.
+      client_states: the arrays the program keeps per client id, if any.
     """
     arrays = {f'state_{i}': np.asarray(leaf) for i, leaf in enumerate(tf.nest.flatten(state))}
+    client_states = client_states or {}
+    for k, arrays_of_client in enumerate(client_states.values()):
+      arrays.update((f'client_{k}_{i}', np.asarray(a)) for i, a in enumerate(arrays_of_client))
     with outputs.atomic_file(checkpoint_path(self._run_dir, round_num), 'wb') as file:
-      np.savez(file, round=np.int64(round_num), history=np.str_(json.dumps(history)), **arrays)
+      np.savez(
+        file,
+        round=np.int64(round_num),
+        history=np.str_(json.dumps(history)),
+        client_ids=np.str_(json.dumps(list(client_states))),
+        **arrays,
+      )
     for old in _checkpoint_rounds(self._run_dir)[: -self._KEEP]:
       os.remove(checkpoint_path(self._run_dir, old))
 
-  def load_latest(self) -> tuple[int, Any, list[dict[str, Any]]]:
-    """(round, state, history) of the latest checkpoint, or (0, initial state, []) if none."""
+  def load_latest(self) -> tuple[int, Any, list[dict[str, Any]], dict[str, list[np.ndarray]]]:
+    """(round, state, history, client states) of the latest checkpoint, or
+    (0, initial state, [], {}) if none."""
     round_num = completed_rounds(self._run_dir)
     if not round_num:
-      return 0, self._initial_state, []
+      return 0, self._initial_state, [], {}
     templates = tf.nest.flatten(self._initial_state)
     with np.load(checkpoint_path(self._run_dir, round_num)) as saved:
       leaves = [
@@ -197,4 +215,10 @@ class Checkpoints:
         for i, template in enumerate(templates)
       ]
       history = json.loads(str(saved['history']))
-    return round_num, tf.nest.pack_sequence_as(self._initial_state, leaves), history
+      client_ids = json.loads(str(saved['client_ids']))
+      client_states = {}
+      for k, client_id in enumerate(client_ids):
+        count = sum(1 for key in saved.files if key.startswith(f'client_{k}_'))
+        client_states[client_id] = [saved[f'client_{k}_{i}'] for i in range(count)]
+    state = tf.nest.pack_sequence_as(self._initial_state, leaves)
+    return round_num, state, history, client_states

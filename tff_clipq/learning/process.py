@@ -23,9 +23,8 @@ exactly as in TFF's own FedAvg after a round without valid updates).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -33,7 +32,6 @@ import tensorflow_federated as tff
 
 from tff_clipq import aggregators
 from tff_clipq.learning import broadcast as broadcast_lib
-from tff_clipq.learning import deployment
 from tff_clipq.learning import models
 from tff_clipq.learning import qat as qat_lib
 from tff_clipq.learning import weights_payload
@@ -150,6 +148,7 @@ class ProcessConfig:
   server_momentum: float = 0.0
   broadcast: str = 'float'
   broadcast_bits: int = 8
+  error_feedback: bool = False
   seed: int = 0
 
   def __post_init__(self):
@@ -189,6 +188,15 @@ class ProcessConfig:
       raise ValueError(
         f'`qat` trains through fixed widths, but `bits`={self.aggregator.bits} lets each client '
         'choose its widths after training: use fixed `bits` with `qat`, or turn `qat` off.'
+      )
+
+    if self.error_feedback and (
+      self.aggregator.method != 'clipq' or self.aggregator.rotation != 'none'
+    ):
+      raise ValueError(
+        '`error_feedback` keeps what the clipq encoder removed, so it needs the clipq '
+        f'aggregator without a rotation. Found method {self.aggregator.method!r}, rotation '
+        f'{self.aggregator.rotation!r}.'
       )
 
   @property
@@ -341,8 +349,23 @@ def build_distributor(
   )
 
 
+class Components(NamedTuple):
+  """The parts `compose_learning_process` composes (`build_components`)."""
+
+  initial_model_weights_fn: tff.Computation
+  distributor: tff.learning.templates.DistributionProcess
+  client_work: tff.learning.templates.ClientWorkProcess
+  aggregator: tff.templates.AggregationProcess
+  finalizer: tff.learning.templates.FinalizerProcess
+
+
 def build_learning_process(config: ProcessConfig) -> tff.learning.templates.LearningProcess:
   """The run's `tff.learning.templates.LearningProcess` (see the module docstring)."""
+  return tff.learning.templates.compose_learning_process(*build_components(config))
+
+
+def build_components(config: ProcessConfig) -> Components:
+  """The run's distributor, client work, aggregator and finalizer, and its initial model."""
   model_fn = build_model_fn(config)
   with tf.Graph().as_default():
     weights_type = tff.learning.models.weights_type_from_model(model_fn)
@@ -376,73 +399,10 @@ def build_learning_process(config: ProcessConfig) -> tff.learning.templates.Lear
   )
   if config.payload == 'weights':
     finalizer = weights_payload.finalizer(finalizer, weights_type)
-  return tff.learning.templates.compose_learning_process(
+  return Components(
     initial_model_weights_fn,
     build_distributor(config, weights_type),
     client_work,
     aggregator,
     finalizer,
   )
-
-
-def build_evaluation_model(config: ProcessConfig) -> tf.keras.Model:
-  """A plain (float) Keras model of the run's architecture, compiled for centralized evaluation."""
-  keras_model = models.create_keras_model(config.model, config.input_shape, config.num_classes)
-  keras_model.compile(
-    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
-  )
-  return keras_model
-
-
-def assign_trainable_weights(
-  process: tff.learning.templates.LearningProcess,
-  state,
-  keras_model: tf.keras.Model,
-  deployed_by: Optional[ProcessConfig] = None,
-) -> None:
-  """Copies the global model's trainable weights (same order as TFF's) into `keras_model`.
-
-  With `deployed_by`, the weights go through that run's B-bit quantizer first
-  (`deployment.quantize_weights`).
-
-  Args:
-    process: the run's learning process.
-    state: its state, whose model weights are copied.
-    keras_model: a model of the same architecture (e.g. `build_evaluation_model`); modified.
-    deployed_by: optional run configuration whose quantizer is applied to the weights first.
-  """
-  trainable = list(process.get_model_weights(state).trainable)
-  if deployed_by is not None:
-    agg = deployed_by.aggregator
-    trainable = deployment.quantize_weights(
-      trainable,
-      bits_per_tensor(deployed_by),
-      'max_abs' if agg.method == 'tff_encoded' else agg.clipping,
-      agg.min_size_to_quantize,
-      agg.per_channel,
-    )
-  for variable, value in zip(keras_model.trainable_variables, trainable, strict=True):
-    variable.assign(value)
-
-
-def evaluate(
-  process: tff.learning.templates.LearningProcess,
-  state,
-  keras_model: tf.keras.Model,
-  test_data: tf.data.Dataset,
-  deployed_by: Optional[ProcessConfig] = None,
-) -> collections.OrderedDict:
-  """Centralized held-out loss and accuracy of the global model.
-
-  Args:
-    process: the run's learning process.
-    state: its state, whose model is evaluated.
-    keras_model: a compiled model of the same architecture (`build_evaluation_model`).
-    test_data: batched, yielding OrderedDict(x=..., y=...), the clients' element structure.
-    deployed_by: evaluate the model quantized as this run deploys it (see `deployment`).
-  """
-  assign_trainable_weights(process, state, keras_model, deployed_by)
-  features_and_labels = test_data.map(lambda batch: (batch['x'], batch['y']))
-  loss, accuracy = keras_model.evaluate(features_and_labels, verbose=0)
-  return collections.OrderedDict(loss=float(loss), accuracy=float(accuracy))
