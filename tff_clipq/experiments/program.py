@@ -5,7 +5,7 @@ execution context (local, `--workers`, or `--num_local_workers`) and writes, per
 
 * `config.json`: the run's settings (checked again by `--resume`);
 * `metrics.csv` and `tensorboard/`: one row / step per round, released through
-  `tff.program.CSVFileReleaseManager` and `tff.program.TensorBoardReleaseManager`;
+  `tff.program.CSVFileReleaseManager` and `tensorboard_events.TensorBoardReleaseManager`;
 * `checkpoints/`: after every round, one `.npz` (`run_dirs.Checkpoints`) holding the
   learning-process state, the round number, the metrics history and, with `--error_feedback`,
   every client's residual (TFF's clients are stateless, so the program keeps them by client id);
@@ -47,6 +47,7 @@ from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
 from tff_clipq.experiments import run_dirs
+from tff_clipq.experiments import tensorboard_events
 from tff_clipq.learning import error_feedback
 from tff_clipq.learning import evaluation
 from tff_clipq.learning import process as process_lib
@@ -70,22 +71,6 @@ FLOAT_UNUSED_FIELDS = (
 )
 
 ConfigError = config_lib.ConfigError
-
-
-class _TensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
-  """TFF's TensorBoard release manager, flushing after every release.
-
-  TFF's writer flushes only every two minutes or when collected, so an interrupted run would lose
-  its last rounds and a reader would see nothing until the program exits.
-  """
-
-  async def release(self, value: Any, key: int) -> None:
-    await super().release(value, key)
-    self._summary_writer.flush()  # pylint: disable=protected-access  # Set by the base class.
-
-  def close(self) -> None:
-    """Closes the event file, so a sweep does not accumulate open writers."""
-    self._summary_writer.close()  # pylint: disable=protected-access
 
 
 def sample_clients(
@@ -330,7 +315,7 @@ def _run(
   checkpoints = run_dirs.Checkpoints(run_dir, process.initialize())
   start_round, state, history, residuals = checkpoints.load_latest()
 
-  tensorboard = _TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR))
+  tensorboard = tensorboard_events.TensorBoardReleaseManager(os.path.join(run_dir, TENSORBOARD_DIR))
   release_manager = tff.program.GroupingReleaseManager(
     [
       tff.program.CSVFileReleaseManager(
