@@ -77,17 +77,22 @@ class ResidualTest(tf.test.TestCase):
     )
     self.assertGreater(float(tf.reduce_max(tf.abs(residual[0]))), 0.01)
 
-  def test_stochastic_rounding_and_a_budget_use_the_same_seed_as_the_encoder(self):
+  def test_stochastic_rounding_a_budget_and_sampling_decode_as_the_server_does(self):
     rng = np.random.default_rng(1)
     value, residual = _value(rng), _value(rng)
-    for bits in (2, 'budget:1.5'):
-      plan = _plan(encoding_plan.parse_bits(bits), 'max_abs', 'stochastic')
+    sampled = encoding_plan.make_plan(SHAPES, 2, 10, 'max_abs', 'stochastic', sample_fraction=0.3)
+    for bits, plan in (
+      (2, _plan(2, 'max_abs', 'stochastic')),
+      ('budget:1.5', _plan(encoding_plan.parse_bits('budget:1.5'), 'max_abs', 'stochastic')),
+      ('2, 30% of the entries', sampled),
+    ):
       seed = tf.constant(4, tf.int64)
-      new = error_feedback.next_residual(plan, 'example_count', value, residual, seed, 3.0)
+      new = error_feedback.next_residual(plan, 'inverse_error', value, residual, seed, 3.0)
       corrected = [v + e for v, e in zip(value, residual)]
-      wire = client.encode(plan, 'example_count', corrected, seed, 3.0)['wire']
-      decoded = error_feedback.decoded_copy(plan, wire, corrected)
-      self.assertAllClose(new[0], corrected[0] - decoded[0], atol=1e-6, msg=bits)
+      wire = client.encode(plan, 'inverse_error', corrected, seed, 3.0)['wire']
+      decoded = _server_mean(plan, wire, [corrected[1]])
+      self.assertAllClose(new[0], corrected[0] - decoded[0], atol=1e-5, msg=bits)
+      self.assertGreater(float(tf.reduce_max(tf.abs(new[0]))), 0.01, msg=bits)
 
   def test_a_rejected_client_keeps_its_residual(self):
     rng = np.random.default_rng(2)
