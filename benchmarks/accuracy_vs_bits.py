@@ -25,8 +25,13 @@ Method sets (`--methods`):
     sending a fraction 0.5, 0.25, 0.1 or 0.05 of each quantized tensor (`--sample_fraction`),
     the same budget as the last two spent on fewer entries at more bits (2 bits x 0.05, 3 bits x
     0.033), and tff_encoded at 1 bit.
+  * frontier: accuracy from about 0.06 to 8 bits per coordinate, every tensor quantized (biases
+    too, `min_size_to_quantize=0`): the defaults (max_abs) and the defaults with `octav`
+    clipping at 1 bit on 5% and 25% of the entries and at 1, 2 and 8 bits; tff_encoded at 1, 2
+    and 8 bits; float32.
 
-  python benchmarks/accuracy_vs_bits.py [--methods=main|ablation|curve|broadcast|subbit]
+  python benchmarks/accuracy_vs_bits.py
+      [--methods=main|ablation|curve|broadcast|subbit|frontier]
       [--datasets=mnist,fashion_mnist] [--partitions=iid,dirichlet] [--payloads=update,weights]
       [--seeds=0,1,2] [--output_dir=runs/accuracy_vs_bits] [--resume]
 
@@ -141,10 +146,26 @@ def _method_set(name: str) -> list[tuple[str, str]]:
       ),
       ('tff_encoded, 1 b', f'{TFF_ENCODED},bits=1'),
     ]
+  if name == 'frontier':
+    points = (('1', '0.05'), ('1', '0.25'), ('1', '1'), ('2', '1'), ('8', '1'))
+    every_tensor = 'min_size_to_quantize=0'
+    return [
+      ('float32', FLOAT),
+      *(
+        (f'{family}, {b} b' + (f', sample {f}' if f != '1' else ''), overrides)
+        for family, base in (
+          ('clipq defaults', DEFAULTS),
+          ('clipq octav', _swap(DEFAULTS, clipping='octav')),
+        )
+        for b, f in points
+        for overrides in [f'{base},bits={b},sample_fraction={f},{every_tensor}']
+      ),
+      *((f'tff_encoded, {b} b', f'{TFF_ENCODED},bits={b},{every_tensor}') for b in ('1', '2', '8')),
+    ]
   raise ValueError(f'--methods must be one of {", ".join(METHOD_SETS)}. Found {name!r}.')
 
 
-METHOD_SETS = ('main', 'ablation', 'curve', 'broadcast', 'subbit')
+METHOD_SETS = ('main', 'ablation', 'curve', 'broadcast', 'subbit', 'frontier')
 # The fractions of each quantized tensor sent in the `subbit` set.
 SUBBIT_FRACTIONS = ('0.5', '0.25', '0.1', '0.05')
 # The sub-bit goal: within this many pp of float32 at <= this many bits per coordinate.
@@ -342,6 +363,7 @@ FAMILIES = collections.OrderedDict(
     ('float32', ('black', 's')),
     ('clipq defaults', ('tab:blue', 'o')),
     ('clipq paper', ('tab:red', 'v')),
+    ('clipq octav', ('tab:orange', 'D')),
     ('tff_encoded', ('tab:green', '^')),
   ]
 )

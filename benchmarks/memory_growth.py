@@ -9,9 +9,11 @@ datasets only, built as the program builds them (`program.sample_clients`,
 `program.client_shuffle_seed`, `preprocess_for_training(create_tf_dataset_for_client(...))`),
 and serializes each as TFF does with a computation's dataset argument (`DatasetToGraphV2`): the
 data path alone, without TFF. `--iterate` iterates them in eager mode instead (TensorFlow keeps
-~0.9 KB per eager iterator, even without a map; the program never iterates them in Python). In
-program mode, the checkpoint written after every round (a SavedModel, through TFF's
-`FileProgramStateManager`) keeps ~35-40 KB per round of its own, outside the data path.
+~0.9 KB per eager iterator, even without a map; the program never iterates them in Python).
+Program mode also covers what the program does besides the data path: the checkpoint after every
+round (one `.npz`; a SavedModel per round through TFF's `FileProgramStateManager` kept ~35-40 KB
+per round), the metrics CSV and the TensorBoard events (written without TensorFlow: every eager
+`tf.summary.scalar` keeps ~0.3-0.6 KB).
 
 Default setting: MNIST (`$TFF_CLIPQ_MNIST_DIR` or the runner's source chain) split IID over 600
 clients of 100 examples, 10 clients per round, the logistic model, float32 aggregation, batch 32,
