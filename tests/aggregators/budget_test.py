@@ -1,6 +1,5 @@
 """Tests of `bits='budget:X'`: each client chooses its widths within a bit budget."""
 
-import collections
 import math
 
 from absl import flags
@@ -9,6 +8,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import aggregator_fixtures
+
+import learning_fixtures
 
 from tff_clipq import aggregators
 from tff_clipq.aggregators import clipped_quantization
@@ -195,12 +196,7 @@ class BudgetAggregatorTest(tf.test.TestCase):
     self.assertLessEqual(np.dot([math.ceil(math.log2(c)) for c in levels], [400, 30, 60]), 980)
 
 
-def _client_dataset(seed: int) -> tf.data.Dataset:
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 2, 32).astype(np.int32)
-  images = rng.normal(0.0, 0.3, [32, 8, 8, 1]).astype(np.float32)
-  images[:, :4] += labels[:, None, None, None] * 1.5
-  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=images, y=labels)).batch(8)
+_client_dataset = learning_fixtures.client_dataset
 
 
 class BudgetLearningProcessTest(tf.test.TestCase):

@@ -1,6 +1,5 @@
 """Tests of `sample_fraction`: clients send a uniformly chosen fraction of each quantized tensor."""
 
-import collections
 import dataclasses
 import math
 import os
@@ -11,6 +10,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import aggregator_fixtures
+
+import learning_fixtures
 
 from tff_clipq import aggregators
 from tff_clipq.aggregators import clipped_quantization
@@ -269,12 +270,7 @@ class SampledRunnerTest(tf.test.TestCase):
       run_dirs.check_output_dir(config, [('old', dataclasses.replace(config, sample_fraction=0.5))])
 
 
-def _client_dataset(seed: int) -> tf.data.Dataset:
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 2, 32).astype(np.int32)
-  images = rng.normal(0.0, 0.3, [32, 8, 8, 1]).astype(np.float32)
-  images[:, :4] += labels[:, None, None, None] * 1.5
-  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=images, y=labels)).batch(8)
+_client_dataset = learning_fixtures.client_dataset
 
 
 class SampledLearningProcessTest(tf.test.TestCase):

@@ -7,6 +7,8 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+import learning_fixtures
+
 from tff_clipq.aggregators.clipped_quantization import client
 from tff_clipq.aggregators.clipped_quantization import measurements
 from tff_clipq.aggregators.clipped_quantization import server
@@ -107,12 +109,7 @@ class ResidualTest(tf.test.TestCase):
       self.assertAllEqual(actual, tf.zeros_like(actual))
 
 
-def _client_dataset(seed: int) -> tf.data.Dataset:
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 2, 32).astype(np.int32)
-  images = rng.normal(0.0, 0.3, [32, 8, 8, 1]).astype(np.float32)
-  images[:, :4] += labels[:, None, None, None] * 1.5
-  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=images, y=labels)).batch(8)
+_client_dataset = learning_fixtures.client_dataset
 
 
 def _config(**overrides):

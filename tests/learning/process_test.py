@@ -1,24 +1,17 @@
 """Tests of the learning-process builder: payload modes, baselines, bit accounting, NaN clients."""
 
-import collections
-
 import numpy as np
 import tensorflow as tf
+
+import learning_fixtures
 
 from tff_clipq.learning import evaluation
 from tff_clipq.learning import process as process_lib
 
-INPUT_SHAPE = (8, 8, 1)
+INPUT_SHAPE = learning_fixtures.INPUT_SHAPE
 
 
-def _client_dataset(seed: int, poisoned: bool = False) -> tf.data.Dataset:
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 2, 32).astype(np.int32)
-  images = rng.normal(0.0, 0.3, [32, *INPUT_SHAPE]).astype(np.float32)
-  images[:, :4] += labels[:, None, None, None] * 1.5  # Class 1 is brighter on the top half.
-  if poisoned:
-    images[:] = np.nan
-  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=images, y=labels)).batch(8)
+_client_dataset = learning_fixtures.client_dataset
 
 
 def _config(**overrides) -> process_lib.ProcessConfig:
