@@ -5,6 +5,9 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from tff_clipq.experiments import config as config_lib
+from tff_clipq.learning import process as process_lib
+
 # 8x8 single-channel images, two classes: class 1 is brighter on the top half.
 INPUT_SHAPE = (8, 8, 1)
 
@@ -18,3 +21,37 @@ def client_dataset(seed: int, poisoned: bool = False) -> tf.data.Dataset:
   if poisoned:
     images[:] = np.nan
   return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=images, y=labels)).batch(8)
+
+
+def process_config(
+  aggregator: process_lib.AggregatorConfig, **overrides
+) -> process_lib.ProcessConfig:
+  """A logistic model on `client_dataset`'s task, plain client SGD, with `aggregator`."""
+  settings = dict(
+    model='logistic',
+    input_shape=INPUT_SHAPE,
+    num_classes=2,
+    aggregator=aggregator,
+    client_learning_rate=0.1,
+    client_momentum=0.0,
+  )
+  settings.update(overrides)
+  return process_lib.ProcessConfig(**settings)
+
+
+def tiny_config(output_dir: str, **overrides) -> config_lib.ExperimentConfig:
+  """A runner study on synthetic data small enough for a test: 8 clients, 3 per round, 3 rounds."""
+  settings = dict(
+    dataset='synthetic',
+    model='logistic',
+    num_clients=8,
+    clients_per_round=3,
+    rounds=3,
+    batch_size=16,
+    client_learning_rate=0.05,
+    aggregator='clipq',
+    bits='4',
+    output_dir=output_dir,
+  )
+  settings.update(overrides)
+  return config_lib.ExperimentConfig(**settings)

@@ -203,14 +203,8 @@ class BudgetLearningProcessTest(tf.test.TestCase):
   def test_both_payloads_upload_the_bits_the_process_reports(self):
     datasets = [_client_dataset(i) for i in range(3)]
     for payload in process_lib.PAYLOADS:
-      config = process_lib.ProcessConfig(
-        model='logistic',
-        input_shape=(8, 8, 1),
-        num_classes=2,
-        payload=payload,
-        aggregator=process_lib.AggregatorConfig(bits='budget:1.5', min_size_to_quantize=10),
-        client_learning_rate=0.1,
-        client_momentum=0.0,
+      config = learning_fixtures.process_config(
+        process_lib.AggregatorConfig(bits='budget:1.5', min_size_to_quantize=10), payload=payload
       )
       self.assertEqual(config.aggregator.label, 'clipq-budget1.5-max_abs-stochastic-example_count')
       process = process_lib.build_learning_process(config)

@@ -277,15 +277,10 @@ class SampledLearningProcessTest(tf.test.TestCase):
   def test_one_round_with_and_without_rotation(self):
     datasets = [_client_dataset(i) for i in range(3)]
     for rotation in process_lib.ROTATIONS:
-      config = process_lib.ProcessConfig(
-        model='logistic',
-        input_shape=(8, 8, 1),
-        num_classes=2,
-        aggregator=process_lib.AggregatorConfig(
+      config = learning_fixtures.process_config(
+        process_lib.AggregatorConfig(
           bits=1, min_size_to_quantize=10, rotation=rotation, sample_fraction=0.25
-        ),
-        client_learning_rate=0.1,
-        client_momentum=0.0,
+        )
       )
       process = process_lib.build_learning_process(config)
       state = process.initialize()

@@ -11,6 +11,8 @@ from absl.testing import parameterized
 import matplotlib.image
 import tensorflow as tf
 
+import learning_fixtures
+
 from tff_clipq import runtime
 from tff_clipq.experiments import config as config_lib
 from tff_clipq.experiments import outputs
@@ -21,21 +23,7 @@ from tff_clipq.experiments import run_dirs
 NOT_REPRODUCIBLE = ('round_seconds',)
 
 
-def tiny_config(output_dir: str, **overrides) -> config_lib.ExperimentConfig:
-  settings = dict(
-    dataset='synthetic',
-    model='logistic',
-    num_clients=8,
-    clients_per_round=3,
-    rounds=3,
-    batch_size=16,
-    client_learning_rate=0.05,
-    aggregator='clipq',
-    bits='4',
-    output_dir=output_dir,
-  )
-  settings.update(overrides)
-  return config_lib.ExperimentConfig(**settings)
+tiny_config = learning_fixtures.tiny_config
 
 
 def reproducible(history):

@@ -113,18 +113,13 @@ _client_dataset = learning_fixtures.client_dataset
 
 
 def _config(**overrides):
-  settings = dict(
-    model='logistic',
-    input_shape=(8, 8, 1),
-    num_classes=2,
-    aggregator=process_lib.AggregatorConfig(
+  aggregator = overrides.pop(
+    'aggregator',
+    process_lib.AggregatorConfig(
       bits=1, min_size_to_quantize=10, clipping='octav', rounding='nearest'
     ),
-    client_learning_rate=0.1,
-    client_momentum=0.0,
   )
-  settings.update(overrides)
-  return process_lib.ProcessConfig(**settings)
+  return learning_fixtures.process_config(aggregator, **overrides)
 
 
 class ErrorFeedbackProcessTest(tf.test.TestCase):
@@ -169,21 +164,10 @@ class ErrorFeedbackProcessTest(tf.test.TestCase):
 
 def _tiny(output_dir, **overrides):
   settings = dict(
-    dataset='synthetic',
-    model='logistic',
-    num_clients=4,
-    clients_per_round=3,
-    rounds=3,
-    batch_size=16,
-    client_learning_rate=0.05,
-    bits='1',
-    clipping='octav',
-    rounding='nearest',
-    error_feedback=True,
-    output_dir=output_dir,
+    num_clients=4, bits='1', clipping='octav', rounding='nearest', error_feedback=True
   )
   settings.update(overrides)
-  return config_lib.ExperimentConfig(**settings)
+  return learning_fixtures.tiny_config(output_dir, **settings)
 
 
 class ErrorFeedbackProgramTest(tf.test.TestCase):

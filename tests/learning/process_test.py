@@ -18,16 +18,7 @@ def _config(**overrides) -> process_lib.ProcessConfig:
   aggregator = overrides.pop(
     'aggregator', process_lib.AggregatorConfig(bits=2, min_size_to_quantize=0)
   )
-  settings = dict(
-    model='logistic',
-    input_shape=INPUT_SHAPE,
-    num_classes=2,
-    aggregator=aggregator,
-    client_learning_rate=0.1,
-    client_momentum=0.0,
-  )
-  settings.update(overrides)
-  return process_lib.ProcessConfig(**settings)
+  return learning_fixtures.process_config(aggregator, **overrides)
 
 
 class LearningProcessTest(tf.test.TestCase):
