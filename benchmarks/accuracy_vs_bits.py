@@ -369,8 +369,17 @@ FAMILIES = collections.OrderedDict(
 )
 
 
-def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
-  """Accuracy (mean ± std over seeds) against bits uploaded per client, one panel per setting."""
+def write_figure(
+  table: dict[str, list[dict[str, Any]]], path: str, per_coordinate: bool = False
+) -> None:
+  """Accuracy (mean ± std over seeds) against bits uploaded, one panel per setting.
+
+  Args:
+    table: `aggregate`'s rows per setting.
+    path: the PNG to write.
+    per_coordinate: bits per model coordinate on the x axis instead of bits per client.
+  """
+  x_key = 'bits_per_coordinate' if per_coordinate else 'client_upload_bits'
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -386,9 +395,9 @@ def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
       points = [r for r in rows if r['method'] == family or r['method'].startswith(family + ',')]
       if not points:
         continue
-      points.sort(key=lambda r: r['client_upload_bits'])
+      points.sort(key=lambda r: r[x_key])
       panel.errorbar(
-        [r['client_upload_bits'] for r in points],
+        [r[x_key] for r in points],
         [100 * r['accuracy_mean'] for r in points],
         yerr=[100 * r['accuracy_std'] for r in points],
         color=color,
@@ -404,7 +413,7 @@ def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
     ]
     if others:
       panel.scatter(
-        [r['client_upload_bits'] for r in others],
+        [r[x_key] for r in others],
         [100 * r['accuracy_mean'] for r in others],
         color='gray',
         marker='.',
@@ -412,7 +421,10 @@ def write_figure(table: dict[str, list[dict[str, Any]]], path: str) -> None:
       )
     panel.set_xscale('log')
     panel.set_title(setting, fontsize=8)
-    panel.set_xlabel('bits uploaded per client per round', fontsize=8)
+    panel.set_xlabel(
+      'bits uploaded per coordinate' if per_coordinate else 'bits uploaded per client per round',
+      fontsize=8,
+    )
     panel.set_ylabel('final test accuracy (%)', fontsize=8)
     panel.grid(alpha=0.3)
     panel.legend(fontsize='xx-small', loc='lower right')
@@ -498,7 +510,7 @@ def main(argv: list[str]) -> None:
             prefix + '.md',
             header + markdown_tables(table) + (f'\n## Goals\n\n{goals}' if goals else ''),
           )
-          write_figure(table, prefix + '.png')
+          write_figure(table, prefix + '.png', per_coordinate=_METHODS.value == 'frontier')
           print(markdown_tables(table), flush=True)
 
 
