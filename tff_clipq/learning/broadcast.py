@@ -36,9 +36,7 @@ BROADCASTS = ('float', 'model', 'delta')
 
 def _decoded(plan: encoding_plan.EncodingPlan, quantized: list, floats: list) -> list[tf.Tensor]:
   """The trainable tensors, in order, from their encoded parts."""
-  decoded = iter(payload_lib.decode_quantized(plan, quantized))
-  unquantized = iter(floats)
-  return [next(decoded) if t.bits is not None else next(unquantized) for t in plan.tensors]
+  return plan.in_order(payload_lib.decode_quantized(plan, quantized), floats)
 
 
 def build_quantized_broadcast(

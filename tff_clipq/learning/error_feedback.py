@@ -43,8 +43,7 @@ def decoded_copy(plan: encoding_plan.EncodingPlan, wire: dict, tensors: list) ->
     decoded = budget_payload.decode(plan, wire['quantized'])
   else:
     decoded = payload_lib.decode_quantized(plan, wire['quantized'], wire.get('selection_seed'))
-  decoded = iter(decoded)
-  return [next(decoded) if t.bits is not None else tensors[i] for i, t in enumerate(plan.tensors)]
+  return plan.in_order(decoded, [tensors[i] for i in plan.float_indices])
 
 
 def next_residual(

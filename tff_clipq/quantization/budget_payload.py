@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tff_clipq.quantization import bit_allocation
 from tff_clipq.quantization import encoding_plan
+from tff_clipq.quantization import payload as payload_lib
 from tff_clipq.quantization import quantizer
 
 
@@ -58,21 +59,14 @@ def encode_tensors(
     (part, floats, statistics, accepted) as `payload.encode_tensors` returns them, except that
     the quantized tensors travel as one part: OrderedDict(codes, widths, thresholds).
   """
-  tensors = [tf.cast(t, tf.float32) for t in tensors]
-  accepted = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-  if takes_part is not None:
-    accepted = tf.logical_and(accepted, takes_part)
-  cleared = lambda t: tf.where(accepted, t, tf.zeros_like(t))
-  values = [
-    tf.reshape(tf.math.multiply_no_nan(tensors[i], tf.cast(accepted, tf.float32)), [-1])
-    for i in plan.quantized_indices
-  ]
+  tensors, accepted, finite = payload_lib.accepted_inputs(plan, tensors, takes_part)
+  values = [tf.reshape(finite[index], [-1]) for index in plan.quantized_indices]
   sizes = [t.num_elements for t in plan.quantized]
   candidates, errors = bit_allocation.candidate_errors(
     values, plan.clipping, plan.rounding, 1 if num_clients is None else num_clients
   )
   widths = bit_allocation.allocate_widths(errors, sizes, plan.budget_bits)
-  codes, mse, normalized, clipped, chosen = [], [], [], [], []
+  codes, mse, clipped, chosen = [], [], [], []
   for position, value in enumerate(values):
     width = widths[position]
     threshold = tf.cast(candidates[position, width - 1], tf.float32)
@@ -83,20 +77,16 @@ def encode_tensors(
     codes.append(tensor_codes)
     chosen.append(threshold)
     mse.append(error)
-    mean_square = quantizer.square_sum(value) / max(sizes[position], 1)
-    normalized.append(tf.math.divide_no_nan(error, mean_square))
     clipped.append(clipped_fraction)
   part = collections.OrderedDict(
-    codes=cleared(bit_allocation.pack_mixed_widths(codes, widths, plan.budget_words)),
+    codes=payload_lib.cleared(
+      accepted, bit_allocation.pack_mixed_widths(codes, widths, plan.budget_words)
+    ),
     widths=widths,
-    thresholds=cleared(tf.stack(chosen)),
+    thresholds=payload_lib.cleared(accepted, tf.stack(chosen)),
   )
-  statistics = collections.OrderedDict(
-    quantization_mse=cleared(tf.stack(mse)),
-    normalized_mse=cleared(tf.stack(normalized)),
-    clipped_fraction=cleared(tf.stack(clipped)),
-  )
-  floats = [cleared(tensors[index]) for index in plan.float_indices]
+  statistics = payload_lib.client_statistics(values, sizes, mse, clipped, accepted)
+  floats = [payload_lib.cleared(accepted, tensors[index]) for index in plan.float_indices]
   return part, floats, statistics, accepted
 
 

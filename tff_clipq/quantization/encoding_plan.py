@@ -14,7 +14,7 @@ import dataclasses
 import fractions
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -90,6 +90,16 @@ class EncodingPlan:
   @property
   def float_indices(self) -> tuple[int, ...]:
     return tuple(i for i, t in enumerate(self.tensors) if t.bits is None)
+
+  def in_order(self, quantized: Sequence[Any], floats: Sequence[Any]) -> list[Any]:
+    """The quantized tensors' and the float tensors' items merged into the value's order.
+
+    Args:
+      quantized: one item per quantized tensor, in order (e.g. decoded tensors).
+      floats: one item per float32 tensor, in order.
+    """
+    quantized, floats = iter(quantized), iter(floats)
+    return [next(quantized) if t.bits is not None else next(floats) for t in self.tensors]
 
   @property
   def num_coordinates(self) -> int:

@@ -82,6 +82,73 @@ def selected_coordinates(
   return tf.random.experimental.stateless_shuffle(everything, seed)[: encoding.sent]
 
 
+def accepted_inputs(
+  plan: encoding_plan.EncodingPlan,
+  tensors: Sequence[tf.Tensor],
+  takes_part: Optional[tf.Tensor] = None,
+) -> tuple[list[tf.Tensor], tf.Tensor, dict[int, tf.Tensor]]:
+  """(tensors in float32, accepted, {index: quantized tensor, zeros if not accepted}).
+
+  A client is accepted when every entry is finite and `takes_part` (if given) holds. A rejected
+  client's tensors are searched and quantized as zeros, so the search and the quantizer skip
+  their per-entry handling of non-finite entries.
+
+  Args:
+    plan: the value's `encoding_plan.EncodingPlan`.
+    tensors: the value's tensors, in the plan's order.
+    takes_part: optional scalar bool; False rejects the client like a non-finite input does.
+  """
+  tensors = [tf.cast(t, tf.float32) for t in tensors]
+  accepted = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+  if takes_part is not None:
+    accepted = tf.logical_and(accepted, takes_part)
+  # x * 1 = x, and multiply_no_nan gives 0 for a zero factor even where x is NaN or Inf.
+  finite = {
+    index: tf.math.multiply_no_nan(tensors[index], tf.cast(accepted, tf.float32))
+    for index in plan.quantized_indices
+  }
+  return tensors, accepted, finite
+
+
+def cleared(accepted: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
+  """`value` if `accepted`, else zeros of its shape.
+
+  Args:
+    accepted: scalar bool.
+    value: any tensor.
+  """
+  return tf.where(accepted, value, tf.zeros_like(value))
+
+
+def client_statistics(
+  values: Sequence[tf.Tensor],
+  sizes: Sequence[int],
+  errors: Sequence[tf.Tensor],
+  clipped: Sequence[tf.Tensor],
+  accepted: tf.Tensor,
+) -> collections.OrderedDict:
+  """Per quantized tensor: quantization_mse, normalized_mse and clipped_fraction (zeros unless
+  `accepted`); normalized_mse is the MSE over the mean square of the value sent.
+
+  Args:
+    values: the quantized tensors as sent (their sent entries).
+    sizes: the number of entries of each.
+    errors: the MSE of each one's encoding.
+    clipped: the fraction of each one's entries clipped.
+    accepted: whether the client is accepted.
+  """
+  normalized = [
+    tf.math.divide_no_nan(error, quantizer.square_sum(value) / max(size, 1))
+    for value, size, error in zip(values, sizes, errors)
+  ]
+  stacked = lambda parts: cleared(accepted, tf.stack(parts)) if parts else tf.zeros([0])
+  return collections.OrderedDict(
+    quantization_mse=stacked(list(errors)),
+    normalized_mse=stacked(normalized),
+    clipped_fraction=stacked(list(clipped)),
+  )
+
+
 def encode_tensors(
   plan: encoding_plan.EncodingPlan,
   tensors: Sequence[tf.Tensor],
@@ -108,19 +175,9 @@ def encode_tensors(
     threshold) per quantized tensor; `floats` the unquantized tensors; `statistics` per-quantized-
     tensor vectors quantization_mse, normalized_mse and clipped_fraction (the realized error of
     this encoding); `accepted` is False when any input is non-finite or `takes_part` is False,
-    and then every part is zero. (A rejected client's tensors are searched and quantized as
-    zeros, so the search and the quantizer skip their per-entry handling of non-finite entries.)
+    and then every part is zero (`accepted_inputs`).
   """
-  tensors = [tf.cast(t, tf.float32) for t in tensors]
-  accepted = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-  if takes_part is not None:
-    accepted = tf.logical_and(accepted, takes_part)
-  cleared = lambda t: tf.where(accepted, t, tf.zeros_like(t))
-  # x * 1 = x, and multiply_no_nan gives 0 for a zero factor even where x is NaN or Inf.
-  finite = {
-    index: tf.math.multiply_no_nan(tensors[index], tf.cast(accepted, tf.float32))
-    for index in plan.quantized_indices
-  }
+  tensors, accepted, finite = accepted_inputs(plan, tensors, takes_part)
   if plan.sampled and selection is None:
     raise ValueError('A plan with a `sample_fraction` below 1 needs the `selection` seed.')
   for position, index in enumerate(plan.quantized_indices):
@@ -141,7 +198,7 @@ def encode_tensors(
       num_clients=1 if num_clients is None else num_clients,
     )
     threshold_of.update(zip(indices, found))
-  quantized, mse, normalized, clipped = [], [], [], []
+  quantized, mse, clipped = [], [], []
   for position, index in enumerate(plan.quantized_indices):
     encoding, value, threshold = plan.tensors[index], finite[index], threshold_of[index]
     tensor_seed = seed + tf.constant([0, position], tf.int64)
@@ -150,20 +207,20 @@ def encode_tensors(
     )
     quantized.append(
       collections.OrderedDict(
-        codes=cleared(packing.pack_codes(codes.codes, encoding.bits)),
-        threshold=cleared(threshold),
+        codes=cleared(accepted, packing.pack_codes(codes.codes, encoding.bits)),
+        threshold=cleared(accepted, threshold),
       )
     )
     mse.append(error)
-    mean_square = quantizer.square_sum(value) / max(encoding.num_sent, 1)
-    normalized.append(tf.math.divide_no_nan(error, mean_square))
     clipped.append(clipped_fraction)
-  statistics = collections.OrderedDict(
-    quantization_mse=cleared(tf.stack(mse)) if mse else tf.zeros([0]),
-    normalized_mse=cleared(tf.stack(normalized)) if normalized else tf.zeros([0]),
-    clipped_fraction=cleared(tf.stack(clipped)) if clipped else tf.zeros([0]),
+  statistics = client_statistics(
+    [finite[index] for index in plan.quantized_indices],
+    [encoding.num_sent for encoding in plan.quantized],
+    mse,
+    clipped,
+    accepted,
   )
-  floats = [cleared(tensors[index]) for index in plan.float_indices]
+  floats = [cleared(accepted, tensors[index]) for index in plan.float_indices]
   return quantized, floats, statistics, accepted
 
 
