@@ -8,6 +8,7 @@ round as one `.npz` file written atomically, which `--resume` restores.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -25,6 +26,8 @@ STUDY_JSON = 'study.json'
 CONFIG_JSON = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 _CHECKPOINT_FILE = re.compile(r'^round_(\d+)\.npz$')
+# The arrays of client k in a checkpoint: 'client_<k>_<i>'.
+_CLIENT_ARRAY = re.compile(r'^client_(\d+)_\d+$')
 # Leftovers of an interrupted atomic write: TFF's file managers ('<name>_temp1234') and
 # `outputs.atomic_file` ('.<name>.<random>.tmp').
 _TEMPORARY = re.compile(r'(.*_temp\d+|\..*\.tmp)$')
@@ -216,9 +219,12 @@ class Checkpoints:
       ]
       history = json.loads(str(saved['history']))
       client_ids = json.loads(str(saved['client_ids']))
-      client_states = {}
-      for k, client_id in enumerate(client_ids):
-        count = sum(1 for key in saved.files if key.startswith(f'client_{k}_'))
-        client_states[client_id] = [saved[f'client_{k}_{i}'] for i in range(count)]
+      counts = collections.Counter(
+        int(match.group(1)) for match in map(_CLIENT_ARRAY.match, saved.files) if match
+      )
+      client_states = {
+        client_id: [saved[f'client_{k}_{i}'] for i in range(counts[k])]
+        for k, client_id in enumerate(client_ids)
+      }
     state = tf.nest.pack_sequence_as(self._initial_state, leaves)
     return round_num, state, history, client_states
